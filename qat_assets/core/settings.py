@@ -1,0 +1,171 @@
+"""Every knob of the experiment in one pydantic model, resolved from a profile plus overrides.
+
+Resolution order (later wins): the profile preset (`QAT_PROFILE`: smoke, embedded, coco), then
+environment variables `QAT_<FIELD>` (for example `QAT_SEEDS=0,1,2`, `QAT_DEVICE=cuda:0`), then explicit
+overrides (Dagster run config). The resolved model is recorded in asset metadata and run summaries so
+that two runs can be checked for comparability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ProfileName = Literal["smoke", "embedded", "coco"]
+VARIANTS = ("yolo10n", "yolo10s", "yolo10m")
+VALIDATION_VARIANTS = ("yolo10n", "yolo10s")
+METHODS = ("baseline", "ema")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: ProfileName
+
+    # Data
+    coco_root: Path | None = Field(None, description="COCO2017 root; unset means the embedded synthetic set")
+    train_images: int = Field(gt=0, description="images drawn from the training split")
+    val_images: int = Field(gt=0, description="images drawn from the validation split")
+    calibration_images: int = Field(gt=0, description="size of the QC calibration set D_c (from train)")
+    subset_seed: int = 0
+    skip_bad_items: bool = Field(False, description="skip (and count) bad annotations/images instead of failing")
+    synthetic_train_images: int = Field(gt=0, description="embedded default: images generated for train2017")
+    synthetic_val_images: int = Field(gt=0, description="embedded default: images generated for val2017")
+    synthetic_image_size: int = Field(gt=31, description="embedded default: side of generated images (px)")
+
+    # Model and floating-point starting point
+    checkpoint_dir: Path | None = Field(None, description="folder holding yolov10{n,s,m}.pt to start from")
+    on_class_mismatch: Literal["reinit_head", "fail"] = "reinit_head"
+    imgsz: int = Field(gt=31)
+    batch: int = Field(gt=1)
+    workers: int = Field(ge=0)
+    pretrain_epochs: int = Field(gt=0)
+    pretrain_lr: float = Field(gt=0)
+
+    # QAT
+    qat_epochs: int = Field(gt=0)
+    qat_optimizer: str = "Adam"
+    qat_lr: float = Field(gt=0)
+    weight_bit_width: int = Field(4, ge=2, le=8)
+    keep_first_last_8bit: bool = True
+    learned_scales: bool = True
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_tau: float | None = Field(None, description="EMA ramp constant in updates; None scales it with run length")
+    oscillation_momentum: float = 0.01
+    oscillation_threshold: float = 0.005
+
+    # QC
+    qc_epochs: int = Field(1, gt=0)
+    qc_lr: float = Field(1e-4, gt=0)
+    qc_batch: int = Field(gt=1)
+
+    # Gate
+    seeds: tuple[int, ...] = (0, 1)
+    gate_min_seeds: int = Field(2, gt=0)
+    collapse_ratio: float = Field(0.5, gt=0, lt=1)
+    degenerate_map: float = Field(0.01, ge=0, description="best mAP50-95 at or below this is degenerate")
+
+    # Execution
+    device: str = Field("", description="cpu, cuda:0, ...; empty picks the first GPU if any, else CPU")
+    storage: Path | None = Field(None, description="artifact root; default $DAGSTER_HOME/artifacts")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _parse_seeds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError as exc:
+                raise ValueError(f"seeds must be comma-separated integers, got {value!r}") from exc
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("at least one seed is needed")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return tuple(sorted(value))
+
+    def artifact_root(self) -> Path:
+        if self.storage is not None:
+            return self.storage
+        home = os.environ.get("DAGSTER_HOME")
+        if not home:
+            raise RuntimeError("set QAT_STORAGE or DAGSTER_HOME: artifacts need a persistent folder")
+        return Path(home) / "artifacts"
+
+    def training_profile(self) -> dict[str, Any]:
+        """The settings that make two QAT runs comparable (device, paths and seeds excluded)."""
+        keys = (
+            "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
+            "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
+            "qc_epochs", "qc_lr", "qc_batch", "calibration_images",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def training_profile_fingerprint(self) -> str:
+        blob = json.dumps(self.training_profile(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def as_metadata(self) -> dict[str, str]:
+        """Every resolved value as text, ready for asset metadata."""
+        return {k: str(v) for k, v in self.model_dump().items()}
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # Seconds per heavy step: just enough data to go through every real code path.
+    "smoke": dict(
+        train_images=16, val_images=8, calibration_images=8,
+        synthetic_train_images=16, synthetic_val_images=8, synthetic_image_size=64,
+        imgsz=64, batch=8, workers=0, pretrain_epochs=1, pretrain_lr=0.01,
+        qat_epochs=2, qat_lr=1e-4, qc_batch=4,
+    ),
+    # The whole ladder on a 2-core CPU in about 20 minutes.
+    "embedded": dict(
+        train_images=256, val_images=64, calibration_images=64,
+        synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=160,
+        imgsz=160, batch=32, workers=2, pretrain_epochs=30, pretrain_lr=0.01,
+        qat_epochs=6, qat_lr=1e-4, qc_batch=16,
+    ),
+    # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).
+    "coco": dict(
+        train_images=118287, val_images=5000, calibration_images=1024,
+        synthetic_train_images=512, synthetic_val_images=128, synthetic_image_size=640,
+        imgsz=640, batch=32, workers=8, pretrain_epochs=100, pretrain_lr=0.01,
+        qat_epochs=100, qat_lr=1e-4, qc_batch=32,
+    ),
+}
+
+
+def _environment_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = environ.get(f"QAT_{name.upper()}")
+        if value is not None and name != "profile":
+            overrides[name] = value if value != "" or name == "device" else None
+    return overrides
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Resolve settings: profile preset, then `QAT_*` environment variables, then `overrides`."""
+    environ = dict(os.environ if environ is None else environ)
+    profile = (overrides or {}).get("profile") or environ.get("QAT_PROFILE") or "embedded"
+    if profile not in PROFILES:
+        raise ValueError(f"QAT_PROFILE={profile!r} is not a profile; choose one of {sorted(PROFILES)}")
+    values: dict[str, Any] = {"profile": profile, **PROFILES[profile], **_environment_overrides(environ)}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"QAT_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"invalid settings for profile {profile!r}: {problems}") from None
