@@ -1,0 +1,315 @@
+"""Comparability of runs and the baseline / baseline+QC / EMA / EMA+QC comparison table.
+
+Two runs compare only when they saw the same data (dataset fingerprint), were evaluated the same way
+(evaluation settings) and trained under the same profile (training-profile fingerprint). Rather than
+comparing every pair, each run is checked against one reference for the whole run group (all variants
+of one gate: settings are not per variant, so yolo10n and yolo10s must agree too):
+
+- each of the three parts of the reference is the value most runs in the group share; a tie goes to the
+  value of the most recently created run, because the newest runs reflect the current settings;
+- when a floating-point reference is given for a variant, a run of that variant whose dataset fingerprint
+  differs from the FP reference's is not comparable either (its mAP would be measured on other data).
+
+Non-comparable runs stay in the tables, flagged with the reason, and are left out of the averages and
+the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from qat_assets.core.settings import VARIANTS
+from qat_assets.core.summary import RunSummary, Stability
+
+RunId = tuple[str, str]  # (variant, partition key), e.g. ("yolo10n", "ema|0")
+
+
+def run_id(summary: RunSummary) -> RunId:
+    return (summary.variant, summary.partition_key)
+
+
+def method_label(method: str, with_qc: bool) -> str:
+    """`ema` for the QAT run alone, `ema+QC` for the same run after quantization correction."""
+    return f"{method}+QC" if with_qc else method
+
+
+def stability_of(summary: RunSummary, with_qc: bool) -> Stability:
+    return summary.stability_qat_qc if with_qc else summary.stability_qat
+
+
+def comparability_key(summary: RunSummary) -> tuple[str, str, str]:
+    """(dataset fingerprint, evaluation settings as canonical JSON, training-profile fingerprint)."""
+    return (
+        str(summary.dataset["fingerprint"]),
+        json.dumps(summary.evaluation, sort_keys=True, default=str),
+        str(summary.training["profile_fingerprint"]),
+    )
+
+
+class ComparabilityReference(BaseModel):
+    """What every run of a group is compared against; `basis` says how it was chosen."""
+
+    dataset_fingerprint: str
+    evaluation: dict[str, Any]
+    profile_fingerprint: str
+    basis: str
+
+
+def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityReference | None:
+    """Per part, the value most runs share (ties: the most recently created run's value); None if no runs."""
+    if not summaries:
+        return None
+    newest_first = sorted(summaries, key=lambda s: s.created_at, reverse=True)
+    keys = [comparability_key(s) for s in newest_first]
+
+    def majority(part: int) -> str:
+        counts = Counter(k[part] for k in keys)
+        top = max(counts.values())
+        return next(k[part] for k in keys if counts[k[part]] == top)  # newest among the tied values
+
+    return ComparabilityReference(
+        dataset_fingerprint=majority(0),
+        evaluation=json.loads(majority(1)),
+        profile_fingerprint=majority(2),
+        basis=f"majority of {len(summaries)} runs (ties go to the newest run)",
+    )
+
+
+def find_non_comparable(
+    summaries: Sequence[RunSummary],
+    *,
+    reference: ComparabilityReference | None = None,
+    fp_dataset_fingerprints: Mapping[str, str] | None = None,
+) -> dict[RunId, str]:
+    """Runs that cannot be compared with the group, each with the reason naming every part that differs."""
+    reference = reference or comparability_reference(summaries)
+    if reference is None:
+        return {}
+    fp_dataset_fingerprints = fp_dataset_fingerprints or {}
+    problems: dict[RunId, str] = {}
+    for summary in summaries:
+        dataset_fp, evaluation, profile_fp = comparability_key(summary)
+        differences = []
+        if dataset_fp != reference.dataset_fingerprint:
+            differences.append(f"dataset fingerprint {dataset_fp} != {reference.dataset_fingerprint}")
+        fp_dataset = fp_dataset_fingerprints.get(summary.variant)
+        if fp_dataset is not None and dataset_fp != fp_dataset:
+            differences.append(f"dataset fingerprint {dataset_fp} != FP reference's {fp_dataset}")
+        if evaluation != json.dumps(reference.evaluation, sort_keys=True, default=str):
+            differences.append(f"evaluation settings {_changed(summary.evaluation, reference.evaluation)}")
+        if profile_fp != reference.profile_fingerprint:
+            differences.append(f"training profile {profile_fp} != {reference.profile_fingerprint}")
+        if differences:
+            problems[run_id(summary)] = "; ".join(differences) + f" (reference: {reference.basis})"
+    return problems
+
+
+def _changed(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    keys = sorted(set(actual) | set(expected))
+    return ", ".join(f"{k}={actual.get(k)!r} != {expected.get(k)!r}" for k in keys if actual.get(k) != expected.get(k))
+
+
+class ComparisonRow(BaseModel):
+    variant: str
+    method: str  # baseline, baseline+QC, ema, ema+QC
+    seed: int
+    partition_key: str
+    status: str
+    reason: str
+    ptq_map50_95: float | None
+    best: float | None
+    best_epoch: int | None
+    final: float | None
+    final_epoch: int | None
+    final_over_best: float | None
+    qc_delta: float | None  # only on +QC rows
+    comparable: bool
+    not_comparable_reason: str | None
+
+
+class MethodAggregate(BaseModel):
+    """Mean and sample std of one method over the comparable, complete seeds of one variant.
+
+    Collapsed and degenerate runs are included (they are real outcomes); incomplete runs are not (their
+    "final" is wherever they stopped). std is None with fewer than two seeds.
+    """
+
+    method: str
+    seeds: list[int]
+    failed: int
+    mean_final: float | None
+    std_final: float | None
+    mean_best: float | None
+    mean_final_over_best: float | None
+
+
+class VariantComparison(BaseModel):
+    variant: str
+    fp_map50_95: float | None
+    fp_map50: float | None
+    rows: list[ComparisonRow]
+    aggregates: list[MethodAggregate]
+
+
+class Comparison(BaseModel):
+    reference: ComparabilityReference | None
+    variants: list[VariantComparison]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every run row plus one FP-reference row per variant, as plain dicts (e.g. for a Dagster table)."""
+        out: list[dict[str, Any]] = []
+        for variant in self.variants:
+            if variant.fp_map50_95 is not None:
+                out.append(_fp_row(variant))
+            out.extend(row.model_dump() for row in variant.rows)
+        return out
+
+    def to_dataframe(self):
+        import pandas as pd  # lazy: keeps the Dagster code location quick to load
+
+        return pd.DataFrame(self.rows(), columns=list(ComparisonRow.model_fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> Comparison:
+        return cls.model_validate(payload)
+
+    def to_markdown(self) -> str:
+        parts = []
+        if self.reference is not None:
+            ref = self.reference
+            parts.append(
+                f"Comparability reference ({ref.basis}): dataset `{ref.dataset_fingerprint}`, "
+                f"training profile `{ref.profile_fingerprint}`, evaluation "
+                f"`{json.dumps(ref.evaluation, sort_keys=True, default=str)}`."
+            )
+        if not self.variants:
+            parts.append("No runs to compare yet.")
+        for variant in self.variants:
+            parts.append(f"### {variant.variant}")
+            fp = "not available" if variant.fp_map50_95 is None else (
+                f"mAP50-95 {_num(variant.fp_map50_95)}, mAP50 {_num(variant.fp_map50)}"
+            )
+            parts.append(f"FP reference: {fp}.")
+            parts.append(_markdown_table(
+                ["method", "seed", "status", "PTQ", "best (epoch)", "final (epoch)", "final/best", "QC delta",
+                 "comparable", "reason"],
+                [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_epoch),
+                  _at(r.final, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
+                  "yes" if r.comparable else f"no: {r.not_comparable_reason}", r.reason] for r in variant.rows],
+            ))
+            parts.append("Per method, over comparable and complete seeds (collapsed runs included):")
+            parts.append(_markdown_table(
+                ["method", "seeds", "failed", "final mean ± std", "best mean", "final/best mean"],
+                [[a.method, ", ".join(map(str, a.seeds)) or "none", str(a.failed),
+                  f"{_num(a.mean_final)} ± {_num(a.std_final)}", _num(a.mean_best),
+                  _num(a.mean_final_over_best, 2)] for a in variant.aggregates],
+            ))
+        return "\n\n".join(parts) + "\n"
+
+
+def build_comparison(
+    summaries: Sequence[RunSummary],
+    fp_reference: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Comparison:
+    """Tables per variant: rows baseline / baseline+QC / ema / ema+QC per seed, per-method aggregates and FP.
+
+    `fp_reference[variant]` holds `map50_95`, `map50` and `dataset_fingerprint` of the floating-point model.
+    """
+    fp_reference = fp_reference or {}
+    fp_fingerprints = {v: str(r["dataset_fingerprint"]) for v, r in fp_reference.items() if r.get("dataset_fingerprint")}
+    reference = comparability_reference(summaries)
+    non_comparable = find_non_comparable(summaries, reference=reference, fp_dataset_fingerprints=fp_fingerprints)
+    variants = []
+    for variant in _variant_order({s.variant for s in summaries} | set(fp_reference)):
+        runs = sorted((s for s in summaries if s.variant == variant), key=lambda s: (s.method, s.seed))
+        rows = [_row(s, with_qc, non_comparable.get(run_id(s))) for s in runs for with_qc in (False, True)]
+        labels = sorted({r.method for r in rows}, key=_label_order)
+        fp = fp_reference.get(variant, {})
+        variants.append(VariantComparison(
+            variant=variant,
+            fp_map50_95=fp.get("map50_95"),
+            fp_map50=fp.get("map50"),
+            rows=sorted(rows, key=lambda r: (_label_order(r.method), r.seed)),
+            aggregates=[_aggregate(label, [r for r in rows if r.method == label]) for label in labels],
+        ))
+    return Comparison(reference=reference, variants=variants)
+
+
+def _row(summary: RunSummary, with_qc: bool, not_comparable_reason: str | None) -> ComparisonRow:
+    stability = stability_of(summary, with_qc)
+    return ComparisonRow(
+        variant=summary.variant,
+        method=method_label(summary.method, with_qc),
+        seed=summary.seed,
+        partition_key=summary.partition_key,
+        status=stability.status,
+        reason=stability.reason,
+        ptq_map50_95=summary.ptq_map50_95,
+        best=stability.best,
+        best_epoch=stability.best_epoch,
+        final=stability.final,
+        final_epoch=stability.final_epoch,
+        final_over_best=stability.final_over_best,
+        qc_delta=summary.qc.delta if with_qc and summary.qc is not None else None,
+        comparable=not_comparable_reason is None,
+        not_comparable_reason=not_comparable_reason,
+    )
+
+
+def _aggregate(label: str, rows: Iterable[ComparisonRow]) -> MethodAggregate:
+    counted = [r for r in rows if r.comparable and r.status != "incomplete"]
+    finals = [r.final for r in counted if r.final is not None]
+    bests = [r.best for r in counted if r.best is not None]
+    ratios = [r.final_over_best for r in counted if r.final_over_best is not None]
+    return MethodAggregate(
+        method=label,
+        seeds=sorted(r.seed for r in counted),
+        failed=sum(r.status == "completed-failed" for r in counted),
+        mean_final=statistics.fmean(finals) if finals else None,
+        std_final=statistics.stdev(finals) if len(finals) > 1 else None,
+        mean_best=statistics.fmean(bests) if bests else None,
+        mean_final_over_best=statistics.fmean(ratios) if ratios else None,
+    )
+
+
+def _fp_row(variant: VariantComparison) -> dict[str, Any]:
+    row = {name: None for name in ComparisonRow.model_fields}
+    row.update(variant=variant.variant, method="FP", status="reference", reason="floating-point model",
+               final=variant.fp_map50_95, best=variant.fp_map50_95, comparable=True)
+    return row
+
+
+def _variant_order(variants: set[str]) -> list[str]:
+    return sorted(variants, key=lambda v: (VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), v))
+
+
+def _label_order(label: str) -> tuple[int, str]:
+    known = ["baseline", "baseline+QC", "ema", "ema+QC"]
+    return (known.index(label) if label in known else len(known), label)
+
+
+def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _at(value: float | None, epoch: int | None) -> str:
+    return _num(value) if epoch is None else f"{_num(value)} ({epoch})"
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])

@@ -1,0 +1,108 @@
+"""The gate before yolo10m: enough stable, comparable EMA+QC seeds on every validation variant.
+
+The gate passes only when, for each gated variant, at least `min_seeds` of the configured seeds have a
+run of the gated method (by default EMA, judged after QC) that is complete, comparable and not collapsed
+or degenerate (status `completed-success`). The decision is data: it never raises for missing or bad
+runs, and its reasons name every problem found, so whoever reads a failing gate knows what to re-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from qat_assets.core.comparison import find_non_comparable, method_label, run_id, stability_of
+from qat_assets.core.settings import VALIDATION_VARIANTS
+from qat_assets.core.summary import RunSummary
+
+
+class VariantGate(BaseModel):
+    passed: bool
+    good_seeds: list[int]
+    problems: list[str]
+
+
+class GateDecision(BaseModel):
+    passed: bool
+    reasons: list[str]
+    per_variant: dict[str, VariantGate]
+    method: str
+    min_seeds: int
+    seeds: list[int]
+
+    def headline(self) -> str:
+        """One line for logs, metadata and the top of the report."""
+        counts = ", ".join(f"{v} {len(g.good_seeds)}/{self.min_seeds}" for v, g in self.per_variant.items())
+        verdict = "PASSED" if self.passed else "FAILED"
+        return f"gate {verdict}: stable comparable {self.method} seeds {counts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> GateDecision:
+        return cls.model_validate(payload)
+
+
+def decide_gate(
+    summaries: Sequence[RunSummary],
+    *,
+    seeds: Sequence[int],
+    variants: Sequence[str] = VALIDATION_VARIANTS,
+    min_seeds: int = 2,
+    method: str = "ema",
+    with_qc: bool = True,
+    fp_dataset_fingerprints: Mapping[str, str] | None = None,
+) -> GateDecision:
+    """Decide the gate from the run summaries at hand (any subset, including none).
+
+    Comparability is judged over the summaries of the gated variants only (see `comparison`), so stray
+    runs of other variants cannot shift the reference. When a partition has several summaries, the most
+    recently created one counts.
+    """
+    label = method_label(method, with_qc)
+    gated = [s for s in sorted(summaries, key=lambda s: s.created_at) if s.variant in variants]
+    latest = {run_id(s): s for s in gated}
+    non_comparable = find_non_comparable(list(latest.values()), fp_dataset_fingerprints=fp_dataset_fingerprints)
+
+    per_variant: dict[str, VariantGate] = {}
+    reasons: list[str] = []
+    if min_seeds > len(seeds):
+        reasons.append(f"only {len(seeds)} seeds are configured ({list(seeds)}) but the gate needs {min_seeds}")
+    for variant in variants:
+        good: list[int] = []
+        problems: list[str] = []
+        for seed in seeds:
+            key = f"{method}|{seed}"
+            where = f"{variant}/stability_verdict {key}"
+            summary = latest.get((variant, key))
+            if summary is None:
+                problems.append(f"{where} is missing")
+                continue
+            stability = stability_of(summary, with_qc)
+            if stability.status == "incomplete":
+                problems.append(f"{where} ({label}) is incomplete: {stability.reason}")
+            elif stability.status == "completed-failed":
+                problems.append(f"{where} ({label}) failed: {stability.reason}")
+            if (variant, key) in non_comparable:
+                problems.append(f"{where} is not comparable: {non_comparable[(variant, key)]}")
+            elif stability.status == "completed-success":
+                good.append(seed)
+        passed = len(good) >= min_seeds
+        per_variant[variant] = VariantGate(passed=passed, good_seeds=good, problems=problems)
+        seeds_text = ", ".join(map(str, good)) or "none"
+        reasons.append(
+            f"{variant}: {len(good)} of {min_seeds} required {label} seeds are complete, comparable and not "
+            f"collapsed (seeds: {seeds_text})"
+        )
+        reasons.extend(problems)
+    return GateDecision(
+        passed=bool(variants) and all(g.passed for g in per_variant.values()),
+        reasons=reasons,
+        per_variant=per_variant,
+        method=label,
+        min_seeds=min_seeds,
+        seeds=list(seeds),
+    )

@@ -1,0 +1,137 @@
+"""`run_summary.json`: the versioned record every QAT (+QC) run leaves behind.
+
+One file per `variant × method × seed` holds everything needed to judge the run later without
+re-running it: what was quantized and how, which data and settings it saw, the per-epoch history, the QC
+outcome and both stability verdicts. Comparison, gate and report read only these files.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from qat_assets.core.artifacts import ArtifactError, write_json_atomic
+
+SCHEMA_VERSION = 1
+Status = Literal["completed-success", "completed-failed", "incomplete"]
+Method = Literal["baseline", "ema"]
+
+
+class EpochRecord(BaseModel):
+    """One row of a QAT history. Epoch 0 is the freshly quantized pretrained model (PTQ), not training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    map50_95: float
+    map50: float
+    precision: float
+    recall: float
+    box_loss: float | None = None
+    cls_loss: float | None = None
+    dfl_loss: float | None = None
+    lr: float | None = None
+    oscillating_fraction: float | None = None
+    seconds: float | None = None
+
+
+class QCResult(BaseModel):
+    """Quantization correction applied to the final (EMA) weights of a QAT run, evaluated before and after."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    map50_95_before: float
+    map50_95_after: float
+    map50_before: float
+    map50_after: float
+    delta: float
+    max_fold_rel_diff: float
+    seconds: float
+
+
+class Stability(BaseModel):
+    """A verdict on one run: its status, the human reason for it, and the numbers the reason rests on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status
+    reason: str
+    best: float | None
+    best_epoch: int | None
+    final: float | None
+    final_epoch: int | None
+    final_over_best: float | None
+
+
+class RunSummary(BaseModel):
+    """Everything one `variant × method × seed` run produced; written as `run_summary.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    variant: str
+    method: Method
+    seed: int
+    partition_key: str
+    model: dict[str, Any]
+    quantization: dict[str, Any]
+    dataset: dict[str, Any]
+    training: dict[str, Any]
+    evaluation: dict[str, Any]
+    planned_epochs: int
+    history: list[EpochRecord]
+    diverged_at_epoch: int | None = None
+    error: str | None = None
+    ptq_map50_95: float | None = None
+    qc: QCResult | None = None
+    stability_qat: Stability
+    stability_qat_qc: Stability
+    code_version: str
+    package_versions: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    # Comparability rests on these two fingerprints; a summary without them could never be compared.
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_has_fingerprint(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value.get("fingerprint"):
+            raise ValueError("dataset must record its 'fingerprint'")
+        return value
+
+    @field_validator("training")
+    @classmethod
+    def _training_has_profile_fingerprint(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value.get("profile_fingerprint"):
+            raise ValueError("training must record its 'profile_fingerprint'")
+        return value
+
+    def write(self, path: Path) -> Path:
+        """Write atomically, so a crash never leaves a half-written summary under the final name."""
+        return write_json_atomic(Path(path), self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls, path: Path) -> RunSummary:
+        """Read and validate a summary; every failure raises `ArtifactError` naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"run summary {path} does not exist; materialize the stage that writes it first")
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"run summary {path} is not valid JSON ({exc}); re-materialize it") from exc
+        version = payload.get("schema_version") if isinstance(payload, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"run summary {path} has schema_version {version!r}; this code reads version {SCHEMA_VERSION} "
+                "only: re-materialize it with this code version"
+            )
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as exc:
+            raise ArtifactError(f"run summary {path} does not match schema version {SCHEMA_VERSION}: {exc}") from exc

@@ -1,0 +1,103 @@
+import statistics
+
+import pytest
+
+from qat_assets.core.comparison import (
+    Comparison,
+    build_comparison,
+    comparability_key,
+    comparability_reference,
+    find_non_comparable,
+)
+from qat_assets_tests.core.test_summary import make_summary
+
+
+def group(**odd):
+    """Three comparable runs plus one run that differs by `odd` (the newest, so ties cannot favour it)."""
+    runs = [make_summary(method="ema", seed=s, created_minutes=s) for s in (0, 1)]
+    runs.append(make_summary(method="baseline", seed=0, created_minutes=2))
+    runs.append(make_summary(method="baseline", seed=1, created_minutes=3, **odd))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "odd, words",
+    [
+        ({"dataset_fp": "data-2"}, "dataset fingerprint data-2 != data-1"),
+        ({"evaluation": {"imgsz": 96, "conf": 0.001, "iou": 0.7, "split": "val", "batch": 8}},
+         "evaluation settings imgsz=96 != 64"),
+        ({"profile_fp": "prof-2"}, "training profile prof-2 != prof-1"),
+    ],
+)
+def test_each_part_of_the_key_breaks_comparability(odd, words):
+    runs = group(**odd)
+    assert len({comparability_key(r) for r in runs}) == 2
+    problems = find_non_comparable(runs)
+    assert list(problems) == [("yolo10n", "baseline|1")]
+    assert words in problems[("yolo10n", "baseline|1")]
+
+
+def test_equal_runs_are_comparable_and_ties_go_to_the_newest_run():
+    assert find_non_comparable(group()) == {}
+    old, new = make_summary(seed=0, dataset_fp="old"), make_summary(seed=1, dataset_fp="new", created_minutes=5)
+    assert comparability_reference([old, new]).dataset_fingerprint == "new"
+    assert list(find_non_comparable([new, old])) == [("yolo10n", "ema|0")]
+
+
+def test_a_run_on_other_data_than_the_fp_reference_is_not_comparable():
+    runs = group()
+    problems = find_non_comparable(runs, fp_dataset_fingerprints={"yolo10n": "data-9"})
+    assert len(problems) == 4 and "FP reference's data-9" in problems[("yolo10n", "ema|0")]
+    assert find_non_comparable(runs, fp_dataset_fingerprints={"yolo10s": "data-9"}) == {}
+
+
+def test_comparison_rows_means_and_exclusion_of_non_comparable_runs():
+    runs = [
+        make_summary(method="ema", seed=0, maps=(0.2, 0.30, 0.30), qc_after=0.31),
+        make_summary(method="ema", seed=1, maps=(0.2, 0.30, 0.26), qc_after=0.27),
+        make_summary(method="ema", seed=2, maps=(0.2, 0.30, 0.10), qc_after=0.12),  # collapsed, counted
+        make_summary(method="ema", seed=3, maps=(0.2, 0.30, 0.29), profile_fp="other"),  # not comparable
+        make_summary(method="ema", seed=4, maps=(0.2, 0.30), planned_epochs=2),  # incomplete
+        make_summary(method="baseline", seed=0, maps=(0.2, 0.30, 0.05), qc_after=0.08),
+        make_summary(variant="yolo10s", method="ema", seed=0, maps=(0.3, 0.40, 0.41), qc_after=0.42),
+    ]
+    fp = {"yolo10n": {"map50_95": 0.385, "map50": 0.6, "dataset_fingerprint": "data-1"}}
+    comparison = build_comparison(runs, fp)
+    n, s = comparison.variants
+    assert (n.variant, s.variant) == ("yolo10n", "yolo10s")
+    assert [r.method for r in n.rows][:2] == ["baseline", "baseline+QC"]
+    assert len(n.rows) == 12 and {r.method for r in n.rows} == {"baseline", "baseline+QC", "ema", "ema+QC"}
+
+    ema = next(a for a in n.aggregates if a.method == "ema")
+    assert ema.seeds == [0, 1, 2] and ema.failed == 1
+    assert ema.mean_final == pytest.approx(statistics.fmean([0.30, 0.26, 0.10]))
+    assert ema.std_final == pytest.approx(statistics.stdev([0.30, 0.26, 0.10]))
+    ema_qc = next(a for a in n.aggregates if a.method == "ema+QC")
+    assert ema_qc.mean_final == pytest.approx(statistics.fmean([0.31, 0.27, 0.12]))
+    baseline = next(a for a in n.aggregates if a.method == "baseline")
+    assert baseline.seeds == [0] and baseline.std_final is None
+
+    flagged = next(r for r in n.rows if r.seed == 3 and r.method == "ema")
+    assert not flagged.comparable and "training profile other" in flagged.not_comparable_reason
+    qc_row = next(r for r in n.rows if r.seed == 0 and r.method == "ema+QC")
+    assert qc_row.qc_delta == pytest.approx(0.01) and qc_row.final == 0.31
+    assert s.fp_map50_95 is None and s.aggregates[0].std_final is None
+
+    table = comparison.rows()
+    assert table[0]["method"] == "FP" and table[0]["final"] == 0.385
+    frame = comparison.to_dataframe()
+    assert len(frame) == len(table) == 1 + 12 + 2
+    assert Comparison.from_dict(comparison.to_dict()) == comparison
+
+    markdown = comparison.to_markdown()
+    assert "### yolo10n" in markdown and "### yolo10s" in markdown
+    assert "| ema+QC | 0 | completed-success |" in markdown
+    assert "no: training profile other" in markdown
+    assert f"{statistics.fmean([0.30, 0.26, 0.10]):.4f} ± {statistics.stdev([0.30, 0.26, 0.10]):.4f}" in markdown
+
+
+def test_empty_comparison_renders():
+    comparison = build_comparison([])
+    assert comparison.variants == [] and comparison.reference is None
+    assert comparison.to_dataframe().empty
+    assert comparison.to_markdown() == "No runs to compare yet.\n"
