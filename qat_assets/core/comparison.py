@@ -78,7 +78,7 @@ def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityRef
         dataset_fingerprint=majority(0),
         evaluation=json.loads(majority(1)),
         profile_fingerprint=majority(2),
-        basis=f"majority of {len(summaries)} runs (ties go to the newest run)",
+        basis=f"majority of {len(summaries)} runs, ties going to the newest run",
     )
 
 

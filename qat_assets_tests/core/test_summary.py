@@ -38,7 +38,7 @@ def make_summary(
     planned = planned_epochs if planned_epochs is not None else len(maps) - 1
     qat = classify_qat(records, planned, diverged_at_epoch=diverged_at_epoch, error=error)
     qc = None
-    if qc_after is not None and qat.final is not None:
+    if qc_after is not None and qat.status != "incomplete":  # QC runs only on finished QAT runs
         qc = QCResult(map50_95_before=qat.final, map50_95_after=qc_after, map50_before=0.5, map50_after=0.5,
                       delta=qc_after - qat.final, max_fold_rel_diff=1e-6, seconds=1.0)
     return RunSummary(

@@ -1,0 +1,117 @@
+"""The human-facing report: mAP50-95 curves per variant and the `summary.md` that embeds them.
+
+matplotlib is imported inside the plotting function (Agg canvas, no pyplot state) so importing this
+module stays cheap for the Dagster code location and is safe from worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from qat_assets.core.artifacts import atomic_path
+from qat_assets.core.comparison import Comparison
+from qat_assets.core.gate import GateDecision
+from qat_assets.core.summary import RunSummary
+
+# Methods get distinct colour families and line styles; seeds of one method get shades of its family.
+_METHOD_STYLE = {"baseline": ("Oranges", "--", "o"), "ema": ("Blues", "-", "s")}
+
+
+def plot_map_curves(
+    summaries: Sequence[RunSummary],
+    out_png: Path,
+    title: str,
+    *,
+    fp_map50_95: float | None = None,
+) -> Path:
+    """Plot mAP50-95 per epoch for every run of one variant and write it atomically as PNG.
+
+    One line per `method|seed` (epoch 0 = PTQ); each run's QC result is a star one epoch after its final
+    epoch (QC is applied to the final weights); the FP reference is a dashed horizontal line.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    runs = sorted(summaries, key=lambda s: (s.method, s.seed))
+    for method in sorted({s.method for s in runs}):
+        cmap_name, linestyle, marker = _METHOD_STYLE.get(method, ("Greys", ":", "^"))
+        same_method = [s for s in runs if s.method == method]
+        for i, summary in enumerate(same_method):
+            colour = colormaps[cmap_name](0.5 + 0.45 * i / max(1, len(same_method) - 1))
+            history = sorted(summary.history, key=lambda r: r.epoch)
+            ax.plot([r.epoch for r in history], [r.map50_95 for r in history], linestyle=linestyle, marker=marker,
+                    markersize=3, color=colour, label=f"{method} seed {summary.seed} ({summary.stability_qat.status})")
+            if summary.qc is not None and history and math.isfinite(summary.qc.map50_95_after):
+                ax.plot([history[-1].epoch + 1], [summary.qc.map50_95_after], marker="*", markersize=12,
+                        linestyle="none", color=colour, markeredgecolor="black",
+                        label=f"{method} seed {summary.seed} + QC")
+    if fp_map50_95 is not None:
+        ax.axhline(fp_map50_95, color="black", linestyle="--", linewidth=1, label=f"FP reference {fp_map50_95:.3f}")
+    if not runs:
+        ax.text(0.5, 0.5, "no runs yet", transform=ax.transAxes, ha="center", va="center")
+    ax.set_title(title)
+    ax.set_xlabel("epoch (0 = PTQ; QC result at final epoch + 1)")
+    ax.set_ylabel("mAP50-95")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+def render_summary_md(
+    comparison: Comparison,
+    gate: GateDecision,
+    plot_paths: Mapping[str, Path],
+    *,
+    relative_to: Path | None = None,
+) -> str:
+    """The whole report as Markdown: gate decision with every reason, comparison tables, and plots.
+
+    `plot_paths` maps variant -> PNG. Image links are made relative to `relative_to` (the folder
+    summary.md is written to) so the report folder can be moved or opened anywhere; without it the paths
+    are used as given.
+    """
+    lines = [
+        "# W4A16 QAT of YOLOv10: does EMA + QC prevent the early-peak collapse?",
+        "",
+        f"**{gate.headline()}**",
+        "",
+        f"The gate needs, for every validation variant, at least {gate.min_seeds} of the seeds "
+        f"{', '.join(map(str, gate.seeds))} whose {gate.method} run is complete, comparable and not collapsed.",
+        "",
+        *(f"- {reason}" for reason in gate.reasons),
+        "",
+        "## Rules",
+        "",
+        "- Metric: mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ); best and final are "
+        "taken over trained epochs; `+QC` rows replace the final value by the QC-corrected final model.",
+        "- `completed-failed`: collapsed (final < ratio × best) or degenerate (best at or near zero). "
+        "`incomplete`: crashed, interrupted, diverged or fewer epochs than planned; never counted.",
+        "- Runs compare only with equal dataset fingerprint, evaluation settings and training profile; "
+        "non-comparable runs are flagged and left out of the means and the gate.",
+        "",
+        "## Comparison",
+        "",
+        comparison.to_markdown(),
+        "## mAP50-95 per epoch",
+        "",
+    ]
+    if not plot_paths:
+        lines.append("No plots were produced.")
+    for variant, path in plot_paths.items():
+        link = Path(os.path.relpath(path, relative_to)) if relative_to is not None else Path(path)
+        lines += [f"### {variant}", "", f"![mAP50-95 per epoch, {variant}]({link.as_posix()})", ""]
+    return "\n".join(lines).rstrip() + "\n"
