@@ -1,0 +1,56 @@
+"""Evaluation of a detection model on the val split with Ultralytics' own validator.
+
+Every evaluation in the project (pretrained reference, PTQ epoch 0, in-training validation, QC before
+and after) uses the settings from `evaluation_settings`, so their numbers are comparable; the settings
+are recorded next to every metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_KEYS = {
+    "map50_95": "metrics/mAP50-95(B)",
+    "map50": "metrics/mAP50(B)",
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+}
+
+
+def resolve_device(requested: str) -> str:
+    """`QAT_DEVICE` as given, or the first visible GPU if any, else the CPU."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def evaluation_settings(imgsz: int, batch: int) -> dict[str, Any]:
+    """The validator settings shared by every evaluation (Ultralytics defaults for mAP computation)."""
+    return {"split": "val", "imgsz": imgsz, "batch": batch, "conf": 0.001, "iou": 0.7, "max_det": 300}
+
+
+def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
+    """Our metric names from an Ultralytics results dict (keys like `metrics/mAP50-95(B)`)."""
+    return {ours: float(results.get(theirs, 0.0)) for ours, theirs in METRIC_KEYS.items()}
+
+
+def evaluate_model(model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path) -> dict[str, float]:
+    """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel)."""
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    settings = evaluation_settings(imgsz, batch)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    validator = DetectionValidator(
+        args=dict(
+            data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
+            project=str(work_dir), name="val", exist_ok=True, workers=0, **settings,
+        )
+    )
+    # The validator fuses Conv+BN in place; evaluate a copy so the caller's model keeps its structure.
+    results = validator(model=copy.deepcopy(model))
+    return metrics_from_ultralytics(results)

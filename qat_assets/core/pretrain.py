@@ -1,0 +1,112 @@
+"""The floating-point starting point of a variant: the user's weights, or trained here on the subset."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+from .artifacts import save_checkpoint
+from .evaluate import evaluate_model, evaluation_settings, resolve_device
+from .models import build_detection_model, read_user_checkpoint, variant_yaml
+from .settings import Settings
+from .trainer import ResumableTrainer, ema_schedule, load_resume_state
+
+CHECKPOINT_NAME = "pretrained.pt"
+
+
+class PretrainRequest(BaseModel):
+    variant: str
+    dataset_yaml: Path
+    dataset_fingerprint: str
+    names: list[str]
+    train_images: int
+    out_dir: Path
+    settings: Settings
+
+
+def describe_epoch(record: dict) -> str:
+    losses = " ".join(f"{k}={record[k]:.3f}" for k in ("box_loss", "cls_loss", "dfl_loss") if record.get(k) is not None)
+    return (
+        f"epoch {record['epoch']}: mAP50-95 {record['map50_95']:.4f}, mAP50 {record['map50']:.4f}, "
+        f"P {record['precision']:.3f}, R {record['recall']:.3f}, {losses}, {record.get('seconds') or 0:.1f}s"
+    )
+
+
+def trainer_overrides(
+    settings: Settings, variant: str, data_yaml: Path, run_dir: Path, device: str, epochs: int, seed: int
+) -> dict:
+    """Ultralytics arguments shared by FP pretraining and QAT (AMP off: fake-quant and fp16 do not mix)."""
+    return dict(
+        model=variant_yaml(variant),  # recorded in args only: the trainer is handed a built module
+        data=str(data_yaml), epochs=epochs, imgsz=settings.imgsz, batch=settings.batch,
+        workers=settings.workers, device=device, seed=seed, amp=False, plots=False, verbose=False,
+        project=str(run_dir), name="ultralytics", exist_ok=True,
+    )
+
+
+def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
+    settings = request.settings
+    device = resolve_device(settings.device)
+    started = time.time()
+    user_checkpoint = (
+        settings.checkpoint_dir / f"yolov10{request.variant[-1]}.pt" if settings.checkpoint_dir else None
+    )
+    if user_checkpoint is not None and user_checkpoint.is_file():
+        model, head = read_user_checkpoint(user_checkpoint, request.variant, request.names, settings.on_class_mismatch)
+        source = f"user-checkpoint:{user_checkpoint}"
+        epochs = settings.pretrain_epochs if head["head"] == "re-initialised" else 0
+        log(f"{request.variant}: starting from {user_checkpoint} (head {head['head']}, {epochs} fine-tune epochs)")
+    else:
+        model, head = build_detection_model(request.variant, request.names), {"head": "new"}
+        source, epochs = "trained-here", settings.pretrain_epochs
+        log(f"{request.variant}: no checkpoint in QAT_CHECKPOINT_DIR; training {epochs} FP epochs here")
+
+    run_dir = request.out_dir / "run"
+    history: list[dict] = []
+    if epochs:
+        fingerprint = hashlib.sha256(
+            f"{request.dataset_fingerprint}|{settings.training_profile_fingerprint()}|{source}|{request.variant}".encode()
+        ).hexdigest()[:16]
+        state, history, note = load_resume_state(run_dir, fingerprint, epochs)
+        log(f"{request.variant} pretraining: {note}")
+        if state is not None and int(state["epoch"]) >= epochs:
+            model.load_state_dict(state["ema"])
+        else:
+            total_updates = epochs * -(-request.train_images // settings.batch)
+            trainer = ResumableTrainer(
+                model=model,
+                overrides={
+                    **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, seed=0),
+                    "lr0": settings.pretrain_lr,
+                },
+                run_dir=run_dir,
+                ema=ema_schedule(0.9999, 2000.0, total_updates),  # Ultralytics' own FP defaults
+                on_epoch=lambda record: log(f"{request.variant} pretrain {describe_epoch(record)}"),
+                state_fingerprint=fingerprint,
+                resume_state=state,
+                history=history,
+            )
+            trainer.train()
+            history = trainer.history
+            model = trainer.ema.ema  # Ultralytics' deliverable is the EMA copy
+    evaluation = evaluation_settings(settings.imgsz, settings.batch)
+    metrics = evaluate_model(
+        model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=device,
+        work_dir=request.out_dir / "eval",
+    )
+    log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}")
+    sidecar = {
+        "variant": request.variant, "names": request.names, "source": source, "head": head,
+        "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation,
+        "dataset_fingerprint": request.dataset_fingerprint, "history": history,
+        "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
+    }
+    checkpoint = request.out_dir / CHECKPOINT_NAME
+    digest = save_checkpoint(checkpoint, {"model": model.float().state_dict()}, sidecar)
+    shutil.rmtree(run_dir / "ultralytics", ignore_errors=True)  # label caches and results.csv, not artifacts
+    return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
