@@ -28,7 +28,7 @@ class GateDecision(BaseModel):
     passed: bool
     reasons: list[str]
     per_variant: dict[str, VariantGate]
-    method: str
+    method: str  # the judged outcome's label, e.g. "ema+QC"
     min_seeds: int
     seeds: list[int]
 
