@@ -61,7 +61,8 @@ class SubsetResult(BaseModel):
 
     def preview_markdown(self) -> str:
         rows = ["| split | images | background | instances |", "|---|---:|---:|---:|"]
-        rows += [f"| {s} | {c['images']} | {c['background_images']} | {c['instances']} |" for s, c in self.counts.items()]
+        for split, c in self.counts.items():
+            rows.append(f"| {split} | {c['images']} | {c['background_images']} | {c['instances']} |")
         rows += ["", "| class | instances |", "|---|---:|"]
         rows += [f"| {name} | {self.instances_per_class.get(name, 0)} |" for name in self.class_names]
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "nothing"
@@ -245,7 +246,9 @@ def _load_instances(path: Path) -> dict:
     try:
         document = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); re-extract it from the COCO annotation archive") from None
+        raise DatasetError(
+            f"{path} is not valid JSON ({exc}); re-extract it from the COCO annotation archive"
+        ) from None
     except OSError as exc:
         raise DatasetError(f"{path} cannot be read ({exc}); check that the file is readable") from None
     if not isinstance(document, dict) or not all(

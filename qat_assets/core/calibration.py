@@ -1,0 +1,71 @@
+"""The QC calibration set D_c: a seeded sample of the subset's training images.
+
+The sample gets its own images/labels folders (image links, label copies) instead of pointing into the
+subset: re-materializing the subset then cannot silently change a calibration set that was already
+recorded, and Ultralytics' label cache for D_c lands in D_c's folder rather than in the subset's.
+`dataset.yaml` points both `train` and `val` at the image list, so an Ultralytics DetectionTrainer
+trains (QC) and validates on exactly these images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from qat_assets.core.coco import DatasetError, SubsetResult, link_file, staging_directory
+
+SPLIT = "calibration"
+
+
+class CalibrationResult(BaseModel):
+    root: Path
+    dataset_yaml: Path
+    images: int
+    fingerprint: str  # sha256 over the subset fingerprint, the chosen images, size and seed
+    image_list: Path  # one absolute image path per line
+
+
+def select_calibration_subset(subset: SubsetResult, out_dir: Path, *, size: int, seed: int) -> CalibrationResult:
+    """Sample `size` training images of `subset` into a calibration set at `out_dir` (built atomically)."""
+    out_dir = Path(out_dir).absolute()
+    image_dir = subset.root / "images" / "train"
+    available = sorted(p.name for p in image_dir.iterdir()) if image_dir.is_dir() else []
+    if not available:
+        raise DatasetError(f"{image_dir} holds no images; re-materialize coco_subset")
+    if not 1 <= size <= len(available):
+        raise DatasetError(
+            f"calibration size {size} is not possible: the subset's training split has {len(available)} images; "
+            f"set calibration_images (QAT_CALIBRATION_IMAGES) between 1 and {len(available)}"
+        )
+    chosen = sorted(random.Random(f"calibration:{seed}").sample(available, size))
+    fingerprint = hashlib.sha256(json.dumps(
+        {"subset": subset.fingerprint, "images": chosen, "size": size, "seed": seed}, sort_keys=True,
+    ).encode()).hexdigest()
+
+    with staging_directory(out_dir) as staging:
+        (staging / "images" / SPLIT).mkdir(parents=True)
+        (staging / "labels" / SPLIT).mkdir(parents=True)
+        for name in chosen:
+            label = subset.root / "labels" / "train" / f"{Path(name).stem}.txt"
+            if not label.is_file():
+                raise DatasetError(
+                    f"{label} is missing: the subset at {subset.root} is damaged; re-materialize coco_subset"
+                )
+            link_file(image_dir / name, staging / "images" / SPLIT / name)
+            shutil.copyfile(label, staging / "labels" / SPLIT / label.name)
+        # Paths name the final folder, which exists once the staging folder is renamed into place.
+        (staging / "images.txt").write_text("".join(f"{out_dir / 'images' / SPLIT / n}\n" for n in chosen))
+        (staging / "dataset.yaml").write_text(yaml.safe_dump({
+            "path": str(out_dir), "train": "images.txt", "val": "images.txt",
+            "names": dict(enumerate(subset.class_names)),
+        }, sort_keys=False))
+    return CalibrationResult(
+        root=out_dir, dataset_yaml=out_dir / "dataset.yaml", images=size, fingerprint=fingerprint,
+        image_list=out_dir / "images.txt",
+    )

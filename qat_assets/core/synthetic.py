@@ -1,0 +1,121 @@
+"""The embedded default data set: solid shapes on textured backgrounds, written as a COCO2017 tree.
+
+It is written in COCO format (not YOLO) on purpose, so that the embedded default goes through exactly the
+same conversion as real COCO. The category ids are non-contiguous and listed out of order in the JSON, as
+in COCO itself, so the id -> class-index mapping is exercised on every run.
+
+Objects are big (15-45 % of the image side), filled, and the classes differ by shape only (colour is
+random), so yolov10n trained from scratch learns it in a few CPU minutes at 160 px.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from qat_assets.core.coco import staging_directory
+
+# Listed out of order and with gaps on purpose (see module docstring).
+CATEGORIES = ({"id": 7, "name": "triangle"}, {"id": 1, "name": "rectangle"}, {"id": 3, "name": "ellipse"})
+SPLITS = ("train", "val")
+# Every tenth image holds no object, so background-only images are part of the set.
+BACKGROUND_EVERY = 10
+MAX_OBJECTS = 5
+# Largest IoU a new object may have with one already placed: some overlap, but every object stays visible.
+MAX_OVERLAP_IOU = 0.2
+
+
+def write_synthetic_coco(root: Path, *, train_images: int, val_images: int, image_size: int, seed: int) -> dict:
+    """Write `root/annotations/instances_{train,val}2017.json` and `root/{train,val}2017/*.jpg`.
+
+    The tree is built beside `root` and renamed into place, so `root` is either complete or untouched.
+    Every image is drawn from its own generator seeded by (seed, split, index): the output depends only on
+    the arguments. Returns a summary (counts per split, categories).
+    """
+    if train_images < 1 or val_images < 1:
+        raise ValueError(f"synthetic set needs at least one image per split, got {train_images}/{val_images}")
+    if image_size < 32:
+        raise ValueError(f"synthetic image_size must be at least 32 px, got {image_size}")
+    summary: dict = {"categories": {c["id"]: c["name"] for c in CATEGORIES}, "image_size": image_size, "seed": seed}
+    with staging_directory(Path(root)) as staging:
+        (staging / "annotations").mkdir()
+        for split_index, (split, count) in enumerate(zip(SPLITS, (train_images, val_images))):
+            coco = _write_split(staging, split, split_index, count, image_size, seed)
+            summary[split] = {"images": len(coco["images"]), "annotations": len(coco["annotations"])}
+    return summary
+
+
+def _write_split(staging: Path, split: str, split_index: int, count: int, image_size: int, seed: int) -> dict:
+    image_dir = staging / f"{split}2017"
+    image_dir.mkdir()
+    images, annotations = [], []
+    # Image ids of the two splits never collide, as in COCO.
+    first_id = 1 + split_index * 1_000_000
+    for index in range(count):
+        image_id = first_id + index
+        rng = np.random.default_rng([seed, split_index, index])
+        picture, boxes = _draw_image(rng, image_size, empty=index % BACKGROUND_EVERY == BACKGROUND_EVERY - 1)
+        file_name = f"{image_id:012d}.jpg"
+        picture.save(image_dir / file_name, quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        for category_id, (x, y, w, h) in boxes:
+            annotations.append({
+                "id": len(annotations) + 1 + split_index * 10_000_000, "image_id": image_id,
+                "category_id": category_id, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })
+    coco = {"images": images, "annotations": annotations, "categories": list(CATEGORIES)}
+    (staging / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    return coco
+
+
+def _draw_image(rng: np.random.Generator, size: int, *, empty: bool) -> tuple[Image.Image, list]:
+    picture = _textured_background(rng, size)
+    draw = ImageDraw.Draw(picture)
+    boxes: list[tuple[int, tuple[float, float, float, float]]] = []
+    wanted = 0 if empty else int(rng.integers(1, MAX_OBJECTS + 1))
+    for _ in range(wanted * 10):  # a few placement attempts per object; crowded images keep fewer objects
+        if len(boxes) == wanted:
+            break
+        w, h = (rng.uniform(0.15, 0.45, size=2) * size).round()
+        x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        x, y = float(round(x)), float(round(y))
+        box = (x, y, float(w), float(h))
+        if any(_iou(box, other) > MAX_OVERLAP_IOU for _, other in boxes):
+            continue
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        _draw_shape(draw, category["name"], box, colour, rng)
+        boxes.append((category["id"], box))
+    return picture, boxes
+
+
+def _textured_background(rng: np.random.Generator, size: int) -> Image.Image:
+    # Low-frequency colour blobs (a coarse grid upsampled) plus per-pixel noise: nothing is a flat colour.
+    coarse = rng.integers(40, 216, size=(6, 6, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.int16)
+    noise = rng.integers(-25, 26, size=(size, size, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple, colour: tuple, rng: np.random.Generator) -> None:
+    # Shapes touch all four sides of their box, so the box is exactly the object's extent.
+    x, y, w, h = box
+    x1, y1 = x + w - 1, y + h - 1
+    outline = tuple(255 - c for c in colour)
+    if name == "rectangle":
+        draw.rectangle((x, y, x1, y1), fill=colour, outline=outline)
+    elif name == "ellipse":
+        draw.ellipse((x, y, x1, y1), fill=colour, outline=outline)
+    else:
+        apex = x + float(rng.uniform(0.2, 0.8)) * (w - 1)
+        draw.polygon([(x, y1), (x1, y1), (apex, y)], fill=colour, outline=outline)
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
