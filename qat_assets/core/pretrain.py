@@ -8,25 +8,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel
-
 from .artifacts import save_checkpoint
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model, read_user_checkpoint, variant_yaml
+from .requests import PretrainRequest
 from .settings import Settings
 from .trainer import ResumableTrainer, ema_schedule, load_resume_state
 
 CHECKPOINT_NAME = "pretrained.pt"
-
-
-class PretrainRequest(BaseModel):
-    variant: str
-    dataset_yaml: Path
-    dataset_fingerprint: str
-    names: list[str]
-    train_images: int
-    out_dir: Path
-    settings: Settings
 
 
 def describe_epoch(record: dict) -> str:

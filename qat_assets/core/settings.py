@@ -70,6 +70,9 @@ class Settings(BaseModel):
     collapse_ratio: float = Field(0.5, gt=0, lt=1)
     degenerate_map: float = Field(0.01, ge=0, description="best mAP50-95 at or below this is degenerate")
 
+    # Automation
+    backfill_cron: str = Field("0 2 * * *", description="when the seed backfill schedule ticks")
+
     # Execution
     device: str = Field("", description="cpu, cuda:0, ...; empty picks the first GPU if any, else CPU")
     storage: Path | None = Field(None, description="artifact root; default $DAGSTER_HOME/artifacts")

@@ -1,0 +1,91 @@
+"""The stability verdict of one run: its `run_summary.json`, classified with and without QC."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+from .stability import classify_qat, classify_with_qc
+from .summary import EpochRecord, QCResult, RunSummary
+
+TRACKED_PACKAGES = ("qat_assets", "torch", "torchvision", "ultralytics", "brevitas", "dagster", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with `+dirty` for local changes), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"qat_assets {package_versions()['qat_assets']}"
+
+
+def qc_result(qc_sidecar: dict[str, Any] | None) -> tuple[QCResult | None, str | None]:
+    """The QC outcome and, when QC did not produce one, why."""
+    if qc_sidecar is None:
+        return None, "qc_checkpoint is not materialized for this partition"
+    if qc_sidecar.get("skipped"):
+        return None, f"QC skipped: {qc_sidecar['skipped']}"
+    return QCResult(**{k: qc_sidecar[k] for k in QCResult.model_fields}), None
+
+
+def build_run_summary(
+    qat_sidecar: dict[str, Any], qc_sidecar: dict[str, Any] | None, *, partition_key: str, settings: Settings,
+    dataset: dict[str, Any],
+) -> RunSummary:
+    history = [EpochRecord(**{k: v for k, v in h.items() if k in EpochRecord.model_fields}) for h in qat_sidecar["history"]]
+    stability_qat = classify_qat(
+        history, qat_sidecar["planned_epochs"], diverged_at_epoch=qat_sidecar.get("diverged_at_epoch"),
+        collapse_ratio=settings.collapse_ratio, degenerate_map=settings.degenerate_map,
+    )
+    qc, qc_problem = qc_result(qc_sidecar)
+    stability_qc = classify_with_qc(
+        stability_qat, qc, qc_error=qc_problem, collapse_ratio=settings.collapse_ratio,
+        degenerate_map=settings.degenerate_map,
+    )
+    return RunSummary(
+        variant=qat_sidecar["variant"],
+        method=qat_sidecar["method"],
+        seed=qat_sidecar["seed"],
+        partition_key=partition_key,
+        model={"variant": qat_sidecar["variant"], "classes": qat_sidecar["names"], "fp_map50_95": qat_sidecar["fp_map50_95"],
+               "pretrained_sha256": qat_sidecar["pretrained_sha256"]},
+        quantization={"options": qat_sidecar["quantization"]["options"], "counts": qat_sidecar["quantization_counts"]},
+        dataset=dataset,
+        training={**qat_sidecar["settings"], "ema": qat_sidecar["ema"], "profile_fingerprint": qat_sidecar["profile_fingerprint"],
+                  "resume": qat_sidecar["resume"], "device": qat_sidecar["device"]},
+        evaluation=qat_sidecar["evaluation"],
+        planned_epochs=qat_sidecar["planned_epochs"],
+        history=history,
+        diverged_at_epoch=qat_sidecar.get("diverged_at_epoch"),
+        error=None,
+        ptq_map50_95=qat_sidecar["ptq_map50_95"],
+        qc=qc,
+        stability_qat=stability_qat,
+        stability_qat_qc=stability_qc,
+        code_version=code_version(),
+        package_versions=package_versions(),
+        created_at=datetime.now(timezone.utc),
+    )
+
