@@ -1,0 +1,109 @@
+"""Runs one heavy step (pretrain, qat, qc) in its own process and reports back through dagster-pipes.
+
+Launched by `HeavyStepLauncher` as `python -m qat_assets.worker STEP --log-file PATH`; the request comes
+in the pipes extras. Everything the libraries print (and a traceback or a fatal-signal dump) goes to the
+log file, whose tail the launcher shows when the process dies; progress lines go to the Dagster run log.
+An expected failure (bad input, a broken checkpoint) is sent back as one `{"error": ...}` message, so the
+step fails with that sentence rather than a stack trace.
+
+Outside Dagster (debugging, tests), `--request FILE --result FILE` runs the same step from a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError")
+
+
+def step_runner(step: str) -> tuple[type, Callable[[Any, Callable[[str], None]], dict]]:
+    """Request model and function of a step (imported here: torch loads only inside the worker)."""
+    if step == "pretrain":
+        from qat_assets.core.pretrain import run_pretrain
+        from qat_assets.core.requests import PretrainRequest
+
+        return PretrainRequest, run_pretrain
+    if step == "qat":
+        from qat_assets.core.qat import run_qat
+        from qat_assets.core.requests import QATRequest
+
+        return QATRequest, run_qat
+    if step == "qc":
+        from qat_assets.core.qc_stage import run_qc_stage
+        from qat_assets.core.requests import QCRequest
+
+        return QCRequest, run_qc_stage
+    raise SystemExit(f"unknown step {step!r}; expected pretrain, qat or qc")
+
+
+def redirect_output(log_file: Path) -> Any:
+    """Send this process's stdout/stderr (file descriptors, so native code too) to `log_file`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_file, "a", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+    faulthandler.enable(file=handle)
+    return handle
+
+
+def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
+    """Run the step; expected failures come back as {"error": message} instead of raising."""
+    request_model, run = step_runner(step)
+    try:
+        request = request_model.model_validate(payload)
+        return run(request, log)
+    except Exception as exc:
+        if type(exc).__name__ not in EXPECTED_ERRORS:
+            raise
+        traceback.print_exc()
+        return {"error": str(exc), "error_type": type(exc).__name__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qat_assets.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["pretrain", "qat", "qc"])
+    parser.add_argument("--log-file", type=Path, required=True)
+    parser.add_argument("--request", type=Path, help="run outside Dagster: JSON request file")
+    parser.add_argument("--result", type=Path, help="run outside Dagster: where to write the JSON result")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+    if args.request is not None:
+        log_handle = redirect_output(args.log_file)
+
+        def log(message: str) -> None:
+            print(message, file=log_handle, flush=True)
+
+        result = execute(args.step, json.loads(args.request.read_text()), log)
+        from qat_assets.core.artifacts import write_json_atomic
+
+        write_json_atomic(args.result or args.log_file.with_suffix(".result.json"), result)
+        return 2 if "error" in result else 0
+
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        log_handle = redirect_output(args.log_file)
+
+        def log(message: str) -> None:
+            print(message, file=log_handle, flush=True)
+            pipes.log.info(message)
+
+        result = execute(args.step, pipes.extras["request"], log)
+        pipes.report_custom_message(json.loads(json.dumps(result, default=str)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
