@@ -30,6 +30,14 @@ class CalibrationResult(BaseModel):
     fingerprint: str  # sha256 over the subset fingerprint, the chosen images, size and seed
     image_list: Path  # one absolute image path per line
 
+    @classmethod
+    def read(cls, root: Path) -> "CalibrationResult":
+        """Load the result recorded in `root/calibration.json`."""
+        path = Path(root) / "calibration.json"
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing: {root} is not a finished calibration set; materialize calibration_subset")
+        return cls.model_validate_json(path.read_text())
+
 
 def select_calibration_subset(subset: SubsetResult, out_dir: Path, *, size: int, seed: int) -> CalibrationResult:
     """Sample `size` training images of `subset` into a calibration set at `out_dir` (built atomically)."""
@@ -65,7 +73,9 @@ def select_calibration_subset(subset: SubsetResult, out_dir: Path, *, size: int,
             "path": str(out_dir), "train": "images.txt", "val": "images.txt",
             "names": dict(enumerate(subset.class_names)),
         }, sort_keys=False))
-    return CalibrationResult(
-        root=out_dir, dataset_yaml=out_dir / "dataset.yaml", images=size, fingerprint=fingerprint,
-        image_list=out_dir / "images.txt",
-    )
+        result = CalibrationResult(
+            root=out_dir, dataset_yaml=out_dir / "dataset.yaml", images=size, fingerprint=fingerprint,
+            image_list=out_dir / "images.txt",
+        )
+        (staging / "calibration.json").write_text(result.model_dump_json(indent=2) + "\n")
+    return result
