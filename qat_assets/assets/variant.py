@@ -1,0 +1,141 @@
+"""The per-variant assets, built by one factory: `{v}/pretrained_checkpoint`, `{v}/qat_checkpoint`,
+`{v}/qc_checkpoint` and `{v}/stability_verdict` (the last three partitioned by method × seed).
+
+Heavy steps run in a worker process under the `gpu` pool; the functions here only assemble the
+request, hand it to the launcher and turn the result into metadata.
+"""
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetsDefinition, Failure, MaterializeResult, MetadataValue, asset
+
+from qat_assets.assets.dataset import calibration_subset, coco_subset
+from qat_assets.core import layout
+from qat_assets.core.artifacts import ArtifactError, read_sidecar
+from qat_assets.core.calibration import CalibrationResult
+from qat_assets.core.coco import SubsetResult
+from qat_assets.core.requests import PretrainRequest, QATRequest, QCRequest
+from qat_assets.core.verdict import build_run_summary
+from qat_assets.gating import require_passing_gate
+from qat_assets.metadata import history_table, pretrain_metadata, qat_metadata, qc_metadata, verdict_metadata
+from qat_assets.partitions import method_and_seed, run_partitions
+from qat_assets.resources import ExperimentSettings, HeavyStepLauncher
+
+HEAVY_POOL = "gpu"
+
+
+def read_upstream_sidecar(checkpoint: Path, upstream_asset: str, partition: str | None = None) -> dict:
+    """The sidecar of an upstream checkpoint, or a Failure telling which asset to materialize first."""
+    try:
+        return read_sidecar(checkpoint)
+    except ArtifactError:
+        where = f" for partition {partition}" if partition else ""
+        raise Failure(description=f"{upstream_asset}{where} is not materialized yet ({checkpoint} is missing); materialize it first") from None
+
+
+def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[AssetsDefinition]:
+    partitions = run_partitions(seeds)
+    group = variant
+
+    def check_gate(context: AssetExecutionContext, asset_name: str) -> None:
+        if gated:
+            state = require_passing_gate(context.instance, f"{variant}/{asset_name}")
+            context.log.info(f"gate passed (materialization {state.storage_id}); running {variant}/{asset_name}")
+
+    @asset(key_prefix=[variant], name="pretrained_checkpoint", group_name=group, deps=[coco_subset], pool=HEAVY_POOL, kinds={"pytorch"})
+    def pretrained_checkpoint(
+        context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
+    ) -> MaterializeResult:
+        """Floating-point starting point: the user's yolov10 weights (QAT_CHECKPOINT_DIR), or trained here."""
+        check_gate(context, "pretrained_checkpoint")
+        settings = experiment.settings()
+        root = settings.artifact_root()
+        subset = SubsetResult.read(layout.subset_dir(root))
+        out_dir = layout.pretrained_dir(root, variant)
+        request = PretrainRequest(
+            variant=variant, dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+            names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out_dir, settings=settings,
+        )
+        return MaterializeResult(metadata=pretrain_metadata(launcher.run(context, "pretrain", request, out_dir)))
+
+    @asset(
+        key_prefix=[variant], name="qat_checkpoint", group_name=group, partitions_def=partitions,
+        deps=[pretrained_checkpoint], pool=HEAVY_POOL, kinds={"pytorch"},
+    )
+    def qat_checkpoint(
+        context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
+    ) -> MaterializeResult:
+        """W4A16 QAT from the pretrained checkpoint; `baseline` = EMA decay 0, `ema` = the paper's EMA."""
+        check_gate(context, "qat_checkpoint")
+        method, seed = method_and_seed(context.partition_key)
+        settings = experiment.settings()
+        root = settings.artifact_root()
+        subset = SubsetResult.read(layout.subset_dir(root))
+        pretrained = layout.pretrained_dir(root, variant) / "pretrained.pt"
+        sidecar = read_upstream_sidecar(pretrained, f"{variant}/pretrained_checkpoint")
+        out_dir = layout.run_dir(root, variant, "qat_checkpoint", method, seed)
+        request = QATRequest(
+            variant=variant, method=method, seed=seed, pretrained_checkpoint=pretrained,
+            pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
+            dataset_fingerprint=subset.fingerprint, train_images=subset.counts["train"]["images"],
+            out_dir=out_dir, settings=settings,
+        )
+        result = launcher.run(context, "qat", request, out_dir)
+        if result.get("diverged_at_epoch"):
+            context.log.warning(f"{variant} {context.partition_key}: diverged at epoch {result['diverged_at_epoch']}")
+        return MaterializeResult(metadata=qat_metadata(result))
+
+    @asset(
+        key_prefix=[variant], name="qc_checkpoint", group_name=group, partitions_def=partitions,
+        deps=[qat_checkpoint, calibration_subset], pool=HEAVY_POOL, kinds={"pytorch"},
+    )
+    def qc_checkpoint(
+        context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
+    ) -> MaterializeResult:
+        """Quantization Correction: per-channel gamma/beta after each quantized conv, one epoch on D_c, folded."""
+        check_gate(context, "qc_checkpoint")
+        method, seed = method_and_seed(context.partition_key)
+        settings = experiment.settings()
+        root = settings.artifact_root()
+        subset = SubsetResult.read(layout.subset_dir(root))
+        calibration = CalibrationResult.read(layout.calibration_dir(root))
+        qat = layout.run_dir(root, variant, "qat_checkpoint", method, seed) / "qat_checkpoint.pt"
+        sidecar = read_upstream_sidecar(qat, f"{variant}/qat_checkpoint", context.partition_key)
+        out_dir = layout.run_dir(root, variant, "qc_checkpoint", method, seed)
+        request = QCRequest(
+            variant=variant, method=method, seed=seed, qat_checkpoint=qat, qat_sha256=sidecar["sha256"],
+            calibration_yaml=calibration.dataset_yaml, calibration_fingerprint=calibration.fingerprint,
+            dataset_yaml=subset.dataset_yaml, out_dir=out_dir, settings=settings,
+        )
+        return MaterializeResult(metadata=qc_metadata(launcher.run(context, "qc", request, out_dir)))
+
+    @asset(
+        key_prefix=[variant], name="stability_verdict", group_name=group, partitions_def=partitions,
+        deps=[qat_checkpoint, qc_checkpoint], kinds={"python"},
+    )
+    def stability_verdict(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
+        """`run_summary.json`, classified twice: the QAT run alone, and QAT + QC."""
+        check_gate(context, "stability_verdict")
+        method, seed = method_and_seed(context.partition_key)
+        settings = experiment.settings()
+        root = settings.artifact_root()
+        subset = SubsetResult.read(layout.subset_dir(root))
+        qat = read_upstream_sidecar(
+            layout.run_dir(root, variant, "qat_checkpoint", method, seed) / "qat_checkpoint.pt",
+            f"{variant}/qat_checkpoint", context.partition_key,
+        )
+        qc_path = layout.run_dir(root, variant, "qc_checkpoint", method, seed) / "qc_checkpoint.pt"
+        qc = read_sidecar(qc_path) if qc_path.with_suffix(".json").is_file() else None
+        summary = build_run_summary(
+            qat, qc, partition_key=str(context.partition_key), settings=settings,
+            dataset={"fingerprint": subset.fingerprint, "source": subset.source, "counts": subset.counts,
+                     "classes": subset.class_names},
+        )
+        path = summary.write(layout.run_dir(root, variant, "stability_verdict", method, seed) / "run_summary.json")
+        context.log.info(
+            f"{variant} {context.partition_key}: QAT {summary.stability_qat.status} ({summary.stability_qat.reason}); "
+            f"QAT+QC {summary.stability_qat_qc.status} ({summary.stability_qat_qc.reason})"
+        )
+        return MaterializeResult(metadata={**verdict_metadata(summary, path), "history": history_table(qat["history"])})
+
+    return [pretrained_checkpoint, qat_checkpoint, qc_checkpoint, stability_verdict]

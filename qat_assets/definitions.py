@@ -1,0 +1,40 @@
+"""The code location: every asset, check, resource, job, sensor and schedule, assembled once.
+
+Settings are resolved at load time only for what shapes the graph (the seeds of the partitions and the
+backfill cron); everything else is resolved when a step runs. Loading imports no torch.
+"""
+
+from dagster import Definitions
+
+from qat_assets.assets.dataset import calibration_subset, coco_subset
+from qat_assets.assets.report import comparison, gate, gate_passed
+from qat_assets.assets.variant import variant_assets
+from qat_assets.core.settings import load_settings
+from qat_assets.jobs import build_jobs
+from qat_assets.resources import ExperimentSettings, HeavyStepLauncher
+from qat_assets.schedules import build_seed_backfill_schedule
+from qat_assets.sensors import build_yolo10m_sensor
+
+graph_settings = load_settings()
+jobs = build_jobs(graph_settings.seeds)
+
+defs = Definitions(
+    assets=[
+        coco_subset,
+        calibration_subset,
+        *variant_assets("yolo10n", graph_settings.seeds, gated=False),
+        *variant_assets("yolo10s", graph_settings.seeds, gated=False),
+        *variant_assets("yolo10m", graph_settings.seeds, gated=True),
+        comparison,
+        gate,
+    ],
+    asset_checks=[gate_passed],
+    jobs=list(jobs.values()),
+    sensors=[
+        build_yolo10m_sensor(graph_settings.seeds, jobs["yolo10m_pretrained_job"], jobs["yolo10m_partition_job"])
+    ],
+    schedules=[
+        build_seed_backfill_schedule(graph_settings.seeds, jobs["validation_partition_job"], graph_settings.backfill_cron)
+    ],
+    resources={"experiment": ExperimentSettings(), "launcher": HeavyStepLauncher()},
+)
