@@ -1,0 +1,362 @@
+"""Quantization Correction (QC; Gupta & Asthana, WACV 2024) for a W4A16-quantized YOLO model.
+
+After QAT, every quantized conv gets a per-output-channel affine correction, h~ = gamma * h + beta with
+h = W_q x + b, placed right after the conv and before its BatchNorm (on the conv's output where there is
+no BN: the detection-head output convs). gamma and beta start at the identity and are the only trainable
+tensors; they are trained with the QAT task loss (YOLOv10's end-to-end detection loss), Adam, for one
+epoch over a small calibration set, with every BatchNorm in eval mode so its running statistics never
+change. Afterwards the corrections are folded away, so the corrected model costs nothing at inference:
+
+* into the following BN, without touching its running statistics (no division by gamma, so a gamma near
+  zero needs no guard): BN(gamma*h + beta) = w*gamma*(h - mu)/s + b + w*(beta + (gamma - 1)*mu)/s with
+  s = sqrt(var + eps), i.e. w' = w*gamma and b' = b + w*(beta + (gamma - 1)*mu)/s;
+* into a conv without BN: gamma multiplies the per-output-channel weight scale and the latent weights
+  (same integer codes, so the quantization grid is preserved; needs gamma > 0 because a scale is
+  positive), and the bias becomes gamma*b + beta.
+
+Speed: QC trains a few thousand numbers, so it runs on `freeze_quantized_weights(model)` (plain convs
+holding the already fake-quantized weights, no quantizer work per forward) with gradients switched off
+for everything but gamma and beta; the learned values are then folded into the real quantized model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from brevitas.nn import QuantConv2d
+from torch import nn
+
+from qat_assets.core.quantize import freeze_quantized_weights, quantized_modules
+
+Corrections = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    batch: int
+    imgsz: int
+    device: str = "cpu"
+    epochs: int = 1
+    lr: float = 1e-4
+    workers: int = 0
+
+
+class ChannelCorrection(nn.Module):
+    """A conv followed by the QC affine: gamma * conv(x) + beta, one gamma and beta per output channel."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        weight = conv.weight
+        self.gamma = nn.Parameter(torch.ones(conv.out_channels, device=weight.device, dtype=weight.dtype))
+        self.beta = nn.Parameter(torch.zeros(conv.out_channels, device=weight.device, dtype=weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.beta.view(1, -1, 1, 1), self.conv(x), self.gamma.view(1, -1, 1, 1))
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    parent_name, _, child_name = name.rpartition(".")
+    return parent_name, child_name
+
+
+def _dfl_conv(model: nn.Module) -> nn.Module | None:
+    dfl = getattr(model.model[-1], "dfl", None)
+    return getattr(dfl, "conv", None)
+
+
+def insert_corrections(model: nn.Module, layer_names: Sequence[str] | None = None) -> list[str]:
+    """Wrap each named conv (default: every quantized conv) in a `ChannelCorrection`, in place.
+
+    Pass `layer_names` for a frozen copy (`freeze_quantized_weights`), whose convs are plain: use the
+    names of the quantized model it was made from. Returns the names of the wrapped layers.
+    """
+    names = list(layer_names) if layer_names is not None else [name for name, _ in quantized_modules(model)]
+    if not names:
+        raise ValueError("no quantized convs to correct; quantize the model first or pass layer_names")
+    dfl_conv = _dfl_conv(model)
+    for name in names:
+        conv = model.get_submodule(name)
+        if conv is dfl_conv:
+            raise ValueError(f"{name} is the fixed DFL conv: it is not quantized and gets no correction")
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{name} is a {type(conv).__name__}, not a conv (already corrected?)")
+        parent_name, child_name = _split_name(name)
+        setattr(model.get_submodule(parent_name), child_name, ChannelCorrection(conv))
+    return names
+
+
+def corrected_layers(model: nn.Module) -> list[tuple[str, ChannelCorrection]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, ChannelCorrection)]
+
+
+def correction_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, module in corrected_layers(model) for p in (module.gamma, module.beta)]
+
+
+def learned_corrections(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's (gamma, beta), keyed by the corrected conv's name."""
+    return {
+        name: (module.gamma.detach().clone(), module.beta.detach().clone())
+        for name, module in corrected_layers(model)
+    }
+
+
+def correction_stats(corrections: Corrections | nn.Module) -> list[dict[str, Any]]:
+    """Per layer: how far QC moved it from the identity."""
+    if isinstance(corrections, nn.Module):
+        corrections = learned_corrections(corrections)
+    rows = []
+    for name, (gamma, beta) in corrections.items():
+        rows.append({
+            "name": name,
+            "channels": int(gamma.numel()),
+            "mean_abs_gamma_minus_1": float((gamma - 1).abs().mean()),
+            "max_abs_gamma_minus_1": float((gamma - 1).abs().max()),
+            "mean_abs_beta": float(beta.abs().mean()),
+        })
+    return rows
+
+
+# --- folding -------------------------------------------------------------------------------------------
+
+
+def _following_bn(model: nn.Module, name: str) -> nn.BatchNorm2d | None:
+    """The BN applied right after this conv, if any: Ultralytics' Conv block computes act(bn(conv(x)))."""
+    from ultralytics.nn.modules.conv import Conv
+
+    parent_name, child_name = _split_name(name)
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, Conv) and child_name == "conv" and isinstance(parent.bn, nn.BatchNorm2d):
+        return parent.bn
+    return None
+
+
+@torch.no_grad()
+def _fold_into_bn(bn: nn.BatchNorm2d, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+    std = torch.sqrt(bn.running_var + bn.eps)
+    bn.bias.add_(bn.weight * (beta + (gamma - 1) * bn.running_mean) / std)
+    bn.weight.mul_(gamma)
+
+
+@torch.no_grad()
+def _fold_into_conv(conv: nn.Conv2d, gamma: torch.Tensor, beta: torch.Tensor, name: str) -> None:
+    if bool((gamma <= 0).any()):
+        raise ValueError(
+            f"{name}: QC gamma has non-positive entries (min {float(gamma.min()):.3g}); a per-channel weight "
+            "scale must stay positive, so this correction cannot be folded into the conv"
+        )
+    channel = (-1,) + (1,) * (conv.weight.dim() - 1)
+    conv.weight.mul_(gamma.view(channel))
+    if isinstance(conv, QuantConv2d):
+        # A learned (LSQ-style) scale is a parameter of the weight quantizer: scale it with the weights so
+        # weight/scale, hence every integer code, is unchanged. Statistics-based scales (max-abs of the
+        # weights) follow the weights by themselves.
+        scaling = conv.weight_quant.tensor_quant.scaling_impl
+        value = getattr(scaling, "value", None)
+        if isinstance(value, nn.Parameter):
+            value.mul_(gamma.view(value.shape) if value.numel() == gamma.numel() else gamma)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(torch.zeros_like(beta), requires_grad=False)
+    conv.bias.copy_(gamma * conv.bias + beta)
+
+
+def fold_corrections(model: nn.Module, corrections: Corrections | None = None) -> nn.Module:
+    """Fold QC into the model, in place, leaving no correction modules; returns the model.
+
+    Without `corrections`, the model's own `ChannelCorrection` wrappers are folded and removed. With them
+    (as from `learned_corrections` of a frozen, corrected copy), they are folded into this model's convs of
+    the same names, which must not be wrapped.
+    """
+    if corrections is None:
+        corrections = learned_corrections(model)
+        for name, module in corrected_layers(model):
+            parent_name, child_name = _split_name(name)
+            setattr(model.get_submodule(parent_name), child_name, module.conv)
+    for name, (gamma, beta) in corrections.items():
+        conv = model.get_submodule(name)
+        if isinstance(conv, ChannelCorrection):
+            raise ValueError(f"{name} still carries a correction module; fold it with corrections=None")
+        gamma, beta = gamma.to(conv.weight), beta.to(conv.weight)
+        bn = _following_bn(model, name)
+        if bn is not None:
+            _fold_into_bn(bn, gamma, beta)
+        else:
+            _fold_into_conv(conv, gamma, beta, name)
+    return model
+
+
+def _raw_predictions(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The head's undecoded box and class outputs (every branch), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(images)
+    finally:
+        model.train(was_training)
+    preds = output[1] if isinstance(output, tuple) else output
+    branches = preds.values() if "one2one" in preds else [preds]
+    return [branch[key] for branch in branches for key in ("boxes", "scores")]
+
+
+def fold_equivalence(unfolded: nn.Module, folded: nn.Module, images: torch.Tensor) -> float:
+    """Largest output difference between two models, relative to the largest output magnitude, per head output."""
+    worst = 0.0
+    for a, b in zip(_raw_predictions(unfolded, images), _raw_predictions(folded, images), strict=True):
+        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def build_calibration_loader(data_yaml: str, model: nn.Module, config: QCConfig, shuffle: bool = True):
+    """Ultralytics dataloader over the `train:` images of a dataset YAML, without augmentation, labels kept."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(data_yaml, autodownload=False, split="train")
+    cfg = get_cfg(overrides=dict(task="detect", imgsz=config.imgsz, batch=config.batch, workers=config.workers,
+                                 plots=False, amp=False, cache=False))
+    stride = max(int(model.stride.max()), 32)
+    # mode="val": letterbox only, no mosaic/flip/HSV; the dataset still returns the labels the loss needs.
+    dataset = build_yolo_dataset(cfg, data["train"], config.batch, data, mode="val", rect=False, stride=stride)
+    return build_dataloader(dataset, batch=config.batch, workers=config.workers, shuffle=shuffle, rank=-1,
+                            pin_memory=False, device=config.device)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """What DetectionTrainer.preprocess_batch does without multi-scale: tensors to device, images to [0, 1]."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["img"] = batch["img"].float() / 255
+    return batch
+
+
+def attach_task_loss(model: nn.Module) -> None:
+    """Give the model the QAT task loss: default Ultralytics gains unless it carries its own training args.
+
+    YOLOv10's E2ELoss mixes its one-to-many and one-to-one losses with a weight that decays over training
+    down to `final_o2m`; QC runs after QAT, so it uses the weighting QAT ended with.
+    """
+    from ultralytics.cfg import get_cfg
+
+    if not all(hasattr(getattr(model, "args", None), gain) for gain in ("box", "cls", "dfl")):
+        model.args = get_cfg()
+    model.criterion = model.init_criterion()
+    if hasattr(model.criterion, "final_o2m"):
+        model.criterion.o2m = model.criterion.final_o2m
+        model.criterion.o2o = model.criterion.total - model.criterion.o2m
+
+
+def _freeze_all_but_corrections(model: nn.Module) -> None:
+    model.requires_grad_(False)
+    for p in correction_parameters(model):
+        p.requires_grad_(True)
+
+
+def _train_mode_with_frozen_bn(model: nn.Module) -> None:
+    """Training mode (the head returns raw predictions for the loss) but BN uses, and keeps, running stats."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def calibration_loss(model: nn.Module, dataloader: Iterable, device: str) -> float:
+    """Mean task loss per image over the calibration set, BN frozen, no gradients."""
+    _train_mode_with_frozen_bn(model)
+    total, images = 0.0, 0
+    with torch.no_grad():
+        for batch in dataloader:
+            batch = _to_device(batch, torch.device(device))
+            loss, _ = model.loss(batch)
+            total += float(loss.sum())
+            images += batch["img"].shape[0]
+    return total / max(images, 1)
+
+
+def train_corrections(
+    model: nn.Module, dataloader: Iterable, config: QCConfig, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Adam on gamma/beta only, `config.epochs` passes over the calibration set; returns loss and timing."""
+    params = correction_parameters(model)
+    if not params:
+        raise ValueError("the model has no corrections; call insert_corrections first")
+    device = torch.device(config.device)
+    model.to(device)
+    _freeze_all_but_corrections(model)
+    attach_task_loss(model)
+    loss_before = calibration_loss(model, dataloader, config.device)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    _train_mode_with_frozen_bn(model)
+    steps, images, started = 0, 0, time.perf_counter()
+    for epoch in range(config.epochs):
+        for batch in dataloader:
+            batch = _to_device(batch, device)
+            loss, _ = model.loss(batch)
+            loss = loss.sum()
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"QC loss is {float(loss.detach())} at step {steps}; corrections diverged")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            images += batch["img"].shape[0]
+        if log is not None:
+            log(f"QC epoch {epoch + 1}/{config.epochs}: {steps} steps, last batch loss {float(loss.detach()):.4f}")
+    train_seconds = time.perf_counter() - started
+    loss_after = calibration_loss(model, dataloader, config.device)
+    return {
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "steps": steps,
+        "images": images,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "train_seconds": train_seconds,
+        "seconds_per_image": train_seconds / max(images, 1),
+        "parameters": sum(p.numel() for p in params),
+    }
+
+
+def run_qc(
+    quantized_model: nn.Module,
+    data_yaml: str,
+    config: QCConfig,
+    log: Callable[[str], None] | None = None,
+    max_fold_difference: float = 1e-4,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The whole QC stage on a quantized QAT model (EMA weights loaded): returns it folded, in place, and a report.
+
+    Trains the corrections on a frozen copy, folds the learned values into `quantized_model`, and checks
+    on a calibration batch that the folded quantized model reproduces the corrected frozen copy.
+    """
+    names = [name for name, _ in quantized_modules(quantized_model)]
+    trainee = freeze_quantized_weights(quantized_model)
+    insert_corrections(trainee, names)
+    loader = build_calibration_loader(data_yaml, trainee, config)
+    training = train_corrections(trainee, loader, config, log=log)
+    corrections = learned_corrections(trainee)
+    fold_corrections(quantized_model.to(config.device), corrections)
+    images = _to_device(next(iter(loader)), torch.device(config.device))["img"]
+    difference = fold_equivalence(trainee, quantized_model, images)
+    if not difference < max_fold_difference:
+        raise RuntimeError(
+            f"folded QC model differs from the corrected model by {difference:.3g} (relative), above "
+            f"{max_fold_difference:g}: the fold is wrong, not saving it"
+        )
+    report = {
+        **training,
+        "layers": len(names),
+        "fold_max_relative_difference": difference,
+        "corrections": correction_stats(corrections),
+    }
+    if log is not None:
+        log(f"QC: loss {training['loss_before']:.4f} -> {training['loss_after']:.4f}, fold difference {difference:.2e}")
+    return quantized_model, report

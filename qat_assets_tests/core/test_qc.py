@@ -1,0 +1,221 @@
+"""QC on a real (random-init) W4A16 yolov10n at 64 px, trained on a handful of generated images."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from ultralytics.nn.modules.conv import Conv
+from ultralytics.nn.tasks import DetectionModel
+
+from qat_assets.core.qc import (
+    ChannelCorrection,
+    QCConfig,
+    attach_task_loss,
+    build_calibration_loader,
+    calibration_loss,
+    correction_parameters,
+    correction_stats,
+    corrected_layers,
+    fold_corrections,
+    fold_equivalence,
+    insert_corrections,
+    learned_corrections,
+    run_qc,
+    train_corrections,
+)
+from qat_assets.core.quantize import (
+    QuantOptions,
+    freeze_quantized_weights,
+    integer_weights,
+    quantize_w4a16,
+    quantized_modules,
+)
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def calibration_yaml(tmp_path_factory) -> str:
+    """Six 64 px images with one or two coloured boxes each, in Ultralytics YOLO format."""
+    root = tmp_path_factory.mktemp("calib")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        pixels = np.full((IMGSZ, IMGSZ, 3), 40, dtype=np.uint8)
+        rows = []
+        for _ in range(1 + i % 2):
+            cls = int(rng.integers(3))
+            w, h = rng.integers(16, 32, size=2)
+            x0, y0 = rng.integers(0, IMGSZ - w), rng.integers(0, IMGSZ - h)
+            pixels[y0:y0 + h, x0:x0 + w] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][cls]
+            rows.append(f"{cls} {(x0 + w / 2) / IMGSZ} {(y0 + h / 2) / IMGSZ} {w / IMGSZ} {h / IMGSZ}")
+        image = root / "images" / f"{i}.png"
+        Image.fromarray(pixels).save(image)
+        (root / "labels" / f"{i}.txt").write_text("\n".join(rows) + "\n")
+        paths.append(str(image))
+    (root / "calib.txt").write_text("\n".join(paths) + "\n")
+    yaml = root / "data.yaml"
+    yaml.write_text(f"path: {root}\ntrain: calib.txt\nval: calib.txt\nnames:\n  0: red\n  1: green\n  2: blue\n")
+    return str(yaml)
+
+
+@pytest.fixture(scope="module")
+def quantized_model(calibration_yaml) -> nn.Module:
+    """W4A16 yolov10n whose BNs hold statistics of the calibration images measured in float.
+
+    Quantizing after that shifts every channel away from its BN statistics, which is what QC corrects;
+    random BN affines and data-driven running means also make the fold algebra non-trivial.
+    """
+    torch.manual_seed(0)
+    model = DetectionModel("yolov10n.yaml", nc=3, verbose=False)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+            module.momentum = None  # cumulative average over the batch below
+    batch = next(iter(build_calibration_loader(calibration_yaml, model, config(batch=6))))
+    model.train()
+    with torch.no_grad():
+        model(batch["img"].float() / 255)
+    quantize_w4a16(model, QuantOptions())
+    return model.eval()
+
+
+@pytest.fixture
+def model(quantized_model) -> nn.Module:
+    return copy.deepcopy(quantized_model)
+
+
+def config(**overrides) -> QCConfig:
+    return QCConfig(**{"batch": 2, "imgsz": IMGSZ, "device": "cpu", **overrides})
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1))
+
+
+def randomize_corrections(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, layer in corrected_layers(model):
+            layer.gamma.copy_(torch.empty_like(layer.gamma).uniform_(0.5, 1.5, generator=generator))
+            layer.beta.copy_(torch.randn(layer.beta.shape, generator=generator) * 0.1)
+
+
+def test_corrections_sit_between_quantized_conv_and_bn_and_on_head_outputs(model):
+    names = insert_corrections(model)
+    assert len(names) == len(corrected_layers(model)) > 100
+    head = model.model[-1]
+    assert isinstance(head.dfl.conv, nn.Conv2d) and not isinstance(head.dfl.conv, ChannelCorrection)
+    assert not any(name.startswith("model.23.dfl") for name in names)
+    for branch in (*head.cv2, *head.cv3, *head.one2one_cv2, *head.one2one_cv3):
+        assert isinstance(branch[-1], ChannelCorrection)  # no BN: the correction is on the output
+    blocks = [m for m in model.modules() if isinstance(m, Conv)]
+    assert blocks and all(isinstance(block.conv, ChannelCorrection) for block in blocks)
+    assert len(names) == len(blocks) + 12
+
+    # Data flow: what the BN receives is exactly what the correction produced.
+    block = model.model[1]
+    seen = {}
+    block.conv.register_forward_hook(lambda m, i, o: seen.setdefault("corrected", o))
+    block.bn.register_forward_pre_hook(lambda m, i: seen.setdefault("bn_input", i[0]))
+    model(images())
+    assert seen["bn_input"] is seen["corrected"]
+
+
+def test_dfl_conv_is_refused(model):
+    with pytest.raises(ValueError, match="DFL"):
+        insert_corrections(model, ["model.23.dfl.conv"])
+
+
+def test_identity_init_leaves_outputs_unchanged(model):
+    frozen = freeze_quantized_weights(model)
+    corrected = copy.deepcopy(frozen)
+    insert_corrections(corrected, [name for name, _ in quantized_modules(model)])
+    assert fold_equivalence(frozen, corrected, images()) == 0.0
+
+
+def test_training_changes_only_gamma_and_beta(model, calibration_yaml):
+    names = [name for name, _ in quantized_modules(model)]
+    trainee = freeze_quantized_weights(model)
+    insert_corrections(trainee, names)
+    before = {k: v.clone() for k, v in trainee.state_dict().items()}
+    loader = build_calibration_loader(calibration_yaml, trainee, config())
+    result = train_corrections(trainee, loader, config(lr=1e-2))
+    after = trainee.state_dict()
+
+    corrections = {k for k in before if k.endswith((".gamma", ".beta"))}
+    assert len(corrections) == 2 * len(names)
+    changed = [k for k in corrections if not torch.equal(before[k], after[k])]
+    # A few one-to-one box branches get no assigned target on six images, hence no gradient.
+    assert len(changed) > 0.8 * len(corrections)
+    frozen_keys = set(before) - corrections
+    assert any("running_mean" in k for k in frozen_keys)
+    for key in frozen_keys:  # weights, BN affines and running stats, num_batches_tracked
+        assert torch.equal(before[key], after[key]), key
+    # No weight gradients were ever computed.
+    assert all(p.grad is None for n, p in trainee.named_parameters() if not n.endswith((".gamma", ".beta")))
+    assert result["steps"] == 3 and result["images"] == 6
+    assert result["parameters"] == sum(p.numel() for p in correction_parameters(trainee))
+
+
+def test_fold_matches_unfolded_model_with_random_corrections(model):
+    unfolded = copy.deepcopy(model)
+    insert_corrections(unfolded)
+    randomize_corrections(unfolded)
+    head_outputs = [name for name, _ in quantized_modules(model) if name.endswith(".2")]
+    codes_before = {name: integer_weights(model.get_submodule(name)) for name in head_outputs}
+    bn_stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    folded = fold_corrections(copy.deepcopy(unfolded))
+    assert not corrected_layers(folded)
+    assert fold_equivalence(unfolded, folded, images()) < 1e-4
+    for name in head_outputs:  # gamma went into the scale: the integer grid is preserved
+        assert torch.equal(integer_weights(folded.get_submodule(name)), codes_before[name])
+    folded_state = folded.state_dict()
+    assert all(torch.equal(folded_state[k], v) for k, v in bn_stats.items())
+
+    # Folding values learned on a frozen copy into the real quantized model gives the same result.
+    into_quantized = fold_corrections(copy.deepcopy(model), learned_corrections(unfolded))
+    assert fold_equivalence(unfolded, into_quantized, images()) < 1e-4
+
+
+def test_fold_refuses_non_positive_gamma_on_a_conv_without_bn(model):
+    insert_corrections(model)
+    head_output = model.model[-1].cv2[0][-1]
+    with torch.no_grad():
+        head_output.gamma[0] = -0.5
+    with pytest.raises(ValueError, match="non-positive"):
+        fold_corrections(model)
+
+
+def test_run_qc_lowers_the_task_loss_and_returns_a_folded_quantized_model(model, calibration_yaml):
+    # The paper's recipe: one epoch, Adam, lr 1e-4.
+    bn_stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    folded, report = run_qc(model, calibration_yaml, config())
+    assert folded is model and not corrected_layers(folded)
+    assert len(quantized_modules(folded)) == report["layers"]
+    assert report["loss_after"] < report["loss_before"]
+    assert report["fold_max_relative_difference"] < 1e-4
+    assert report["steps"] == 3 and report["epochs"] == 1
+    assert any(row["mean_abs_gamma_minus_1"] > 0 for row in report["corrections"])
+    state = folded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in bn_stats.items())
+
+    # The saved model really carries the correction: its loss is the corrected one.
+    loader = build_calibration_loader(calibration_yaml, folded, config())
+    attach_task_loss(folded)
+    assert calibration_loss(folded, loader, "cpu") == pytest.approx(report["loss_after"], rel=1e-3)
+
+
+def test_correction_stats_are_zero_at_identity(model):
+    insert_corrections(model)
+    rows = correction_stats(model)
+    assert rows and all(row["mean_abs_gamma_minus_1"] == 0 and row["mean_abs_beta"] == 0 for row in rows)
