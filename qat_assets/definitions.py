@@ -16,7 +16,7 @@ from qat_assets.schedules import build_seed_backfill_schedule
 from qat_assets.sensors import build_yolo10m_sensor
 
 graph_settings = load_settings()
-jobs = build_jobs(graph_settings.seeds)
+jobs = build_jobs()
 
 defs = Definitions(
     assets=[

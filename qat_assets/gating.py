@@ -14,14 +14,19 @@ class GateState:
     storage_id: int | None  # of the gate materialization; None when the gate never materialized
 
 
+def latest_materialization_record(instance: DagsterInstance, key: AssetKey):
+    records = instance.fetch_materializations(key, limit=1).records
+    return records[0] if records else None
+
+
 def latest_gate(instance: DagsterInstance) -> GateState:
-    event = instance.get_latest_materialization_event(GATE_KEY)
-    if event is None or event.asset_materialization is None:
+    record = latest_materialization_record(instance, GATE_KEY)
+    if record is None:
         return GateState(False, ["gate has never been materialized"], None)
-    metadata = event.asset_materialization.metadata
+    metadata = record.asset_materialization.metadata
     passed = bool(metadata["passed"].value) if "passed" in metadata else False
     reasons = list(metadata["reasons"].value) if "reasons" in metadata else ["gate recorded no reasons"]
-    return GateState(passed, reasons, event.storage_id)
+    return GateState(passed, reasons, record.storage_id)
 
 
 def require_passing_gate(instance: DagsterInstance, asset_label: str) -> GateState:

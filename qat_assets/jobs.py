@@ -3,7 +3,6 @@
 from dagster import AssetSelection, define_asset_job
 
 from qat_assets.core.settings import VALIDATION_VARIANTS
-from qat_assets.partitions import run_partitions
 
 PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict")
 
@@ -12,8 +11,7 @@ def stage_selection(variants: tuple[str, ...], stages: tuple[str, ...]) -> Asset
     return AssetSelection.assets(*[[variant, stage] for variant in variants for stage in stages])
 
 
-def build_jobs(seeds: tuple[int, ...]) -> dict:
-    partitions = run_partitions(seeds)
+def build_jobs() -> dict:
     return {
         "foundation_job": define_asset_job(
             "foundation_job",
@@ -24,7 +22,6 @@ def build_jobs(seeds: tuple[int, ...]) -> dict:
         "validation_partition_job": define_asset_job(
             "validation_partition_job",
             selection=stage_selection(VALIDATION_VARIANTS, PARTITIONED_STAGES),
-            partitions_def=partitions,
             description="QAT, QC and the verdict of one method|seed partition, for yolo10n and yolo10s.",
         ),
         "decision_job": define_asset_job(
@@ -37,6 +34,5 @@ def build_jobs(seeds: tuple[int, ...]) -> dict:
         ),
         "yolo10m_partition_job": define_asset_job(
             "yolo10m_partition_job", selection=stage_selection(("yolo10m",), PARTITIONED_STAGES),
-            partitions_def=partitions,
         ),
     }

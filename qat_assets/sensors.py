@@ -2,7 +2,7 @@
 
 from dagster import AssetKey, RunRequest, SensorEvaluationContext, SkipReason, sensor
 
-from qat_assets.gating import latest_gate
+from qat_assets.gating import latest_gate, latest_materialization_record
 from qat_assets.partitions import partition_key
 
 YOLO10M_PRETRAINED = AssetKey(["yolo10m", "pretrained_checkpoint"])
@@ -18,7 +18,7 @@ def build_yolo10m_sensor(seeds: tuple[int, ...], pretrained_job, partition_job):
         if not gate.passed:
             return SkipReason("gate not passing: " + "; ".join(gate.reasons))
         # Run keys carry the gate materialization's id: each passing gate result launches its runs once.
-        pretrained = context.instance.get_latest_materialization_event(YOLO10M_PRETRAINED)
+        pretrained = latest_materialization_record(context.instance, YOLO10M_PRETRAINED)
         if pretrained is None or pretrained.storage_id < gate.storage_id:
             return [RunRequest(run_key=f"gate-{gate.storage_id}-pretrained", job_name=pretrained_job.name)]
         return [

@@ -7,13 +7,18 @@ from qat_assets.core import layout
 from qat_assets.core.calibration import select_calibration_subset
 from qat_assets.core.coco import SubsetResult, convert_coco_subset
 from qat_assets.core.synthetic import write_synthetic_coco
+from qat_assets.metadata import clear_failures
 from qat_assets.resources import ExperimentSettings
 
 
 @asset(group_name="dataset", kinds={"python"})
 def coco_subset(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """Deterministic YOLO-format subset of COCO2017 (QAT_COCO_ROOT), or of the embedded synthetic set."""
-    settings = experiment.settings()
+    with clear_failures():
+        return _materialize_coco_subset(context, experiment.settings())
+
+
+def _materialize_coco_subset(context: AssetExecutionContext, settings) -> MaterializeResult:
     root = settings.artifact_root()
     if settings.coco_root is not None:
         coco_root, source = settings.coco_root, None
@@ -53,10 +58,11 @@ def calibration_subset(context: AssetExecutionContext, experiment: ExperimentSet
     """The QC calibration set D_c: a seeded sample of the subset's training split."""
     settings = experiment.settings()
     root = settings.artifact_root()
-    subset = SubsetResult.read(layout.subset_dir(root))
-    calibration = select_calibration_subset(
-        subset, layout.calibration_dir(root), size=settings.calibration_images, seed=settings.subset_seed
-    )
+    with clear_failures():
+        subset = SubsetResult.read(layout.subset_dir(root))
+        calibration = select_calibration_subset(
+            subset, layout.calibration_dir(root), size=settings.calibration_images, seed=settings.subset_seed
+        )
     context.log.info(f"calibration set: {calibration.images} training images")
     return MaterializeResult(
         metadata={

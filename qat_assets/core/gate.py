@@ -35,7 +35,7 @@ class GateDecision(BaseModel):
     def headline(self) -> str:
         """One line for logs, metadata and the top of the report."""
         counts = ", ".join(f"{v} {len(g.good_seeds)}/{self.min_seeds}" for v, g in self.per_variant.items())
-        verdict = "PASSED" if self.passed else "FAILED"
+        verdict = "PASSED" if self.passed else "NOT PASSED"
         return f"gate {verdict}: stable comparable {self.method} seeds {counts}"
 
     def to_dict(self) -> dict[str, Any]:

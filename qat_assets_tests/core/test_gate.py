@@ -32,7 +32,7 @@ def test_no_summaries_fails_listing_every_missing_partition():
     for missing in ("yolo10n/stability_verdict ema|0 is missing", "yolo10n/stability_verdict ema|1 is missing",
                     "yolo10s/stability_verdict ema|0 is missing", "yolo10s/stability_verdict ema|1 is missing"):
         assert missing in decision.reasons
-    assert decision.headline().startswith("gate FAILED")
+    assert decision.headline().startswith("gate NOT PASSED")
 
 
 def test_missing_partition_is_named_by_variant_and_key():

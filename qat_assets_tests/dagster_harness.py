@@ -1,0 +1,38 @@
+"""Running the real code location's assets against a temporary Dagster instance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import AssetKey, DagsterInstance
+
+from qat_assets.definitions import defs
+
+
+def key(path: str) -> AssetKey:
+    return AssetKey(path.split("/"))
+
+
+def run_assets(instance: DagsterInstance, paths: Sequence[str], partition: str | None = None):
+    """Materialize `paths` (e.g. "yolo10n/qat_checkpoint") in-process; failures are returned, not raised."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance, asset_selection=[key(p) for p in paths], partition_key=partition, raise_on_error=False
+    )
+
+
+def step_failure_messages(result) -> list[str]:
+    return [
+        event.step_failure_data.error.message + (event.step_failure_data.user_failure_data.description or "")
+        if event.step_failure_data.user_failure_data else event.step_failure_data.error.message
+        for event in result.all_events if event.is_step_failure
+    ]
+
+
+def latest_metadata(instance: DagsterInstance, path: str, partition: str | None = None) -> dict:
+    if partition is None:
+        event = instance.get_latest_materialization_event(key(path))
+    else:
+        events = instance.fetch_materializations(key(path), limit=100).records
+        event = next(e for e in events if e.asset_materialization.partition == partition)
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
