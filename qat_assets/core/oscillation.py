@@ -1,0 +1,75 @@
+"""Weight-oscillation diagnostic of Nagel et al. (ICML 2022, "Overcoming Oscillations in QAT").
+
+A weight oscillates at a step when its integer value changes in the opposite direction to its last
+non-zero change. Each weight keeps an exponential moving average of that event,
+f <- m * o + (1 - m) * f, updated at every step; a weight counts as oscillating while f > threshold.
+The fraction of oscillating weights (per layer and overall) is the diagnostic reported during QAT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat_assets.core.quantize import integer_weights, quantized_modules
+
+
+class OscillationTracker:
+    def __init__(self, momentum: float = 0.01, threshold: float = 0.005) -> None:
+        self.momentum = momentum
+        self.threshold = threshold
+        self._previous: dict[str, torch.Tensor] = {}  # last integer values
+        self._direction: dict[str, torch.Tensor] = {}  # sign of the last non-zero change (0 before any)
+        self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
+
+    def update(self, name: str, integer_weights: torch.Tensor) -> None:
+        """Record one step of one layer. The first call for a layer only sets its reference values."""
+        current = integer_weights.detach().to(torch.int32)
+        previous = self._previous.get(name)
+        if previous is None:
+            self._previous[name] = current.clone()
+            self._direction[name] = torch.zeros_like(current, dtype=torch.int8)
+            self._frequency[name] = torch.zeros(current.shape, dtype=torch.float32, device=current.device)
+            return
+        change = torch.sign(current - previous).to(torch.int8)
+        direction = self._direction[name]
+        oscillated = (change != 0) & (direction != 0) & (change != direction)
+        self._frequency[name].mul_(1.0 - self.momentum).add_(oscillated.float(), alpha=self.momentum)
+        self._direction[name] = torch.where(change != 0, change, direction)
+        self._previous[name] = current.clone()
+
+    def update_model(self, model: nn.Module) -> None:
+        for name, module in quantized_modules(model):
+            self.update(name, integer_weights(module))
+
+    def frequencies(self, name: str) -> torch.Tensor:
+        return self._frequency[name]
+
+    def per_layer(self) -> dict[str, float]:
+        """Fraction of each layer's weights whose oscillation frequency is above the threshold."""
+        return {name: (frequency > self.threshold).float().mean().item() for name, frequency in self._frequency.items()}
+
+    def oscillating_fraction(self) -> float:
+        """Fraction of all tracked weights that are oscillating (0.0 before any layer is tracked)."""
+        oscillating = sum(int((f > self.threshold).sum()) for f in self._frequency.values())
+        total = sum(f.numel() for f in self._frequency.values())
+        return oscillating / total if total else 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor | float]:
+        """Flat dict of tensors and floats, so it fits a weights_only checkpoint (resume)."""
+        state: dict[str, torch.Tensor | float] = {"momentum": self.momentum, "threshold": self.threshold}
+        for name in self._frequency:
+            state[f"previous/{name}"] = self._previous[name]
+            state[f"direction/{name}"] = self._direction[name]
+            state[f"frequency/{name}"] = self._frequency[name]
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | float]) -> None:
+        self.momentum = float(state["momentum"])
+        self.threshold = float(state["threshold"])
+        self._previous, self._direction, self._frequency = {}, {}, {}
+        tables = {"previous": self._previous, "direction": self._direction, "frequency": self._frequency}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if kind in tables:
+                tables[kind][name] = value.clone()

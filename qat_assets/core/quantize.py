@@ -1,0 +1,181 @@
+"""The W4A16 transform: per-output-channel fake-quantized conv weights (Brevitas), float activations.
+
+Every trainable `nn.Conv2d` of an Ultralytics detection model is swapped, in place, for a Brevitas
+`QuantConv2d` holding the same weights and bias, so the transformed model equals the float model up to
+quantization error. Weights are symmetric, narrow-range integers with one scale per output channel;
+inputs, outputs and biases stay float. The first conv and the detection-head output convs can be kept at
+8 bit (the usual QAT recipe). The DFL conv is never quantized: it holds the fixed integral 0..15 and is
+not trained, and quantizing it costs a lot of mAP (see research.md).
+
+Learned scales are LSQ-style: a trainable per-channel scale parameter, initialised from the max-abs of
+the copied float weights during the transform (so it is in the state dict from the start and a freshly
+transformed model loads a saved one strictly). Statistics-based scales are recomputed from the latent
+weights on every forward and have no state of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+from brevitas.inject.enum import ScalingImplType
+from brevitas.nn import QuantConv2d
+from brevitas.quant import Int8WeightPerChannelFloat
+from torch import nn
+
+DFL_REASON = "fixed DFL integral, not trained"
+FIRST_CONV_REASON = "first conv kept at 8 bit"
+HEAD_OUTPUT_REASON = "detection-head output conv kept at 8 bit"
+BODY_REASON = "weight-only fake quantization"
+HEAD_BRANCHES = ("cv2", "cv3", "one2one_cv2", "one2one_cv3")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    weight_bit_width: int = 4
+    keep_first_last_8bit: bool = True
+    learned_scales: bool = True
+
+
+@dataclass
+class LayerQuantization:
+    name: str
+    bit_width: int | None  # None: left in float
+    reason: str
+    out_channels: int
+
+
+@dataclass
+class QuantizationReport:
+    options: QuantOptions
+    layers: list[LayerQuantization] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of convs per precision, e.g. {"w4": 80, "w8": 13, "float": 1}."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            key = "float" if layer.bit_width is None else f"w{layer.bit_width}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_rows(self) -> list[dict]:
+        return [asdict(layer) for layer in self.layers]
+
+    def to_dict(self) -> dict:
+        return {"options": asdict(self.options), "layers": self.to_rows()}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> QuantizationReport:
+        return cls(
+            options=QuantOptions(**payload["options"]),
+            layers=[LayerQuantization(**row) for row in payload["layers"]],
+        )
+
+
+def weight_quantizer(bit_width: int, learned_scales: bool):
+    """Brevitas injector: narrow-range signed int, per-output-channel float scale from max-abs stats."""
+    scaling = ScalingImplType.PARAMETER_FROM_STATS if learned_scales else ScalingImplType.STATS
+    return Int8WeightPerChannelFloat.let(bit_width=bit_width, scaling_impl_type=scaling)
+
+
+def _precision_plan(model: nn.Module, options: QuantOptions) -> dict[int, tuple[int | None, str]]:
+    """Map id(conv) -> (bit width or None, reason) for the convs that do not get the default bit width."""
+    plan: dict[int, tuple[int | None, str]] = {}
+    head = model.model[-1]
+    if options.keep_first_last_8bit:
+        first_conv = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+        plan[id(first_conv)] = (8, FIRST_CONV_REASON)
+        for branch_name in HEAD_BRANCHES:
+            for branch in getattr(head, branch_name, ()):
+                plan[id(branch[-1])] = (8, HEAD_OUTPUT_REASON)
+    if hasattr(head, "dfl"):
+        plan[id(head.dfl.conv)] = (None, DFL_REASON)
+    return plan
+
+
+def _quant_conv_like(conv: nn.Conv2d, bit_width: int, learned_scales: bool) -> QuantConv2d:
+    quant_conv = QuantConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        weight_quant=weight_quantizer(bit_width, learned_scales),
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        quant_conv.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            quant_conv.bias.copy_(conv.bias)
+        # Initialise a learned scale from these weights now rather than on the first training forward,
+        # so the scale is part of the state dict immediately.
+        quant_conv.quant_weight()
+    return quant_conv
+
+
+def quantize_w4a16(model: nn.Module, options: QuantOptions) -> QuantizationReport:
+    """Swap every trainable conv of an Ultralytics detection model for a fake-quantized one, in place."""
+    plan = _precision_plan(model, options)
+    report = QuantizationReport(options=options)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        bit_width, reason = plan.get(id(module), (options.weight_bit_width, BODY_REASON))
+        if not module.weight.requires_grad and bit_width is not None:
+            bit_width, reason = None, "frozen weights, not trained"
+        report.layers.append(LayerQuantization(name, bit_width, reason, module.out_channels))
+        if bit_width is not None:
+            _replace_module(model, name, _quant_conv_like(module, bit_width, options.learned_scales))
+    return report
+
+
+def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, replacement)
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantConv2d)]
+
+
+@torch.no_grad()
+def integer_weights(module: QuantConv2d) -> torch.Tensor:
+    """The integer codes of a quantized conv's weights under its current scales."""
+    return module.quant_weight().int()
+
+
+@torch.no_grad()
+def freeze_quantized_weights(model: nn.Module) -> nn.Module:
+    """Deep copy of `model` with every QuantConv2d replaced by a plain conv holding its fake-quantized weights.
+
+    Same outputs, none of the per-forward quantizer work: for evaluation and QC, where weights do not change.
+    Plain convs also survive Ultralytics' conv+BN fusing, which would silently drop a QuantConv2d's quantizer.
+    """
+    frozen = copy.deepcopy(model)
+    for name, module in quantized_modules(frozen):
+        conv = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        conv.weight.copy_(module.quant_weight().value)
+        if module.bias is not None:
+            conv.bias.copy_(module.bias)
+        conv.requires_grad_(module.weight.requires_grad)
+        conv.train(module.training)
+        _replace_module(frozen, name, conv)
+    return frozen
