@@ -1,0 +1,74 @@
+"""The QC stage of one (variant, method, seed): QAT EMA weights in, folded `qc_checkpoint.pt` out.
+
+Evaluation before and after uses exactly the QAT evaluation settings, on frozen copies (the quantized
+weights computed once), so the delta is QC's effect alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .artifacts import load_checkpoint, read_sidecar, save_checkpoint
+from .evaluate import evaluate_model, evaluation_settings, resolve_device
+from .models import build_detection_model
+from .qat import quant_options
+from .qc import QCConfig, run_qc
+from .quantize import freeze_quantized_weights, quantize_w4a16
+from .requests import QCRequest
+
+CHECKPOINT_NAME = "qc_checkpoint.pt"
+
+
+def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
+    settings = request.settings
+    device = resolve_device(settings.device)
+    label = f"{request.variant} {request.method}|{request.seed}"
+    started = time.time()
+    qat = read_sidecar(request.qat_checkpoint)
+    checkpoint = request.out_dir / CHECKPOINT_NAME
+    if qat.get("diverged_at_epoch"):
+        reason = f"QAT diverged at epoch {qat['diverged_at_epoch']}; there is no finished model to correct"
+        log(f"{label}: QC skipped: {reason}")
+        save_checkpoint(checkpoint, {}, {"skipped": reason, "variant": request.variant, "seconds": 0.0})
+        return {"skipped": reason}
+
+    model = build_detection_model(request.variant, qat["names"])
+    quantize_w4a16(model, quant_options(settings))
+    # QC starts from the EMA weights: the copy the paper evaluates (for `baseline` it equals the live model).
+    model.load_state_dict(load_checkpoint(request.qat_checkpoint, request.qat_sha256)["ema"])
+    model.to(device).eval()
+
+    def evaluate(which):
+        return evaluate_model(
+            freeze_quantized_weights(which), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
+            device=device, work_dir=request.out_dir / "eval",
+        )
+
+    before = evaluate(model)
+    log(f"{label}: before QC mAP50-95 {before['map50_95']:.4f}")
+    config = QCConfig(
+        batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
+        workers=0,
+    )
+    model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"))
+    after = evaluate(model)
+    delta = after["map50_95"] - before["map50_95"]
+    log(f"{label}: after QC mAP50-95 {after['map50_95']:.4f} ({delta:+.4f})")
+    sidecar = {
+        "variant": request.variant, "method": request.method, "seed": request.seed, "names": qat["names"],
+        "map50_95_before": before["map50_95"], "map50_95_after": after["map50_95"],
+        "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
+        "max_fold_rel_diff": report["fold_max_relative_difference"],
+        "qc_settings": {
+            "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": "Adam",
+            "calibration_images": report["images"] // max(config.epochs, 1), "steps": report["steps"],
+            "loss_before": report["loss_before"], "loss_after": report["loss_after"],
+            "calibration_fingerprint": request.calibration_fingerprint,
+        },
+        "layer_stats": report["corrections"], "evaluation": evaluation_settings(settings.imgsz, settings.batch),
+        "qat_sha256": request.qat_sha256, "settings": settings.model_dump(mode="json"), "device": device,
+        "seconds": time.time() - started,
+    }
+    digest = save_checkpoint(checkpoint, {"model": model.float().state_dict()}, sidecar)
+    return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}

@@ -1,0 +1,43 @@
+"""The real heavy stages through Dagster and dagster-pipes workers, at the smoke profile (seconds each)."""
+
+import torch
+
+from qat_assets.core import layout
+from qat_assets.core.artifacts import sha256_file
+from qat_assets.core.summary import RunSummary
+from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
+
+
+def test_one_partition_goes_from_data_to_verdict(storage, instance):
+    assert run_assets(instance, ["coco_subset", "calibration_subset", "yolo10n/pretrained_checkpoint"]).success
+    pretrained = latest_metadata(instance, "yolo10n/pretrained_checkpoint")
+    assert pretrained["source"] == "trained-here" and "mAP50-95(B)" in pretrained
+    assert pretrained["sha256"] == sha256_file(layout.pretrained_dir(storage, "yolo10n") / "pretrained.pt")
+
+    result = run_assets(
+        instance, ["yolo10n/qat_checkpoint", "yolo10n/qc_checkpoint", "yolo10n/stability_verdict"], "ema|0"
+    )
+    assert result.success, step_failure_messages(result)
+
+    qat = latest_metadata(instance, "yolo10n/qat_checkpoint", "ema|0")
+    assert qat["status"] == "2/2 epochs" and qat["partition"] == "ema|0"
+    assert [row.data["epoch"] for row in qat["history"].records] == [0, 1, 2]  # epoch 0 is the PTQ model
+    assert qat["quantization_counts"]["float"] == 1  # the DFL conv
+    state = torch.load(qat["checkpoint"], weights_only=True)
+    assert set(state) == {"model", "ema"}
+
+    qc = latest_metadata(instance, "yolo10n/qc_checkpoint", "ema|0")
+    assert qc["max_fold_rel_diff"] < 1e-4
+    folded = torch.load(qc["checkpoint"], weights_only=True)["model"]
+    assert not any("gamma" in name or "beta" in name for name in folded)  # no QC modules left
+
+    summary = RunSummary.read(layout.run_dir(storage, "yolo10n", "stability_verdict", "ema", 0) / "run_summary.json")
+    assert summary.planned_epochs == 2 and len(summary.history) == 3
+    assert summary.qc is not None and summary.qc.map50_95_before == qc["map50_95_before"]
+    verdict = latest_metadata(instance, "yolo10n/stability_verdict", "ema|0")
+    assert verdict["qat_status"] in {"completed-success", "completed-failed"}
+
+    # Each epoch's progress reached the run's log from the worker, as it happened.
+    messages = [record.event_log_entry.user_message for record in instance.get_records_for_run(result.run_id).records]
+    assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)
+    assert any("after QC mAP50-95" in m for m in messages)
