@@ -15,12 +15,14 @@ change. Afterwards the corrections are folded away, so the corrected model costs
   positive), and the bias becomes gamma*b + beta.
 
 Speed: QC trains a few thousand numbers, so it runs on `freeze_quantized_weights(model)` (plain convs
-holding the already fake-quantized weights, no quantizer work per forward) with gradients switched off
-for everything but gamma and beta; the learned values are then folded into the real quantized model.
+holding the already fake-quantized weights, no quantizer work per forward), with each frozen BN absorbed
+into its correction (one elementwise pass instead of two) and gradients switched off for everything but
+gamma and beta; the learned values are then folded into the real quantized model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -46,17 +48,39 @@ class QCConfig:
 
 
 class ChannelCorrection(nn.Module):
-    """A conv followed by the QC affine: gamma * conv(x) + beta, one gamma and beta per output channel."""
+    """A conv followed by the QC affine: gamma * conv(x) + beta, one gamma and beta per output channel.
 
-    def __init__(self, conv: nn.Conv2d):
+    Given the conv's following BN (frozen, so just a per-channel affine z -> a*z + c), the wrapper takes
+    that BN over for speed: it holds the conv with the BN fused in, f = a*h + c, and returns
+    BN(gamma*h + beta) = gamma*f + a*beta + (1 - gamma)*c, one elementwise pass instead of two. gamma and
+    beta keep their meaning either way, so learned values fold the same way.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
         super().__init__()
-        self.conv = conv
         weight = conv.weight
         self.gamma = nn.Parameter(torch.ones(conv.out_channels, device=weight.device, dtype=weight.dtype))
         self.beta = nn.Parameter(torch.zeros(conv.out_channels, device=weight.device, dtype=weight.dtype))
+        self.absorbed_bn = bn is not None
+        if bn is None:
+            self.conv = conv
+            return
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            fused = copy.deepcopy(conv)
+            fused.weight.mul_(scale.view(-1, 1, 1, 1))
+            fused.bias = nn.Parameter(shift + scale * (conv.bias if conv.bias is not None else 0),
+                                      requires_grad=False)
+        self.conv = fused
+        self.register_buffer("bn_scale", scale.detach().clone())
+        self.register_buffer("bn_shift", shift.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.beta.view(1, -1, 1, 1), self.conv(x), self.gamma.view(1, -1, 1, 1))
+        shift = self.beta
+        if self.absorbed_bn:
+            shift = torch.addcmul(self.bn_shift * (1 - self.gamma), self.bn_scale, self.beta)
+        return torch.addcmul(shift.view(1, -1, 1, 1), self.conv(x), self.gamma.view(1, -1, 1, 1))
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -69,11 +93,15 @@ def _dfl_conv(model: nn.Module) -> nn.Module | None:
     return getattr(dfl, "conv", None)
 
 
-def insert_corrections(model: nn.Module, layer_names: Sequence[str] | None = None) -> list[str]:
+def insert_corrections(
+    model: nn.Module, layer_names: Sequence[str] | None = None, absorb_bn: bool = False
+) -> list[str]:
     """Wrap each named conv (default: every quantized conv) in a `ChannelCorrection`, in place.
 
     Pass `layer_names` for a frozen copy (`freeze_quantized_weights`), whose convs are plain: use the
-    names of the quantized model it was made from. Returns the names of the wrapped layers.
+    names of the quantized model it was made from. `absorb_bn` lets each wrapper take over the frozen BN
+    that follows its conv (replaced by an identity): the fast form for training, see `correction_trainee`.
+    Returns the names of the wrapped layers.
     """
     names = list(layer_names) if layer_names is not None else [name for name, _ in quantized_modules(model)]
     if not names:
@@ -86,8 +114,23 @@ def insert_corrections(model: nn.Module, layer_names: Sequence[str] | None = Non
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{name} is a {type(conv).__name__}, not a conv (already corrected?)")
         parent_name, child_name = _split_name(name)
-        setattr(model.get_submodule(parent_name), child_name, ChannelCorrection(conv))
+        parent = model.get_submodule(parent_name)
+        bn = _following_bn(model, name) if absorb_bn else None
+        setattr(parent, child_name, ChannelCorrection(conv, bn))
+        if bn is not None:
+            parent.bn = nn.Identity()
     return names
+
+
+def correction_trainee(quantized_model: nn.Module) -> nn.Module:
+    """The copy QC trains: quantized weights frozen into plain convs, BNs absorbed, corrections at identity.
+
+    Nothing in it re-quantizes weights, and only gamma/beta are meant to train; its learned corrections
+    (`learned_corrections`) fold into `quantized_model` under the same layer names.
+    """
+    trainee = freeze_quantized_weights(quantized_model)
+    insert_corrections(trainee, [name for name, _ in quantized_modules(quantized_model)], absorb_bn=True)
+    return trainee
 
 
 def corrected_layers(model: nn.Module) -> list[tuple[str, ChannelCorrection]]:
@@ -173,6 +216,9 @@ def fold_corrections(model: nn.Module, corrections: Corrections | None = None) -
     the same names, which must not be wrapped.
     """
     if corrections is None:
+        if any(module.absorbed_bn for _, module in corrected_layers(model)):
+            raise ValueError("this model's corrections absorbed their BNs (a QC trainee): fold its "
+                             "learned_corrections into the quantized model it was made from instead")
         corrections = learned_corrections(model)
         for name, module in corrected_layers(model):
             parent_name, child_name = _split_name(name)
@@ -281,35 +327,47 @@ def calibration_loss(model: nn.Module, dataloader: Iterable, device: str) -> flo
     return total / max(images, 1)
 
 
+def prepare_correction_training(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Gradients on gamma/beta only, the QAT task loss attached, BN frozen; returns Adam over gamma/beta."""
+    params = correction_parameters(model)
+    if not params:
+        raise ValueError("the model has no corrections; call insert_corrections first")
+    _freeze_all_but_corrections(model)
+    attach_task_loss(model)
+    _train_mode_with_frozen_bn(model)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def correction_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
+    """One Adam step on gamma/beta for a preprocessed batch; returns the batch's task loss before the step."""
+    loss, _ = model.loss(batch)
+    loss = loss.sum()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"QC loss is {value}; the corrections diverged")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value
+
+
 def train_corrections(
     model: nn.Module, dataloader: Iterable, config: QCConfig, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Adam on gamma/beta only, `config.epochs` passes over the calibration set; returns loss and timing."""
-    params = correction_parameters(model)
-    if not params:
-        raise ValueError("the model has no corrections; call insert_corrections first")
     device = torch.device(config.device)
     model.to(device)
-    _freeze_all_but_corrections(model)
-    attach_task_loss(model)
+    optimizer = prepare_correction_training(model, config.lr)
     loss_before = calibration_loss(model, dataloader, config.device)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    _train_mode_with_frozen_bn(model)
     steps, images, started = 0, 0, time.perf_counter()
     for epoch in range(config.epochs):
         for batch in dataloader:
             batch = _to_device(batch, device)
-            loss, _ = model.loss(batch)
-            loss = loss.sum()
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"QC loss is {float(loss.detach())} at step {steps}; corrections diverged")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            last_loss = correction_step(model, batch, optimizer)
             steps += 1
             images += batch["img"].shape[0]
         if log is not None:
-            log(f"QC epoch {epoch + 1}/{config.epochs}: {steps} steps, last batch loss {float(loss.detach()):.4f}")
+            log(f"QC epoch {epoch + 1}/{config.epochs}: {steps} steps, last batch loss {last_loss:.4f}")
     train_seconds = time.perf_counter() - started
     loss_after = calibration_loss(model, dataloader, config.device)
     return {
@@ -321,7 +379,7 @@ def train_corrections(
         "lr": config.lr,
         "train_seconds": train_seconds,
         "seconds_per_image": train_seconds / max(images, 1),
-        "parameters": sum(p.numel() for p in params),
+        "parameters": sum(p.numel() for p in optimizer.param_groups[0]["params"]),
     }
 
 
@@ -337,9 +395,7 @@ def run_qc(
     Trains the corrections on a frozen copy, folds the learned values into `quantized_model`, and checks
     on a calibration batch that the folded quantized model reproduces the corrected frozen copy.
     """
-    names = [name for name, _ in quantized_modules(quantized_model)]
-    trainee = freeze_quantized_weights(quantized_model)
-    insert_corrections(trainee, names)
+    trainee = correction_trainee(quantized_model)
     loader = build_calibration_loader(data_yaml, trainee, config)
     training = train_corrections(trainee, loader, config, log=log)
     corrections = learned_corrections(trainee)
@@ -353,7 +409,7 @@ def run_qc(
         )
     report = {
         **training,
-        "layers": len(names),
+        "layers": len(corrections),
         "fold_max_relative_difference": difference,
         "corrections": correction_stats(corrections),
     }

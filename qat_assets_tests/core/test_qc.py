@@ -20,6 +20,7 @@ from qat_assets.core.qc import (
     calibration_loss,
     correction_parameters,
     correction_stats,
+    correction_trainee,
     corrected_layers,
     fold_corrections,
     fold_equivalence,
@@ -144,8 +145,7 @@ def test_identity_init_leaves_outputs_unchanged(model):
 
 def test_training_changes_only_gamma_and_beta(model, calibration_yaml):
     names = [name for name, _ in quantized_modules(model)]
-    trainee = freeze_quantized_weights(model)
-    insert_corrections(trainee, names)
+    trainee = correction_trainee(model)
     before = {k: v.clone() for k, v in trainee.state_dict().items()}
     loader = build_calibration_loader(calibration_yaml, trainee, config())
     result = train_corrections(trainee, loader, config(lr=1e-2))
@@ -157,8 +157,8 @@ def test_training_changes_only_gamma_and_beta(model, calibration_yaml):
     # A few one-to-one box branches get no assigned target on six images, hence no gradient.
     assert len(changed) > 0.8 * len(corrections)
     frozen_keys = set(before) - corrections
-    assert any("running_mean" in k for k in frozen_keys)
-    for key in frozen_keys:  # weights, BN affines and running stats, num_batches_tracked
+    assert any("bn_scale" in k for k in frozen_keys)
+    for key in frozen_keys:  # frozen weights and the absorbed BNs' affines
         assert torch.equal(before[key], after[key]), key
     # No weight gradients were ever computed.
     assert all(p.grad is None for n, p in trainee.named_parameters() if not n.endswith((".gamma", ".beta")))
@@ -185,6 +185,21 @@ def test_fold_matches_unfolded_model_with_random_corrections(model):
     # Folding values learned on a frozen copy into the real quantized model gives the same result.
     into_quantized = fold_corrections(copy.deepcopy(model), learned_corrections(unfolded))
     assert fold_equivalence(unfolded, into_quantized, images()) < 1e-4
+
+
+def test_trainee_with_absorbed_bns_computes_the_corrected_model(model):
+    corrected = freeze_quantized_weights(model)
+    insert_corrections(corrected, [name for name, _ in quantized_modules(model)])
+    randomize_corrections(corrected)
+    trainee = correction_trainee(model)
+    assert all(layer.absorbed_bn == name.endswith(".conv") for name, layer in corrected_layers(trainee))
+    with torch.no_grad():
+        for name, (gamma, beta) in learned_corrections(corrected).items():
+            trainee.get_submodule(name).gamma.copy_(gamma)
+            trainee.get_submodule(name).beta.copy_(beta)
+    assert fold_equivalence(corrected, trainee, images()) < 1e-4
+    with pytest.raises(ValueError, match="absorbed"):
+        fold_corrections(trainee)
 
 
 def test_fold_refuses_non_positive_gamma_on_a_conv_without_bn(model):
