@@ -22,6 +22,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 from qat_assets.core.quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16  # noqa: E402
+from qat_assets.core.qc import correction_step, correction_trainee, prepare_correction_training  # noqa: E402
 
 
 def synthetic_batch(batch: int, imgsz: int, boxes_per_image: int = 4, nc: int = 3) -> dict[str, torch.Tensor]:
@@ -53,6 +54,17 @@ def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         loss, _ = model.loss(batch)
         loss.sum().backward()
         optimizer.step()
+
+    return step
+
+
+def qc_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """One QC step as `run_qc` takes it: Adam on gamma/beta of the frozen trainee, BNs absorbed."""
+    trainee = correction_trainee(model)
+    optimizer = prepare_correction_training(trainee, lr=1e-4)
+
+    def step() -> None:
+        correction_step(trainee, batch, optimizer)
 
     return step
 
@@ -89,6 +101,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--statistics-scales", action="store_true", help="max-abs scales instead of learned ones")
+    parser.add_argument("--qc", action="store_true", help="also time a QC step against the QAT step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -126,6 +139,15 @@ def main() -> None:
         goal = "" if name == "fp" else ">= 0.90"
         print(f"{'eval ' + name:<28}{throughput:>10.1f} img/s{throughput / fp_throughput:>10.2f}{goal:>10}")
 
+
+    if args.qc:
+        # Interleaved with QAT steps on the same model and batch, so the ratio survives a loaded machine.
+        qc = interleaved_medians(
+            {"qat": train_step_fn(quant_model, batch), "qc": qc_step_fn(quant_model, batch)}, args.warmup, args.steps
+        )
+        print(f"{'measurement':<28}{'value':>14}{'vs QAT':>10}{'goal':>10}")
+        print(f"{'train step W4A16 QAT':<28}{qc['qat']:>12.3f} s{1.0:>10.2f}")
+        print(f"{'QC step (gamma/beta only)':<28}{qc['qc']:>12.3f} s{qc['qc'] / qc['qat']:>10.2f}{'<= 0.50':>10}")
 
 if __name__ == "__main__":
     main()
