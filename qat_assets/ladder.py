@@ -34,15 +34,15 @@ RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def foundation_job():
-    return defs.get_job_def("foundation_job")
+    return defs.resolve_job_def("foundation_job")
 
 
 def validation_partition_job():
-    return defs.get_job_def("validation_partition_job")
+    return defs.resolve_job_def("validation_partition_job")
 
 
 def decision_job():
-    return defs.get_job_def("decision_job")
+    return defs.resolve_job_def("decision_job")
 
 
 def prepare_instance_home() -> Path:
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             title = f"[{index}/{len(plan)}] {label}" + (f" {key}" if key else "")
             print(f"\n=== {title}", flush=True)
             run_started = time.time()
+            tags = {"qat-ladder": "true", **({"dagster/partition": key} if key else {})}
             result = execute_job(
-                reconstructable(job), instance=instance, partition_key=key, run_config=RUN_CONFIG, raise_on_error=False,
-                tags={"qat-ladder": "true"},
+                reconstructable(job), instance=instance, run_config=RUN_CONFIG, raise_on_error=False, tags=tags
             )
             heavy += worker_seconds(instance, result.run_id)
             status = "ok" if result.success else "FAILED"

@@ -110,9 +110,17 @@ class ResumableTrainer(DetectionTrainer):
             raise TrainingDiverged(self.epoch + 1, "the training loss")
 
     def optimizer_step(self) -> None:
+        self._check_loss_finite()  # before the step, so a NaN never reaches the weights or the EMA
         super().optimizer_step()
-        if self.after_optimizer_step is not None:
-            self.after_optimizer_step(unwrap_model(self.model))
+        if self.after_optimizer_step is None:
+            return
+        model = unwrap_model(self.model)
+        try:
+            self.after_optimizer_step(model)
+        except RuntimeError:
+            if all(torch.isfinite(p).all() for p in model.parameters()):
+                raise
+            raise TrainingDiverged(self.epoch + 1, "the weights") from None
 
     def validate(self):
         if self.validation_model is None:
