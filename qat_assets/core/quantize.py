@@ -121,6 +121,8 @@ def _quant_conv_like(conv: nn.Conv2d, bit_width: int, learned_scales: bool) -> Q
 
 def quantize_w4a16(model: nn.Module, options: QuantOptions) -> QuantizationReport:
     """Swap every trainable conv of an Ultralytics detection model for a fake-quantized one, in place."""
+    if quantized_modules(model):
+        raise ValueError("model is already quantized; build a fresh float model to transform")
     plan = _precision_plan(model, options)
     report = QuantizationReport(options=options)
     for name, module in list(model.named_modules()):

@@ -90,6 +90,8 @@ def test_modules_match_the_report_and_dfl_stays_float(float_and_quantized):
     dfl_conv = quantized.model[-1].dfl.conv
     assert type(dfl_conv) is nn.Conv2d and not dfl_conv.weight.requires_grad
     assert torch.equal(dfl_conv.weight.flatten(), torch.arange(16, dtype=torch.float32))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_w4a16(quantized, QuantOptions())
 
 
 def test_all_convs_at_four_bit_without_first_last_exception():
