@@ -67,13 +67,14 @@ def read_user_checkpoint(path: Path, variant: str, names: list[str], on_class_mi
             f"{yaml.get('scale')!r}), not a YOLOv10 {variant}; put the matching yolov10{variant[-1]}.pt there"
         )
     model = build_detection_model(variant, names)
-    if int(loaded.nc) == len(names):
+    classes = int(loaded.model[-1].nc)
+    if classes == len(names):
         model.load_state_dict(loaded.float().state_dict())
-        return model, {"head": "kept", "checkpoint_classes": int(loaded.nc), "dataset_classes": len(names)}
+        return model, {"head": "kept", "checkpoint_classes": classes, "dataset_classes": len(names)}
     if on_class_mismatch == "fail":
         raise CheckpointError(
-            f"{path} predicts {loaded.nc} classes but the dataset has {len(names)}; use a dataset with the "
+            f"{path} predicts {classes} classes but the dataset has {len(names)}; use a dataset with the "
             "same classes, or set QAT_ON_CLASS_MISMATCH=reinit_head to re-initialise the head and fine-tune"
         )
     model.load(loaded.float(), verbose=False)  # copies every tensor whose name and shape match
-    return model, {"head": "re-initialised", "checkpoint_classes": int(loaded.nc), "dataset_classes": len(names)}
+    return model, {"head": "re-initialised", "checkpoint_classes": classes, "dataset_classes": len(names)}
