@@ -202,7 +202,9 @@ def _fold_into_conv(conv: nn.Conv2d, gamma: torch.Tensor, beta: torch.Tensor, na
         scaling = conv.weight_quant.tensor_quant.scaling_impl
         value = getattr(scaling, "value", None)
         if isinstance(value, nn.Parameter):
-            value.mul_(gamma.view(value.shape) if value.numel() == gamma.numel() else gamma)
+            if value.numel() != gamma.numel():
+                raise ValueError(f"{name}: a per-tensor weight scale cannot absorb a per-channel correction")
+            value.mul_(gamma.view(value.shape))
     if conv.bias is None:
         conv.bias = nn.Parameter(torch.zeros_like(beta), requires_grad=False)
     conv.bias.copy_(gamma * conv.bias + beta)
@@ -238,13 +240,14 @@ def fold_corrections(model: nn.Module, corrections: Corrections | None = None) -
 
 def _raw_predictions(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The head's undecoded box and class outputs (every branch), in eval mode."""
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # restored exactly (e.g. frozen BNs)
     model.eval()
     try:
         with torch.no_grad():
             output = model(images)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     preds = output[1] if isinstance(output, tuple) else output
     branches = preds.values() if "one2one" in preds else [preds]
     return [branch[key] for branch in branches for key in ("boxes", "scores")]
