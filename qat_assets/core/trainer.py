@@ -8,6 +8,7 @@ What the subclass changes, and why:
 - validation can run on a frozen copy of the EMA model (quantized weights computed once, not on every
   forward);
 - a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
+- learned quantizer scales get no weight decay;
 - each finished epoch is reported through `on_epoch` as a plain dict.
 """
 
@@ -104,6 +105,17 @@ class ResumableTrainer(DetectionTrainer):
         self.start_epoch = int(state["epoch"])
         self.best_fitness = state.get("best_fitness")
         self.scheduler.last_epoch = self.start_epoch - 1
+
+    def build_optimizer(self, model, *args, **kwargs):
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        # Learned quantizer scales are step sizes, not weights: weight decay would shrink the grid.
+        scales = {id(p) for name, p in unwrap_model(model).named_parameters() if "scaling_impl" in name}
+        groups = {group.get("param_group"): group for group in optimizer.param_groups}
+        if scales and "weight" in groups and "bn" in groups:
+            moved = [p for p in groups["weight"]["params"] if id(p) in scales]
+            groups["weight"]["params"] = [p for p in groups["weight"]["params"] if id(p) not in scales]
+            groups["bn"]["params"] = list(groups["bn"]["params"]) + moved
+        return optimizer
 
     def _check_loss_finite(self) -> None:
         if self.loss is not None and not torch.isfinite(self.loss).all():

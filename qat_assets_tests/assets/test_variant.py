@@ -1,5 +1,11 @@
 """The real heavy stages through Dagster and dagster-pipes workers, at the smoke profile (seconds each)."""
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import torch
 
 from qat_assets.core import layout
@@ -41,3 +47,37 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
     messages = [record.event_log_entry.user_message for record in instance.get_records_for_run(result.run_id).records]
     assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)
     assert any("after QC mAP50-95" in m for m in messages)
+
+
+def kill_worker_when_it_logs(log_file: Path, text: str, timeout: float = 300.0) -> threading.Thread:
+    """SIGKILL the worker process whose log gets `text` (as the OOM killer would)."""
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if log_file.is_file() and text in log_file.read_text(errors="replace"):
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    except OSError:  # the process ended meanwhile
+                        continue
+                    if b"qat_assets.worker" in cmdline and str(log_file).encode() in cmdline:
+                        os.kill(int(pid), signal.SIGKILL)
+                        return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_worker_fails_its_step_with_exit_status_and_log_tail(storage, instance):
+    assert run_assets(instance, ["coco_subset", "calibration_subset", "yolo10n/pretrained_checkpoint"]).success
+    log_file = layout.run_dir(storage, "yolo10n", "qat_checkpoint", "baseline", 1) / "qat_worker.log"
+    watcher = kill_worker_when_it_logs(log_file, "fresh start")
+    result = run_assets(instance, ["yolo10n/qat_checkpoint"], "baseline|1")
+    watcher.join(timeout=5)
+    assert not result.success
+    (message,) = step_failure_messages(result)
+    assert "the qat worker died" in message and "code -9" in message
+    assert "fresh start" in message  # the last lines of its log
