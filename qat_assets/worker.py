@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError")
+EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError", "TrainingDiverged")
 
 
 def step_runner(step: str) -> tuple[type, Callable[[Any, Callable[[str], None]], dict]]:

@@ -31,6 +31,10 @@ class OscillationTracker:
             self._direction[name] = torch.zeros_like(current, dtype=torch.int8)
             self._frequency[name] = torch.zeros(current.shape, dtype=torch.float32, device=current.device)
             return
+        if previous.device != current.device:  # state resumed from a CPU-mapped checkpoint
+            for table in (self._previous, self._direction, self._frequency):
+                table[name] = table[name].to(current.device)
+            previous = self._previous[name]
         change = torch.sign(current - previous).to(torch.int8)
         direction = self._direction[name]
         oscillated = (change != 0) & (direction != 0) & (change != direction)

@@ -12,7 +12,7 @@ from .artifacts import save_checkpoint
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model, read_user_checkpoint, variant_yaml
 from .requests import PretrainRequest
-from .settings import Settings
+from .settings import PRETRAIN_FIELDS, Settings
 from .trainer import ResumableTrainer, ema_schedule, load_resume_state
 
 CHECKPOINT_NAME = "pretrained.pt"
@@ -59,14 +59,15 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     history: list[dict] = []
     if epochs:
         fingerprint = hashlib.sha256(
-            f"{request.dataset_fingerprint}|{settings.training_profile_fingerprint()}|{source}|{request.variant}".encode()
+            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}".encode()
         ).hexdigest()[:16]
         state, history, note = load_resume_state(run_dir, fingerprint, epochs)
         log(f"{request.variant} pretraining: {note}")
         if state is not None and int(state["epoch"]) >= epochs:
             model.load_state_dict(state["ema"])
         else:
-            total_updates = epochs * -(-request.train_images // settings.batch)
+            batches_per_epoch = -(-request.train_images // settings.batch)
+            accumulate = max(round(64 / settings.batch), 1)  # Ultralytics' nominal batch size is 64
             trainer = ResumableTrainer(
                 model=model,
                 overrides={
@@ -74,7 +75,8 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                     "lr0": settings.pretrain_lr,
                 },
                 run_dir=run_dir,
-                ema=ema_schedule(0.9999, 2000.0, total_updates),  # Ultralytics' own FP defaults
+                # Ultralytics' FP defaults (0.9999, tau 2000), with the window floor that lets short runs average.
+                ema=ema_schedule(0.9999, 2000.0, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate),
                 on_epoch=lambda record: log(f"{request.variant} pretrain {describe_epoch(record)}"),
                 state_fingerprint=fingerprint,
                 resume_state=state,

@@ -19,7 +19,7 @@ from .oscillation import OscillationTracker
 from .pretrain import describe_epoch, trainer_overrides
 from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
-from .settings import Settings
+from .settings import QAT_FIELDS, Settings
 from .trainer import HISTORY_FILE, ResumableTrainer, TrainingDiverged, ema_schedule, load_resume_state
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
@@ -36,7 +36,7 @@ def quant_options(settings: Settings) -> QuantOptions:
 def run_fingerprint(request: QATRequest) -> str:
     """What a saved training state must match to be resumed: same inputs, settings, method and seed."""
     parts = (
-        request.pretrained_sha256, request.dataset_fingerprint, request.settings.training_profile_fingerprint(),
+        request.pretrained_sha256, request.dataset_fingerprint, request.settings.fingerprint_of(QAT_FIELDS),
         request.method, str(request.seed),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -66,13 +66,17 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         log(f"{label}: PTQ (epoch 0) mAP50-95 {ptq['map50_95']:.4f} vs FP {pretrained['metrics']['map50_95']:.4f}")
 
     batches_per_epoch = -(-request.train_images // settings.batch)
-    ema = ema_schedule(settings.ema_decay if request.method == "ema" else 0.0, settings.ema_tau, epochs * batches_per_epoch)
+    ema = ema_schedule(
+        settings.ema_decay if request.method == "ema" else 0.0, settings.ema_tau, epochs * batches_per_epoch,
+        batches_per_epoch,
+    )
     oscillation = OscillationTracker(settings.oscillation_momentum, settings.oscillation_threshold)
     if state is not None and "oscillation" in state:
         oscillation.load_state_dict(state["oscillation"])
 
     diverged_at = None
     final_state = state
+    ptq_start = {k: v.detach().clone() for k, v in model.state_dict().items()}  # training updates `model` in place
     if state is None or int(state["epoch"]) < epochs:
         trainer = ResumableTrainer(
             model=model,
@@ -104,7 +108,7 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         final_state = {"model": trainer.model.state_dict(), "ema": trainer.ema.ema.state_dict()} if diverged_at is None else None
     if final_state is None:  # diverged: the last completed epoch, or the PTQ start if none completed
         final_state, _, _ = load_resume_state(run_dir, fingerprint, epochs)
-        final_state = final_state or {"model": model.state_dict(), "ema": model.state_dict()}
+        final_state = final_state or {"model": ptq_start, "ema": ptq_start}
 
     trained = [h for h in history if h["epoch"] > 0]
     sidecar = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,10 @@ ProfileName = Literal["smoke", "embedded", "coco"]
 VARIANTS = ("yolo10n", "yolo10s", "yolo10m")
 VALIDATION_VARIANTS = ("yolo10n", "yolo10s")
 METHODS = ("baseline", "ema")
+
+
+class SettingsError(ValueError):
+    """A setting (environment, run config) has a value that cannot be used; the message names it."""
 
 
 class Settings(BaseModel):
@@ -77,6 +82,14 @@ class Settings(BaseModel):
     device: str = Field("", description="cpu, cuda:0, ...; empty picks the first GPU if any, else CPU")
     storage: Path | None = Field(None, description="artifact root; default $DAGSTER_HOME/artifacts")
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        # One device per worker: several GPUs are shared out through QAT_GPU_IDS, never as `cuda:0,1` (DDP).
+        if not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)?", value):
+            raise ValueError(f"device {value!r} is not one of cpu, mps, cuda, cuda:N (for several GPUs use QAT_GPU_IDS)")
+        return value
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _parse_seeds(cls, value: Any) -> Any:
@@ -115,13 +128,25 @@ class Settings(BaseModel):
         return {k: getattr(self, k) for k in keys}
 
     def training_profile_fingerprint(self) -> str:
-        blob = json.dumps(self.training_profile(), sort_keys=True, default=str)
+        return self.fingerprint_of(tuple(self.training_profile()))
+
+    def fingerprint_of(self, fields: tuple[str, ...]) -> str:
+        """Short hash of the named settings: what a stage's saved state must match to be resumed."""
+        blob = json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def as_metadata(self) -> dict[str, str]:
         """Every resolved value as text, ready for asset metadata."""
         return {k: str(v) for k, v in self.model_dump().items()}
 
+
+# The settings each heavy stage's result depends on. Resuming or reusing a stage's state checks only
+# these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
+PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr")
+QAT_FIELDS = (
+    "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
+    "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
+)
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Seconds per heavy step: just enough data to go through every real code path.
@@ -134,9 +159,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The whole ladder on a 2-core CPU in about 20 minutes.
     "embedded": dict(
         train_images=256, val_images=64, calibration_images=64,
-        synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=160,
-        imgsz=160, batch=32, workers=2, pretrain_epochs=30, pretrain_lr=0.01,
-        qat_epochs=6, qat_lr=1e-4, qc_batch=16,
+        synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=128,
+        imgsz=128, batch=32, workers=2, pretrain_epochs=20, pretrain_lr=0.01,
+        qat_epochs=4, qat_lr=1e-4, qc_batch=16,
     ),
     # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).
     "coco": dict(
@@ -162,7 +187,7 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
     environ = dict(os.environ if environ is None else environ)
     profile = (overrides or {}).get("profile") or environ.get("QAT_PROFILE") or "embedded"
     if profile not in PROFILES:
-        raise ValueError(f"QAT_PROFILE={profile!r} is not a profile; choose one of {sorted(PROFILES)}")
+        raise SettingsError(f"QAT_PROFILE={profile!r} is not a profile; choose one of {sorted(PROFILES)}")
     values: dict[str, Any] = {"profile": profile, **PROFILES[profile], **_environment_overrides(environ)}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
@@ -171,4 +196,4 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
         problems = "; ".join(
             f"QAT_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
-        raise ValueError(f"invalid settings for profile {profile!r}: {problems}") from None
+        raise SettingsError(f"invalid settings for profile {profile!r}: {problems}") from None

@@ -24,7 +24,7 @@ import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
-from .artifacts import atomic_path, write_json_atomic
+from .artifacts import atomic_path, on_cpu, write_json_atomic
 from .evaluate import metrics_from_ultralytics
 
 STATE_FILE = "train_state.pt"
@@ -39,20 +39,22 @@ class TrainingDiverged(RuntimeError):
         self.epoch = epoch
 
 
-def ema_schedule(decay: float, tau: float | None, total_updates: int, window_fraction: float = 0.05) -> dict:
+def ema_schedule(
+    decay: float, tau: float | None, total_updates: int, updates_per_epoch: int, window_fraction: float = 0.05
+) -> dict:
     """EMA decay and ramp constant actually used for a run of `total_updates` optimizer steps.
 
-    The paper's a=0.9999 with Ultralytics' tau=2000 average over ~10k steps after a ~2k-step ramp: about
-    5% and 1% of a 100-epoch COCO run. A 100-step CPU run with the same constants would never move its
-    EMA copy off the starting weights, so when `tau` is None both are scaled to the run: the averaging
-    window 1/(1-decay) is capped at `window_fraction` of the run and tau is a fifth of that window. At
-    the paper's scale this gives back ~0.9999 and ~2000.
+    The paper's a=0.9999 averages over ~10k steps, about 5% of a 100-epoch COCO run, after Ultralytics'
+    ramp of tau=2000 steps. A 32-step CPU run with the same decay would never move its EMA copy off the
+    starting weights, so the averaging window 1/(1-decay) is capped at `window_fraction` of the run, but
+    never below one epoch of updates (so short runs still average); tau, unless given, is a fifth of
+    the window, at most Ultralytics' 2000. At the coco profile this gives back 0.9999 and 2000.
     """
     if decay == 0:
         return {"decay": 0.0, "tau": 1.0, "configured_decay": 0.0, "configured_tau": tau, "total_updates": total_updates}
-    window = max(window_fraction * total_updates, 1.0)
+    window = max(window_fraction * total_updates, updates_per_epoch, 1.0)
     used_decay = min(decay, 1.0 - 1.0 / window) if window > 1 else 0.0
-    used_tau = tau if tau is not None else max(window / 5.0, 1.0)
+    used_tau = tau if tau is not None else min(max(window / 5.0, 1.0), 2000.0)
     return {
         "decay": used_decay, "tau": used_tau, "configured_decay": decay, "configured_tau": tau,
         "total_updates": total_updates,
@@ -105,6 +107,11 @@ class ResumableTrainer(DetectionTrainer):
         self.start_epoch = int(state["epoch"])
         self.best_fitness = state.get("best_fitness")
         self.scheduler.last_epoch = self.start_epoch - 1
+        criterion = getattr(unwrap_model(self.model), "criterion", None)
+        if criterion is not None and hasattr(criterion, "update"):
+            # YOLOv10's one-to-many/one-to-one loss mix decays once per epoch; replay it up to here.
+            criterion.updates = self.start_epoch - 1
+            criterion.update()
 
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
@@ -122,7 +129,10 @@ class ResumableTrainer(DetectionTrainer):
             raise TrainingDiverged(self.epoch + 1, "the training loss")
 
     def optimizer_step(self) -> None:
-        self._check_loss_finite()  # before the step, so a NaN never reaches the weights or the EMA
+        # Before the step, so a non-finite loss or gradient never reaches the weights or the EMA.
+        self._check_loss_finite()
+        if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
+            raise TrainingDiverged(self.epoch + 1, "a gradient")
         super().optimizer_step()
         if self.after_optimizer_step is None:
             return
@@ -177,7 +187,7 @@ class ResumableTrainer(DetectionTrainer):
             **self.extra_state().get("tensors", {}),
         }
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+            torch.save(on_cpu(state), tmp)
         self.on_epoch(record)
         return True
 
@@ -190,14 +200,12 @@ class ResumableTrainer(DetectionTrainer):
 
 def load_resume_state(run_dir: Path, fingerprint: str, planned_epochs: int) -> tuple[dict | None, list[dict], str]:
     """The saved state to resume from (or None), the history up to it, and a sentence saying what happened."""
-    import torch as _torch
-
     state_path = Path(run_dir) / STATE_FILE
     history_path = Path(run_dir) / HISTORY_FILE
     if not state_path.is_file():
         return None, [], "fresh start"
     try:
-        state = _torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a state file torn by a crash is not resumable
         return None, [], f"fresh start: the saved state {state_path} could not be read ({exc})"
     if state.get("fingerprint") != fingerprint:
