@@ -47,4 +47,5 @@ def write_qat_and_qc(
         write_json_atomic(layout.run_dir(root, variant, "qc_checkpoint", method, seed) / "qc_checkpoint.json", {
             "map50_95_before": before, "map50_95_after": qc_after, "map50_before": before + 0.2,
             "map50_after": qc_after + 0.2, "delta": qc_after - before, "max_fold_rel_diff": 1e-6, "seconds": 1.0,
+            "qat_sha256": "0" * 64,
         })

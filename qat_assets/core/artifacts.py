@@ -58,12 +58,25 @@ def sidecar_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(".json")
 
 
+def on_cpu(value: Any) -> Any:
+    """`value` with every tensor detached and moved to the CPU, so a GPU-made checkpoint loads anywhere."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(destination: Path, state: dict[str, Any], sidecar: dict[str, Any]) -> str:
     """Write a weights-only checkpoint and its JSON sidecar (which records the checkpoint's sha256)."""
     import torch
 
     with atomic_path(destination) as tmp:
-        torch.save(state, tmp)
+        torch.save(on_cpu(state), tmp)
         digest = sha256_file(tmp)
     write_json_atomic(sidecar_path(destination), {**sidecar, "sha256": digest, "file": Path(destination).name})
     return digest

@@ -30,8 +30,12 @@ def resolve_device(requested: str) -> str:
 
 
 def evaluation_settings(imgsz: int, batch: int) -> dict[str, Any]:
-    """The validator settings shared by every evaluation (Ultralytics defaults for mAP computation)."""
-    return {"split": "val", "imgsz": imgsz, "batch": batch, "conf": 0.001, "iou": 0.7, "max_det": 300}
+    """The validator settings shared by every evaluation (Ultralytics defaults for mAP computation).
+
+    `batch` is the training batch; validation runs at twice that, as Ultralytics' in-training validator
+    does, because rectangular val batches pad per batch and the numbers must match across both paths.
+    """
+    return {"split": "val", "imgsz": imgsz, "batch": 2 * batch, "conf": 0.001, "iou": 0.7, "max_det": 300}
 
 
 def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .artifacts import load_checkpoint, read_sidecar, save_checkpoint
+from .artifacts import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path, write_json_atomic
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model
 from .qat import quant_options
@@ -30,7 +30,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     if qat.get("diverged_at_epoch"):
         reason = f"QAT diverged at epoch {qat['diverged_at_epoch']}; there is no finished model to correct"
         log(f"{label}: QC skipped: {reason}")
-        save_checkpoint(checkpoint, {}, {"skipped": reason, "variant": request.variant, "seconds": 0.0})
+        write_json_atomic(sidecar_path(checkpoint), {"skipped": reason, "variant": request.variant, "qat_sha256": request.qat_sha256})
         return {"skipped": reason}
 
     model = build_detection_model(request.variant, qat["names"])

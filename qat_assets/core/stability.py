@@ -33,14 +33,15 @@ def classify_qat(
 ) -> Stability:
     """Classify a QAT run from its per-epoch history.
 
-    Epoch 0 is the freshly quantized pretrained model (PTQ), not a training epoch: the epoch count that is
-    checked against `planned_epochs`, and the best and final values, use only trained epochs 1..N. The
-    numbers are reported even for incomplete runs (best/final so far) so a reader sees how far it got.
+    Epoch 0 is the freshly quantized pretrained model (PTQ), not a training epoch: the epoch count checked
+    against `planned_epochs` and the final value use trained epochs 1..N only. The best value includes
+    epoch 0, because QAT that starts at the PTQ level and falls from it has collapsed from that early peak
+    just the same. The numbers are reported even for incomplete runs so a reader sees how far it got.
     """
     if planned_epochs < 1:
         raise ValueError(f"planned_epochs must be at least 1, got {planned_epochs}")
     trained = sorted((r for r in history if r.epoch >= 1), key=lambda r: r.epoch)
-    finite = [r for r in trained if math.isfinite(r.map50_95)]
+    finite = [r for r in history if r.epoch >= 0 and math.isfinite(r.map50_95)]
     best_row = max(finite, key=lambda r: r.map50_95, default=None)
     final_row = trained[-1] if trained else None
     numbers = _numbers(

@@ -41,10 +41,12 @@ def code_version() -> str:
         return f"qat_assets {package_versions()['qat_assets']}"
 
 
-def qc_result(qc_sidecar: dict[str, Any] | None) -> tuple[QCResult | None, str | None]:
-    """The QC outcome and, when QC did not produce one, why."""
+def qc_result(qc_sidecar: dict[str, Any] | None, qat_sha256: str) -> tuple[QCResult | None, str | None]:
+    """The QC outcome and, when QC did not produce one for this very QAT checkpoint, why."""
     if qc_sidecar is None:
         return None, "qc_checkpoint is not materialized for this partition"
+    if qc_sidecar.get("qat_sha256") != qat_sha256:
+        return None, "qc_checkpoint was made from an earlier QAT checkpoint; re-materialize qc_checkpoint"
     if qc_sidecar.get("skipped"):
         return None, f"QC skipped: {qc_sidecar['skipped']}"
     return QCResult(**{k: qc_sidecar[k] for k in QCResult.model_fields}), None
@@ -59,7 +61,7 @@ def build_run_summary(
         history, qat_sidecar["planned_epochs"], diverged_at_epoch=qat_sidecar.get("diverged_at_epoch"),
         collapse_ratio=settings.collapse_ratio, degenerate_map=settings.degenerate_map,
     )
-    qc, qc_problem = qc_result(qc_sidecar)
+    qc, qc_problem = qc_result(qc_sidecar, qat_sidecar["sha256"])
     stability_qc = classify_with_qc(
         stability_qat, qc, qc_error=qc_problem, collapse_ratio=settings.collapse_ratio,
         degenerate_map=settings.degenerate_map,

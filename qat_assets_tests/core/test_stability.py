@@ -10,13 +10,18 @@ def qc(before, after):
                     delta=after - before, max_fold_rel_diff=0.0, seconds=1.0)
 
 
-def test_stable_run_succeeds_and_ignores_the_ptq_epoch():
-    # PTQ (epoch 0) is higher than anything trained: it must not become "best".
+def test_stable_run_succeeds_and_the_ptq_epoch_counts_as_a_peak():
+    # PTQ (epoch 0) is higher than anything trained: it is the best, and 0.28 is still above half of it.
     verdict = classify_qat(history([0.50, 0.20, 0.30, 0.28]), planned_epochs=3)
     assert verdict.status == "completed-success"
-    assert (verdict.best, verdict.best_epoch, verdict.final, verdict.final_epoch) == (0.30, 2, 0.28, 3)
-    assert verdict.final_over_best == pytest.approx(0.28 / 0.30)
+    assert (verdict.best, verdict.best_epoch, verdict.final, verdict.final_epoch) == (0.50, 0, 0.28, 3)
+    assert verdict.final_over_best == pytest.approx(0.28 / 0.50)
     assert "stable" in verdict.reason
+
+
+def test_falling_from_the_ptq_level_and_staying_down_is_a_collapse():
+    verdict = classify_qat(history([0.37, 0.10, 0.11, 0.10]), planned_epochs=3)
+    assert verdict.status == "completed-failed" and "collapsed" in verdict.reason and verdict.best_epoch == 0
 
 
 def test_early_peak_then_collapse_is_completed_failed():
@@ -55,7 +60,7 @@ def test_fewer_epochs_than_planned_is_incomplete_but_keeps_its_numbers():
     assert verdict.status == "incomplete" and "trained 2 of 5 planned epochs" in verdict.reason
     assert (verdict.best, verdict.final_epoch) == (0.3, 2)
     only_ptq = classify_qat(history([0.1]), planned_epochs=3)
-    assert only_ptq.status == "incomplete" and only_ptq.best is None and "trained 0 of 3" in only_ptq.reason
+    assert only_ptq.status == "incomplete" and only_ptq.final is None and "trained 0 of 3" in only_ptq.reason
 
 
 def test_crashed_run_is_incomplete_with_the_error():
