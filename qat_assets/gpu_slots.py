@@ -2,7 +2,9 @@
 
 The `gpu` pool bounds how many heavy steps run at once; this decides which GPU each one gets, so that
 with the pool limit raised to the number of GPUs every worker sees exactly one of them through
-`CUDA_VISIBLE_DEVICES`. Locks are flock()s: a crashed step releases its GPU with its process.
+`CUDA_VISIBLE_DEVICES`. Locks are flock()s held by the step process for as long as its worker runs:
+a crashed step releases its GPU with its process, and a terminated step stops its worker first
+(dagster-pipes forwards the termination), so a GPU is never held by an orphan.
 """
 
 from __future__ import annotations
@@ -44,5 +46,7 @@ def gpu_slot(lock_dir: Path, gpu_ids: list[str], wait_seconds: float = 3600.0) -
                 handle.close()
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no free GPU among {gpu_ids} for {wait_seconds:.0f}s; raise the gpu pool limit less")
+            raise TimeoutError(
+                f"no free GPU among {gpu_ids} for {wait_seconds:.0f}s; set the gpu pool limit to at most {len(gpu_ids)}"
+            )
         time.sleep(2.0)

@@ -9,6 +9,7 @@ from dagster import Failure, MetadataValue, TableColumn, TableRecord, TableSchem
 
 from qat_assets.core.artifacts import ArtifactError
 from qat_assets.core.coco import DatasetError
+from qat_assets.core.settings import SettingsError
 from qat_assets.core.summary import RunSummary
 
 HISTORY_COLUMNS = (
@@ -23,7 +24,7 @@ def clear_failures() -> Iterator[None]:
     """Bad inputs fail the step with their one-sentence message, not a stack trace."""
     try:
         yield
-    except (DatasetError, ArtifactError, ValueError) as exc:
+    except (DatasetError, ArtifactError, SettingsError) as exc:
         raise Failure(description=str(exc)) from None
 
 

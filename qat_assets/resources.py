@@ -24,7 +24,11 @@ LOG_TAIL_LINES = 25
 
 
 class ExperimentSettings(ConfigurableResource):
-    """Overrides on top of QAT_PROFILE and the QAT_* environment (unset fields keep those values)."""
+    """Overrides on top of QAT_PROFILE and the QAT_* environment (unset fields keep those values).
+
+    The common knobs are fields; `overrides` takes any other setting by name, as text
+    (`{"qc_lr": "0.001", "seeds": "0,1"}`), validated like the environment variables.
+    """
 
     profile: Optional[str] = None
     storage: Optional[str] = None
@@ -33,9 +37,11 @@ class ExperimentSettings(ConfigurableResource):
     checkpoint_dir: Optional[str] = None
     pretrain_epochs: Optional[int] = None
     qat_epochs: Optional[int] = None
+    overrides: dict[str, str] = {}
 
     def settings(self) -> Settings:
-        return load_settings({k: v for k, v in self.model_dump().items() if v is not None})
+        fields = {k: v for k, v in self.model_dump().items() if v is not None and k != "overrides"}
+        return load_settings({**self.overrides, **fields})
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

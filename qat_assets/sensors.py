@@ -2,6 +2,7 @@
 
 from dagster import AssetKey, RunRequest, SensorEvaluationContext, SkipReason, sensor
 
+from qat_assets.core.settings import METHODS
 from qat_assets.gating import latest_gate, latest_materialization_record
 from qat_assets.partitions import partition_key
 
@@ -27,7 +28,7 @@ def build_yolo10m_sensor(seeds: tuple[int, ...], pretrained_job, partition_job):
                 job_name=partition_job.name,
                 partition_key=partition_key(method, seed),
             )
-            for method in ("baseline", "ema") for seed in seeds
+            for method in METHODS for seed in seeds
         ]
 
     return yolo10m_after_gate

@@ -5,6 +5,7 @@ Heavy steps run in a worker process under the `gpu` pool; the functions here onl
 request, hand it to the launcher and turn the result into metadata.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetsDefinition, Failure, MaterializeResult, MetadataValue, asset
@@ -17,7 +18,15 @@ from qat_assets.core.coco import SubsetResult
 from qat_assets.core.requests import PretrainRequest, QATRequest, QCRequest
 from qat_assets.core.verdict import build_run_summary
 from qat_assets.gating import require_passing_gate
-from qat_assets.metadata import history_table, pretrain_metadata, qat_metadata, qc_metadata, verdict_metadata
+from qat_assets.core.settings import Settings
+from qat_assets.metadata import (
+    clear_failures,
+    history_table,
+    pretrain_metadata,
+    qat_metadata,
+    qc_metadata,
+    verdict_metadata,
+)
 from qat_assets.partitions import method_and_seed, run_partitions
 from qat_assets.resources import ExperimentSettings, HeavyStepLauncher
 
@@ -33,28 +42,43 @@ def read_upstream_sidecar(checkpoint: Path, upstream_asset: str, partition: str 
         raise Failure(description=f"{upstream_asset}{where} is not materialized yet ({checkpoint} is missing); materialize it first") from None
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """What every stage of a variant starts from: settings, artifact root, the subset, the partition."""
+
+    settings: Settings
+    root: Path
+    subset: SubsetResult
+    method: str | None
+    seed: int | None
+
+
 def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[AssetsDefinition]:
     partitions = run_partitions(seeds)
     group = variant
 
-    def check_gate(context: AssetExecutionContext, asset_name: str) -> None:
+    def stage_inputs(context: AssetExecutionContext, experiment: ExperimentSettings, asset_name: str) -> StageInputs:
         if gated:
             state = require_passing_gate(context.instance, f"{variant}/{asset_name}")
             context.log.info(f"gate passed (materialization {state.storage_id}); running {variant}/{asset_name}")
+        with clear_failures():
+            settings = experiment.settings()
+            subset = SubsetResult.read(layout.subset_dir(settings.artifact_root()))
+        method, seed = method_and_seed(context.partition_key) if context.has_partition_key else (None, None)
+        return StageInputs(settings, settings.artifact_root(), subset, method, seed)
 
     @asset(key_prefix=[variant], name="pretrained_checkpoint", group_name=group, deps=[coco_subset], pool=HEAVY_POOL, kinds={"pytorch"})
     def pretrained_checkpoint(
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
     ) -> MaterializeResult:
         """Floating-point starting point: the user's yolov10 weights (QAT_CHECKPOINT_DIR), or trained here."""
-        check_gate(context, "pretrained_checkpoint")
-        settings = experiment.settings()
-        root = settings.artifact_root()
-        subset = SubsetResult.read(layout.subset_dir(root))
-        out_dir = layout.pretrained_dir(root, variant)
+        inputs = stage_inputs(context, experiment, "pretrained_checkpoint")
+        subset = inputs.subset
+        out_dir = layout.pretrained_dir(inputs.root, variant)
         request = PretrainRequest(
             variant=variant, dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
-            names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out_dir, settings=settings,
+            names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out_dir,
+            settings=inputs.settings,
         )
         return MaterializeResult(metadata=pretrain_metadata(launcher.run(context, "pretrain", request, out_dir)))
 
@@ -66,19 +90,16 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
     ) -> MaterializeResult:
         """W4A16 QAT from the pretrained checkpoint; `baseline` = EMA decay 0, `ema` = the paper's EMA."""
-        check_gate(context, "qat_checkpoint")
-        method, seed = method_and_seed(context.partition_key)
-        settings = experiment.settings()
-        root = settings.artifact_root()
-        subset = SubsetResult.read(layout.subset_dir(root))
-        pretrained = layout.pretrained_dir(root, variant) / "pretrained.pt"
+        inputs = stage_inputs(context, experiment, "qat_checkpoint")
+        subset = inputs.subset
+        pretrained = layout.pretrained_dir(inputs.root, variant) / "pretrained.pt"
         sidecar = read_upstream_sidecar(pretrained, f"{variant}/pretrained_checkpoint")
-        out_dir = layout.run_dir(root, variant, "qat_checkpoint", method, seed)
+        out_dir = layout.run_dir(inputs.root, variant, "qat_checkpoint", inputs.method, inputs.seed)
         request = QATRequest(
-            variant=variant, method=method, seed=seed, pretrained_checkpoint=pretrained,
+            variant=variant, method=inputs.method, seed=inputs.seed, pretrained_checkpoint=pretrained,
             pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
             dataset_fingerprint=subset.fingerprint, train_images=subset.counts["train"]["images"],
-            out_dir=out_dir, settings=settings,
+            out_dir=out_dir, settings=inputs.settings,
         )
         result = launcher.run(context, "qat", request, out_dir)
         if result.get("diverged_at_epoch"):
@@ -93,19 +114,16 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
     ) -> MaterializeResult:
         """Quantization Correction: per-channel gamma/beta after each quantized conv, one epoch on D_c, folded."""
-        check_gate(context, "qc_checkpoint")
-        method, seed = method_and_seed(context.partition_key)
-        settings = experiment.settings()
-        root = settings.artifact_root()
-        subset = SubsetResult.read(layout.subset_dir(root))
-        calibration = CalibrationResult.read(layout.calibration_dir(root))
-        qat = layout.run_dir(root, variant, "qat_checkpoint", method, seed) / "qat_checkpoint.pt"
+        inputs = stage_inputs(context, experiment, "qc_checkpoint")
+        with clear_failures():
+            calibration = CalibrationResult.read(layout.calibration_dir(inputs.root))
+        qat = layout.run_dir(inputs.root, variant, "qat_checkpoint", inputs.method, inputs.seed) / "qat_checkpoint.pt"
         sidecar = read_upstream_sidecar(qat, f"{variant}/qat_checkpoint", context.partition_key)
-        out_dir = layout.run_dir(root, variant, "qc_checkpoint", method, seed)
+        out_dir = layout.run_dir(inputs.root, variant, "qc_checkpoint", inputs.method, inputs.seed)
         request = QCRequest(
-            variant=variant, method=method, seed=seed, qat_checkpoint=qat, qat_sha256=sidecar["sha256"],
+            variant=variant, method=inputs.method, seed=inputs.seed, qat_checkpoint=qat, qat_sha256=sidecar["sha256"],
             calibration_yaml=calibration.dataset_yaml, calibration_fingerprint=calibration.fingerprint,
-            dataset_yaml=subset.dataset_yaml, out_dir=out_dir, settings=settings,
+            dataset_yaml=inputs.subset.dataset_yaml, out_dir=out_dir, settings=inputs.settings,
         )
         return MaterializeResult(metadata=qc_metadata(launcher.run(context, "qc", request, out_dir)))
 
@@ -115,11 +133,8 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
     )
     def stability_verdict(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
         """`run_summary.json`, classified twice: the QAT run alone, and QAT + QC."""
-        check_gate(context, "stability_verdict")
-        method, seed = method_and_seed(context.partition_key)
-        settings = experiment.settings()
-        root = settings.artifact_root()
-        subset = SubsetResult.read(layout.subset_dir(root))
+        inputs = stage_inputs(context, experiment, "stability_verdict")
+        root, method, seed, subset = inputs.root, inputs.method, inputs.seed, inputs.subset
         qat = read_upstream_sidecar(
             layout.run_dir(root, variant, "qat_checkpoint", method, seed) / "qat_checkpoint.pt",
             f"{variant}/qat_checkpoint", context.partition_key,
@@ -127,7 +142,7 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         qc_path = layout.run_dir(root, variant, "qc_checkpoint", method, seed) / "qc_checkpoint.pt"
         qc = read_sidecar(qc_path) if qc_path.with_suffix(".json").is_file() else None
         summary = build_run_summary(
-            qat, qc, partition_key=str(context.partition_key), settings=settings,
+            qat, qc, partition_key=str(context.partition_key), settings=inputs.settings,
             dataset={"fingerprint": subset.fingerprint, "source": subset.source, "counts": subset.counts,
                      "classes": subset.class_names},
         )
