@@ -32,10 +32,14 @@ def resolve_device(requested: str) -> str:
 def evaluation_settings(imgsz: int, batch: int) -> dict[str, Any]:
     """The validator settings shared by every evaluation (Ultralytics defaults for mAP computation).
 
-    `batch` is the training batch; validation runs at twice that, as Ultralytics' in-training validator
-    does, because rectangular val batches pad per batch and the numbers must match across both paths.
+    `batch` is the training batch. Ultralytics' in-training validator (epochs 1..N) builds rectangular
+    batches of twice the training batch, padded per batch (a 128 px square image is evaluated at 160);
+    the standalone validator (PTQ epoch 0, QC before/after, FP reference) is set up the same way so all
+    numbers of a run are measured alike.
     """
-    return {"split": "val", "imgsz": imgsz, "batch": 2 * batch, "conf": 0.001, "iou": 0.7, "max_det": 300}
+    return {
+        "split": "val", "imgsz": imgsz, "batch": 2 * batch, "rect": True, "conf": 0.001, "iou": 0.7, "max_det": 300,
+    }
 
 
 def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
