@@ -96,8 +96,9 @@ def render_summary_md(
         "",
         "## Rules",
         "",
-        "- Metric: mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ); best and final are "
-        "taken over trained epochs; `+QC` rows replace the final value by the QC-corrected final model.",
+        "- Metric: mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ). Best is taken over "
+        "epochs 0..N (falling from the PTQ level is a collapse too), final is the last trained epoch; "
+        "`+QC` rows replace the final value by the QC-corrected final model.",
         "- `completed-failed`: collapsed (final < ratio × best) or degenerate (best at or near zero). "
         "`incomplete`: crashed, interrupted, diverged or fewer epochs than planned; never counted.",
         "- Runs compare only with equal dataset fingerprint, evaluation settings and training profile; "
