@@ -194,17 +194,24 @@ def _fold_into_conv(conv: nn.Conv2d, gamma: torch.Tensor, beta: torch.Tensor, na
             "scale must stay positive, so this correction cannot be folded into the conv"
         )
     channel = (-1,) + (1,) * (conv.weight.dim() - 1)
-    conv.weight.mul_(gamma.view(channel))
     if isinstance(conv, QuantConv2d):
-        # A learned (LSQ-style) scale is a parameter of the weight quantizer: scale it with the weights so
-        # weight/scale, hence every integer code, is unchanged. Statistics-based scales (max-abs of the
-        # weights) follow the weights by themselves.
+        # gamma goes into the per-channel scale, and every integer code must stay as it is. Multiplying
+        # latent weights and scale by gamma keeps weight/scale only up to float rounding, which flips
+        # codes that sit on a rounding boundary, so the latent weights are set to code * new scale.
+        # A learned (LSQ-style) scale is a quantizer parameter and is scaled explicitly; a statistics-based
+        # (max-abs) scale follows the snapped weights by itself.
+        quantized = conv.quant_weight()
+        codes, scale = quantized.int().to(conv.weight.dtype), quantized.scale.detach()
+        new_scale = scale * gamma.view(channel)
         scaling = conv.weight_quant.tensor_quant.scaling_impl
         value = getattr(scaling, "value", None)
         if isinstance(value, nn.Parameter):
             if value.numel() != gamma.numel():
                 raise ValueError(f"{name}: a per-tensor weight scale cannot absorb a per-channel correction")
             value.mul_(gamma.view(value.shape))
+        conv.weight.copy_(codes * new_scale)
+    else:
+        conv.weight.mul_(gamma.view(channel))
     if conv.bias is None:
         conv.bias = nn.Parameter(torch.zeros_like(beta), requires_grad=False)
     conv.bias.copy_(gamma * conv.bias + beta)

@@ -234,3 +234,25 @@ def test_correction_stats_are_zero_at_identity(model):
     insert_corrections(model)
     rows = correction_stats(model)
     assert rows and all(row["mean_abs_gamma_minus_1"] == 0 and row["mean_abs_beta"] == 0 for row in rows)
+
+
+def test_folding_into_a_conv_scale_keeps_codes_that_sit_on_a_rounding_boundary():
+    # Oscillating latent weights sit next to rounding boundaries; scaling weight and scale by gamma
+    # separately flips many of those codes (1477 of 36864 here), snapping to code * new scale flips none.
+    from brevitas.nn import QuantConv2d
+
+    from qat_assets.core.qc import fold_corrections
+    from qat_assets.core.quantize import weight_quantizer
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(64, 64, 3, bias=True, weight_quant=weight_quantizer(4, True)).eval()
+    with torch.no_grad():
+        scale = conv.quant_weight().scale
+        codes_below = torch.randint(-6, 6, conv.weight.shape).float()
+        conv.weight.copy_((codes_below + 0.5) * scale * (1 - 3e-8))
+        codes = conv.quant_weight().int()
+        gamma, beta = torch.rand(64) + 0.5, torch.randn(64) * 0.1
+        model = torch.nn.Sequential(conv)
+        fold_corrections(model, {"0": (gamma, beta)})
+        assert torch.equal(conv.quant_weight().int(), codes)
+        assert torch.allclose(conv.quant_weight().scale.flatten(), (scale.flatten() * gamma))
