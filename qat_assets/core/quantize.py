@@ -94,21 +94,25 @@ def _precision_plan(model: nn.Module, options: QuantOptions) -> dict[int, tuple[
     return plan
 
 
-def _quant_conv_like(conv: nn.Conv2d, bit_width: int, learned_scales: bool) -> QuantConv2d:
-    quant_conv = QuantConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
+def _conv_geometry(conv: nn.Conv2d) -> dict:
+    """Constructor arguments that rebuild `conv`'s shape, placement and dtype (float or quantized)."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
         stride=conv.stride,
         padding=conv.padding,
         dilation=conv.dilation,
         groups=conv.groups,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
-        weight_quant=weight_quantizer(bit_width, learned_scales),
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
+
+
+def _quant_conv_like(conv: nn.Conv2d, bit_width: int, learned_scales: bool) -> QuantConv2d:
+    quant_conv = QuantConv2d(**_conv_geometry(conv), weight_quant=weight_quantizer(bit_width, learned_scales))
     with torch.no_grad():
         quant_conv.weight.copy_(conv.weight)
         if conv.bias is not None:
@@ -161,19 +165,7 @@ def freeze_quantized_weights(model: nn.Module) -> nn.Module:
     """
     frozen = copy.deepcopy(model)
     for name, module in quantized_modules(frozen):
-        conv = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-        )
+        conv = nn.Conv2d(**_conv_geometry(module))
         conv.weight.copy_(module.quant_weight().value)
         if module.bias is not None:
             conv.bias.copy_(module.bias)

@@ -10,9 +10,10 @@ NAMES = ["rectangle", "ellipse", "triangle"]
 
 
 def ultralytics_checkpoint(path, yaml, nc):
-    """What Ultralytics writes: a dict holding the pickled model module."""
-    torch.save({"model": DetectionModel(yaml, nc=nc, verbose=False).half(), "train_args": {}}, path)
-    return path
+    """What Ultralytics writes: a dict holding the pickled model module; returns the path and its weights."""
+    model = DetectionModel(yaml, nc=nc, verbose=False).half()
+    torch.save({"model": model, "train_args": {}}, path)
+    return path, model.float().state_dict()
 
 
 def test_variant_names_map_to_the_packaged_yaml():
@@ -22,35 +23,33 @@ def test_variant_names_map_to_the_packaged_yaml():
 
 
 def test_matching_checkpoint_keeps_its_weights(tmp_path):
-    path = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 3)
+    path, original = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 3)
     model, note = read_user_checkpoint(path, "yolo10n", NAMES, "reinit_head")
     assert note["head"] == "kept"
-    original = torch.load(path, weights_only=False)["model"].float().state_dict()
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
 
 
 def test_80_class_weights_on_a_3_class_set_reinitialise_the_head_or_fail(tmp_path):
-    path = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 80)
+    path, original = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 80)
     model, note = read_user_checkpoint(path, "yolo10n", NAMES, "reinit_head")
     assert note == {"head": "re-initialised", "checkpoint_classes": 80, "dataset_classes": 3}
     assert model.model[-1].nc == 3
-    original = torch.load(path, weights_only=False)["model"].float().state_dict()
     assert torch.equal(model.state_dict()["model.0.conv.weight"], original["model.0.conv.weight"])
     with pytest.raises(CheckpointError, match="predicts 80 classes but the dataset has 3"):
         read_user_checkpoint(path, "yolo10n", NAMES, "fail")
 
 
 def test_the_wrong_variant_or_family_is_named(tmp_path):
-    small = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10s.yaml", 3)
+    small, _ = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10s.yaml", 3)
     with pytest.raises(CheckpointError, match="not a YOLOv10 yolo10n"):
         read_user_checkpoint(small, "yolo10n", NAMES, "reinit_head")
-    v8 = ultralytics_checkpoint(tmp_path / "v8.pt", "yolov8n.yaml", 3)
+    v8, _ = ultralytics_checkpoint(tmp_path / "v8.pt", "yolov8n.yaml", 3)
     with pytest.raises(CheckpointError, match="not a YOLOv10"):
         read_user_checkpoint(v8, "yolo10n", NAMES, "reinit_head")
 
 
 def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
-    path = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 3)
+    path, _ = ultralytics_checkpoint(tmp_path / "yolov10n.pt", "yolov10n.yaml", 3)
     path.write_bytes(path.read_bytes()[:4096])
     with pytest.raises(CheckpointError, match="yolov10n.pt is not a readable Ultralytics checkpoint"):
         read_user_checkpoint(path, "yolo10n", NAMES, "reinit_head")
