@@ -6,14 +6,15 @@ backfill cron); everything else is resolved when a step runs. Loading imports no
 
 from dagster import Definitions
 
-from qat_assets.assets.dataset import calibration_subset, coco_subset
-from qat_assets.assets.report import comparison, gate, gate_passed
-from qat_assets.assets.variant import variant_assets
+from qat_assets.defs.dataset import calibration_subset, coco_subset
+from qat_assets.defs.decision.assets import comparison, gate, gate_passed
+from qat_assets.defs.variant.assets import variant_assets
 from qat_assets.core.settings import load_settings
-from qat_assets.jobs import build_jobs
-from qat_assets.resources import ExperimentSettings, HeavyStepLauncher
-from qat_assets.schedules import build_seed_backfill_schedule
-from qat_assets.sensors import build_yolo10m_sensor
+from qat_assets.defs.automation.jobs import build_jobs
+from qat_assets.defs.resources import ExperimentSettings
+from qat_assets.execution.launcher import HeavyStepLauncher
+from qat_assets.defs.automation.schedules import build_seed_backfill_schedule
+from qat_assets.defs.automation.sensors import build_yolo10m_sensor
 
 graph_settings = load_settings()
 jobs = build_jobs()

@@ -19,7 +19,7 @@ from dagster import DagsterInstance, execute_job, reconstructable
 from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, load_settings
 from qat_assets.definitions import defs
-from qat_assets.partitions import partition_key
+from qat_assets.defs.variant.partitions import partition_key
 
 INSTANCE_YAML = """\
 # Written by qat-ladder. Heavy steps share the `gpu` pool: one at a time by default.

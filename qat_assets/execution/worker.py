@@ -1,6 +1,6 @@
 """Runs one heavy step (pretrain, qat, qc) in its own process and reports back through dagster-pipes.
 
-Launched by `HeavyStepLauncher` as `python -m qat_assets.worker STEP --log-file PATH`; the request comes
+Launched by `HeavyStepLauncher` as `python -m qat_assets.execution.worker STEP --log-file PATH`; the request comes
 in the pipes extras. Everything the libraries print (and a traceback or a fatal-signal dump) goes to the
 log file, whose tail the launcher shows when the process dies; progress lines go to the Dagster run log.
 An expected failure (bad input, a broken checkpoint) is sent back as one `{"error": ...}` message, so the
@@ -69,7 +69,7 @@ def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat_assets.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qat_assets.execution.worker", description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["pretrain", "qat", "qc"])
     parser.add_argument("--log-file", type=Path, required=True)
     parser.add_argument("--request", type=Path, help="run outside Dagster: JSON request file")

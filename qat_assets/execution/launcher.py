@@ -1,11 +1,11 @@
-"""Resources: the resolved experiment settings, and the launcher of heavy worker processes."""
+"""The launcher of heavy worker processes: `python -m qat_assets.execution.worker STEP` through dagster-pipes."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
@@ -17,31 +17,10 @@ from dagster import (
 from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level
 from pydantic import BaseModel
 
-from qat_assets.core.settings import Settings, load_settings
-from qat_assets.gpu_slots import gpu_slot, parse_gpu_ids
+from qat_assets.core.settings import Settings
+from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
 
 LOG_TAIL_LINES = 25
-
-
-class ExperimentSettings(ConfigurableResource):
-    """Overrides on top of QAT_PROFILE and the QAT_* environment (unset fields keep those values).
-
-    The common knobs are fields; `overrides` takes any other setting by name, as text
-    (`{"qc_lr": "0.001", "seeds": "0,1"}`), validated like the environment variables.
-    """
-
-    profile: Optional[str] = None
-    storage: Optional[str] = None
-    device: Optional[str] = None
-    coco_root: Optional[str] = None
-    checkpoint_dir: Optional[str] = None
-    pretrain_epochs: Optional[int] = None
-    qat_epochs: Optional[int] = None
-    overrides: dict[str, str] = {}
-
-    def settings(self) -> Settings:
-        fields = {k: v for k, v in self.model_dump().items() if v is not None and k != "overrides"}
-        return load_settings({**self.overrides, **fields})
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -51,7 +30,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class HeavyStepLauncher(ConfigurableResource):
-    """Runs `python -m qat_assets.worker STEP` through dagster-pipes, one GPU per worker.
+    """Runs `python -m qat_assets.execution.worker STEP` through dagster-pipes, one GPU per worker.
 
     `gpu_ids` (default: QAT_GPU_IDS) lists the GPUs to share out; with it set and a CUDA device, each
     worker gets its own CUDA_VISIBLE_DEVICES and uses cuda:0 inside it.
@@ -74,7 +53,7 @@ class HeavyStepLauncher(ConfigurableResource):
             try:
                 invocation = PipesSubprocessClient().run(
                     context=context,
-                    command=[sys.executable, "-m", "qat_assets.worker", step, "--log-file", str(log_file)],
+                    command=[sys.executable, "-m", "qat_assets.execution.worker", step, "--log-file", str(log_file)],
                     extras={"request": request.model_dump(mode="json")},
                     env=env,
                 )

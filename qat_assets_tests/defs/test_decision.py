@@ -5,7 +5,7 @@ import sys
 
 from qat_assets.core import layout
 from qat_assets.core.coco import SubsetResult
-from qat_assets.partitions import partition_key
+from qat_assets.defs.variant.partitions import partition_key
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
 from qat_assets_tests.stage_outputs import write_pretrained, write_qat_and_qc
 

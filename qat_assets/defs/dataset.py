@@ -7,8 +7,8 @@ from qat_assets.core import layout
 from qat_assets.core.calibration import select_calibration_subset
 from qat_assets.core.coco import SubsetResult, convert_coco_subset
 from qat_assets.core.synthetic import write_synthetic_coco
-from qat_assets.metadata import clear_failures
-from qat_assets.resources import ExperimentSettings
+from qat_assets.defs.metadata import clear_failures
+from qat_assets.defs.resources import ExperimentSettings
 
 
 @asset(group_name="dataset", kinds={"python"})

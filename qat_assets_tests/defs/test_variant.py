@@ -61,7 +61,7 @@ def kill_worker_when_it_logs(log_file: Path, text: str, timeout: float = 300.0) 
                         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                     except OSError:  # the process ended meanwhile
                         continue
-                    if b"qat_assets.worker" in cmdline and str(log_file).encode() in cmdline:
+                    if b"qat_assets.execution.worker" in cmdline and str(log_file).encode() in cmdline:
                         os.kill(int(pid), signal.SIGKILL)
                         return
             time.sleep(0.2)

@@ -10,16 +10,16 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetsDefinition, Failure, MaterializeResult, MetadataValue, asset
 
-from qat_assets.assets.dataset import calibration_subset, coco_subset
+from qat_assets.defs.dataset import calibration_subset, coco_subset
 from qat_assets.core import layout
 from qat_assets.core.artifacts import ArtifactError, read_sidecar
 from qat_assets.core.calibration import CalibrationResult
 from qat_assets.core.coco import SubsetResult
 from qat_assets.core.requests import PretrainRequest, QATRequest, QCRequest
 from qat_assets.core.verdict import build_run_summary
-from qat_assets.gating import require_passing_gate
+from qat_assets.defs.decision.gating import require_passing_gate
 from qat_assets.core.settings import Settings
-from qat_assets.metadata import (
+from qat_assets.defs.metadata import (
     clear_failures,
     history_table,
     pretrain_metadata,
@@ -27,8 +27,9 @@ from qat_assets.metadata import (
     qc_metadata,
     verdict_metadata,
 )
-from qat_assets.partitions import method_and_seed, run_partitions
-from qat_assets.resources import ExperimentSettings, HeavyStepLauncher
+from qat_assets.defs.variant.partitions import method_and_seed, run_partitions
+from qat_assets.defs.resources import ExperimentSettings
+from qat_assets.execution.launcher import HeavyStepLauncher
 
 HEAVY_POOL = "gpu"
 

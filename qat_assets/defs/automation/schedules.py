@@ -3,7 +3,7 @@
 from dagster import AssetKey, DagsterRunStatus, RunRequest, RunsFilter, ScheduleEvaluationContext, SkipReason, schedule
 
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS
-from qat_assets.partitions import partition_key
+from qat_assets.defs.variant.partitions import partition_key
 
 IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 PARTITION_TAG = "dagster/partition"

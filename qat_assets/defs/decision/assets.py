@@ -22,8 +22,8 @@ from qat_assets.core.gate import GateDecision, decide_gate
 from qat_assets.core.plots import plot_map_curves, render_summary_md
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, Settings
 from qat_assets.core.summary import RunSummary
-from qat_assets.metadata import png_markdown
-from qat_assets.resources import ExperimentSettings
+from qat_assets.defs.metadata import png_markdown
+from qat_assets.defs.resources import ExperimentSettings
 
 VERDICT_KEYS = [AssetKey([variant, "stability_verdict"]) for variant in VALIDATION_VARIANTS]
 

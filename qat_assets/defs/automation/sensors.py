@@ -3,8 +3,8 @@
 from dagster import AssetKey, RunRequest, SensorEvaluationContext, SkipReason, sensor
 
 from qat_assets.core.settings import METHODS
-from qat_assets.gating import latest_gate, latest_materialization_record
-from qat_assets.partitions import partition_key
+from qat_assets.defs.decision.gating import latest_gate, latest_materialization_record
+from qat_assets.defs.variant.partitions import partition_key
 
 YOLO10M_PRETRAINED = AssetKey(["yolo10m", "pretrained_checkpoint"])
 

@@ -1,6 +1,6 @@
 import pytest
 
-from qat_assets.gpu_slots import gpu_slot, parse_gpu_ids
+from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
 
 
 def test_each_holder_gets_a_different_gpu_until_one_is_released(tmp_path):

@@ -50,7 +50,7 @@ def qat_request(pretrained, out_dir: Path, **overrides) -> Path:
 
 def start_worker(request: Path, out_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "qat_assets.worker", "qat", "--request", str(request), "--log-file",
+        [sys.executable, "-m", "qat_assets.execution.worker", "qat", "--request", str(request), "--log-file",
          str(out_dir / "qat_worker.log"), "--result", str(out_dir / "result.json")],
         env={**os.environ, "YOLO_OFFLINE": "1"},
     )
