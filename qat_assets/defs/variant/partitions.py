@@ -17,14 +17,15 @@ def run_partitions(seeds: tuple[int, ...]) -> MultiPartitionsDefinition:
     )
 
 
-def method_and_seed(partition_key: str | MultiPartitionKey) -> tuple[str, int]:
+def method_and_seed(key: str | MultiPartitionKey) -> tuple[str, int]:
     """`ema|0` (or its MultiPartitionKey) -> ("ema", 0)."""
-    if isinstance(partition_key, MultiPartitionKey):
-        dims = partition_key.keys_by_dimension
-        return dims["method"], int(dims["seed"])
-    method, seed = str(partition_key).split("|")
-    return method, int(seed)
+    if not isinstance(key, MultiPartitionKey):
+        method, seed = str(key).split("|")
+        key = partition_key(method, int(seed))
+    dims = key.keys_by_dimension
+    return dims["method"], int(dims["seed"])
 
 
-def partition_key(method: str, seed: int) -> str:
-    return f"{method}|{seed}"
+def partition_key(method: str, seed: int) -> MultiPartitionKey:
+    """The key of one method|seed partition; as a string it reads `ema|0` (dimensions in name order)."""
+    return MultiPartitionKey({"method": method, "seed": str(seed)})
