@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from qat_assets.core.artifacts import atomic_path
+from qat_assets.core.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from qat_assets.core.comparison import Comparison
 from qat_assets.core.gate import GateDecision
 from qat_assets.core.summary import RunSummary
@@ -116,3 +117,35 @@ def render_summary_md(
         link = Path(os.path.relpath(path, relative_to)) if relative_to is not None else Path(path)
         lines += [f"### {variant}", "", f"![mAP50-95 per epoch, {variant}]({link.as_posix()})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """The files of one comparison: a plot per variant, summary.md and comparison.json."""
+
+    plots: dict[str, Path]
+    summary_md: Path
+    comparison_json: Path
+
+
+def write_comparison_report(
+    comparison: Comparison,
+    decision: GateDecision,
+    summaries: Sequence[RunSummary],
+    fp_map50_95: Mapping[str, float | None],
+    variants: Sequence[str],
+    out_dir: Path,
+) -> ComparisonReport:
+    """Plot every variant's curves, then write summary.md (embedding them) and comparison.json, atomically."""
+    plots = {
+        variant: plot_map_curves(
+            [s for s in summaries if s.variant == variant], out_dir / f"{variant}_map50_95.png",
+            f"{variant} W4A16 QAT: mAP50-95 per epoch", fp_map50_95=fp_map50_95.get(variant),
+        )
+        for variant in variants
+    }
+    summary_md = write_text_atomic(
+        out_dir / "summary.md", render_summary_md(comparison, decision, plots, relative_to=out_dir)
+    )
+    comparison_json = write_json_atomic(out_dir / "comparison.json", comparison.to_dict())
+    return ComparisonReport(plots, summary_md, comparison_json)
