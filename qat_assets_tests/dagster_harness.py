@@ -29,10 +29,15 @@ def step_failure_messages(result) -> list[str]:
     ]
 
 
+def latest_materialization(instance: DagsterInstance, path: str, partition: str | None = None):
+    records = instance.fetch_materializations(key(path), limit=100).records
+    return next(r.asset_materialization for r in records if partition is None or r.asset_materialization.partition == partition)
+
+
 def latest_metadata(instance: DagsterInstance, path: str, partition: str | None = None) -> dict:
-    if partition is None:
-        event = instance.get_latest_materialization_event(key(path))
-    else:
-        events = instance.fetch_materializations(key(path), limit=100).records
-        event = next(e for e in events if e.asset_materialization.partition == partition)
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return {k: v.value for k, v in latest_materialization(instance, path, partition).metadata.items()}
+
+
+def data_version(instance: DagsterInstance, path: str, partition: str | None = None) -> str | None:
+    """The data version Dagster recorded on the latest materialization (the `dagster/data_version` tag)."""
+    return latest_materialization(instance, path, partition).tags.get("dagster/data_version")

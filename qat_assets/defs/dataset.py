@@ -1,7 +1,7 @@
 """`coco_subset` and `calibration_subset`: light steps, run in the Dagster process (no torch)."""
 
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
 from qat_assets.core import layout
 from qat_assets.core.calibration import select_calibration_subset
@@ -34,7 +34,10 @@ def _materialize_coco_subset(context: AssetExecutionContext, settings) -> Materi
         coco_root, layout.subset_dir(root), train_images=settings.train_images, val_images=settings.val_images,
         seed=settings.subset_seed, skip_bad_items=settings.skip_bad_items, source=source, log=context.log.info,
     )
-    return MaterializeResult(metadata=subset_metadata(subset, settings.as_metadata()))
+    # The fingerprint is a sha256 over the selected images, their labels and the conversion settings.
+    return MaterializeResult(
+        metadata=subset_metadata(subset, settings.as_metadata()), data_version=DataVersion(subset.fingerprint)
+    )
 
 
 def subset_metadata(subset: SubsetResult, settings: dict[str, str]) -> dict:
@@ -70,5 +73,6 @@ def calibration_subset(context: AssetExecutionContext, experiment: ExperimentSet
             "fingerprint": calibration.fingerprint,
             "subset_fingerprint": subset.fingerprint,
             "dataset_yaml": MetadataValue.path(str(calibration.dataset_yaml)),
-        }
+        },
+        data_version=DataVersion(calibration.fingerprint),
     )

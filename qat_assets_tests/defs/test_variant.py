@@ -11,7 +11,8 @@ import torch
 from qat_assets.core import layout
 from qat_assets.core.artifacts import sha256_file
 from qat_assets.core.summary import RunSummary
-from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
+from qat_assets.core.code_versions import source_code_version
+from qat_assets_tests.dagster_harness import data_version, key, latest_metadata, run_assets, step_failure_messages
 
 
 def test_one_partition_goes_from_data_to_verdict(storage, instance):
@@ -42,6 +43,17 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
     assert summary.qc is not None and summary.qc.map50_95_before == qc["map50_95_before"]
     verdict = latest_metadata(instance, "yolo10n/stability_verdict", "ema|0")
     assert verdict["qat_status"] in {"completed-success", "completed-failed"}
+
+    # Every materialization carries its artifact's sha256 as data version, and the heavy steps a code version.
+    assert data_version(instance, "yolo10n/pretrained_checkpoint") == pretrained["sha256"]
+    assert data_version(instance, "yolo10n/qat_checkpoint", "ema|0") == sha256_file(Path(qat["checkpoint"]))
+    assert data_version(instance, "yolo10n/qc_checkpoint", "ema|0") == sha256_file(Path(qc["checkpoint"]))
+    assert data_version(instance, "yolo10n/stability_verdict", "ema|0") == sha256_file(verdict["run_summary"])
+    subset = latest_metadata(instance, "coco_subset")
+    assert data_version(instance, "coco_subset") == subset["fingerprint"]
+    assert data_version(instance, "calibration_subset") == latest_metadata(instance, "calibration_subset")["fingerprint"]
+    code_versions = instance.get_latest_materialization_code_versions([key("yolo10n/qat_checkpoint")])
+    assert code_versions[key("yolo10n/qat_checkpoint")] == source_code_version("qat")
 
     # Each epoch's progress reached the run's log from the worker, as it happened.
     messages = [record.event_log_entry.user_message for record in instance.get_records_for_run(result.run_id).records]
