@@ -7,7 +7,7 @@ backfill cron); everything else is resolved when a step runs. Loading imports no
 from dagster import Definitions
 
 from qat_assets.defs.dataset import calibration_subset, coco_subset
-from qat_assets.defs.decision.assets import comparison, gate, gate_passed
+from qat_assets.defs.decision.assets import comparison, gate
 from qat_assets.defs.variant.assets import variant_assets
 from qat_assets.core.settings import load_settings
 from qat_assets.defs.automation.jobs import build_jobs
@@ -29,7 +29,6 @@ defs = Definitions(
         comparison,
         gate,
     ],
-    asset_checks=[gate_passed],
     jobs=list(jobs.values()),
     sensors=[
         build_yolo10m_sensor(graph_settings.seeds, jobs["yolo10m_pretrained_job"], jobs["yolo10m_partition_job"])

@@ -1,27 +1,24 @@
 """`comparison` (tables, plots, summary.md) and `gate` (the decision, with its blocking check)."""
 
-import json
-from pathlib import Path
-
 from dagster import (
-    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     MaterializeResult,
     MetadataValue,
     asset,
-    asset_check,
 )
 
 from qat_assets.core import layout
-from qat_assets.core.artifacts import read_sidecar, write_json_atomic, write_text_atomic
+from qat_assets.core.artifacts import read_sidecar, write_json_atomic
 from qat_assets.core.comparison import build_comparison
 from qat_assets.core.gate import GateDecision, decide_gate
-from qat_assets.core.plots import plot_map_curves, render_summary_md
+from qat_assets.core.plots import write_comparison_report
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, Settings
 from qat_assets.core.summary import RunSummary
+from qat_assets.defs.decision.gating import GATE_KEY
 from qat_assets.defs.metadata import png_markdown
 from qat_assets.defs.resources import ExperimentSettings
 
@@ -59,39 +56,59 @@ def gate_decision(settings: Settings, summaries: list[RunSummary], references: d
 def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """baseline / baseline+QC / EMA / EMA+QC per variant and seed, means over seeds, plots and summary.md."""
     settings = experiment.settings()
-    out_dir = layout.comparison_dir(settings.artifact_root())
     summaries = collect_summaries(settings)
     references = fp_references(settings)
     result = build_comparison(summaries, references)
-    plots: dict[str, Path] = {}
-    for variant in VALIDATION_VARIANTS:
-        runs = [s for s in summaries if s.variant == variant]
-        plots[variant] = plot_map_curves(
-            runs, out_dir / f"{variant}_map50_95.png", f"{variant} W4A16 QAT: mAP50-95 per epoch",
-            fp_map50_95=references.get(variant, {}).get("map50_95"),
-        )
     decision = gate_decision(settings, summaries, references)
-    summary_md = write_text_atomic(
-        out_dir / "summary.md", render_summary_md(result, decision, plots, relative_to=out_dir)
+    report = write_comparison_report(
+        result, decision, summaries, {v: r.get("map50_95") for v, r in references.items()}, VALIDATION_VARIANTS,
+        layout.comparison_dir(settings.artifact_root()),
     )
-    write_json_atomic(out_dir / "comparison.json", result.to_dict())
     context.log.info(f"{len(summaries)} run summaries compared; {decision.headline()}")
     return MaterializeResult(
         metadata={
             "runs": len(summaries),
             "table": MetadataValue.md(result.to_markdown()),
-            "summary_md": MetadataValue.path(str(summary_md)),
-            **{f"{v}_plot": MetadataValue.md(png_markdown(p, f"{v}: mAP50-95 per epoch")) for v, p in plots.items()},
+            "summary_md": MetadataValue.path(str(report.summary_md)),
+            **{
+                f"{v}_plot": MetadataValue.md(png_markdown(p, f"{v}: mAP50-95 per epoch"))
+                for v, p in report.plots.items()
+            },
             "gate_preview": decision.headline(),
         }
     )
 
 
-@asset(group_name="decision", deps=[comparison], kinds={"python"})
+# The gate's checks, evaluated from the decision the gate has just made (no second read of gate.json).
+# One spec and one result function per check: a new check is one more entry in each.
+GATE_CHECK_SPECS = [
+    AssetCheckSpec(
+        "gate_passed", asset=GATE_KEY, blocking=True,
+        description="The gate decision; blocks the yolo10m chain (downstream of gate) when it fails.",
+    ),
+]
+
+
+def gate_passed_result(decision: GateDecision) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name="gate_passed",
+        passed=decision.passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=decision.headline(),
+        metadata={"reasons": MetadataValue.json(decision.reasons)},
+    )
+
+
+def gate_check_results(decision: GateDecision) -> list[AssetCheckResult]:
+    return [gate_passed_result(decision)]
+
+
+@asset(key=GATE_KEY, group_name="decision", deps=[comparison], kinds={"python"}, check_specs=GATE_CHECK_SPECS)
 def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """Passes only if, for yolo10n and yolo10s, enough EMA+QC seeds are complete, comparable and stable.
 
-    Always materializes: the decision (passed or not, with every reason) is the data.
+    Always materializes: the decision (passed or not, with every reason) is the data. Its blocking
+    check `gate_passed` carries the same decision, so a failing gate stops the yolo10m chain.
     """
     settings = experiment.settings()
     decision = gate_decision(settings, collect_summaries(settings), fp_references(settings))
@@ -107,19 +124,6 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
             "min_seeds": decision.min_seeds,
             "seeds": MetadataValue.json(list(settings.seeds)),
             "gate_json": MetadataValue.path(str(path)),
-        }
-    )
-
-
-@asset_check(asset=gate, blocking=True, description="Mirrors the gate decision; blocks downstream work when it fails.")
-def gate_passed(context: AssetCheckExecutionContext, experiment: ExperimentSettings) -> AssetCheckResult:
-    path = layout.gate_file(experiment.settings().artifact_root())
-    decision = GateDecision.from_dict(json.loads(path.read_text())) if path.is_file() else None
-    if decision is None:
-        return AssetCheckResult(passed=False, severity=AssetCheckSeverity.ERROR, description="gate.json is missing")
-    return AssetCheckResult(
-        passed=decision.passed,
-        severity=AssetCheckSeverity.ERROR,
-        description=decision.headline(),
-        metadata={"reasons": MetadataValue.json(decision.reasons)},
+        },
+        check_results=gate_check_results(decision),
     )

@@ -8,16 +8,17 @@ request, hand it to the launcher and turn the result into metadata.
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetsDefinition, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetsDefinition, DataVersion, Failure, MaterializeResult, asset
 
 from qat_assets.defs.dataset import calibration_subset, coco_subset
 from qat_assets.core import layout
-from qat_assets.core.artifacts import ArtifactError, read_sidecar
+from qat_assets.core.artifacts import ArtifactError, read_sidecar, sha256_file
 from qat_assets.core.calibration import CalibrationResult
+from qat_assets.core.code_versions import source_code_version
 from qat_assets.core.coco import SubsetResult
 from qat_assets.core.requests import PretrainRequest, QATRequest, QCRequest
 from qat_assets.core.verdict import build_run_summary
-from qat_assets.defs.decision.gating import require_passing_gate
+from qat_assets.defs.decision.gating import GATE_KEY, require_passing_gate
 from qat_assets.core.settings import Settings
 from qat_assets.defs.metadata import (
     clear_failures,
@@ -32,6 +33,19 @@ from qat_assets.defs.resources import ExperimentSettings
 from qat_assets.execution.launcher import HeavyStepLauncher
 
 HEAVY_POOL = "gpu"
+# Derived from the source of the core modules each step runs (core/code_versions.py), so the UI marks
+# materializations stale after a change of the training, QAT or QC code.
+CODE_VERSIONS = {
+    "pretrained_checkpoint": source_code_version("pretrain"),
+    "qat_checkpoint": source_code_version("qat"),
+    "qc_checkpoint": source_code_version("qc_stage"),
+    "stability_verdict": source_code_version("verdict"),
+}
+
+
+def checkpoint_result(metadata: dict, result: dict) -> MaterializeResult:
+    """The materialization of a heavy step: its metadata, and the checkpoint's sha256 as the data version."""
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(result["sha256"]))
 
 
 def read_upstream_sidecar(checkpoint: Path, upstream_asset: str, partition: str | None = None) -> dict:
@@ -55,8 +69,11 @@ class StageInputs:
 
 
 def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[AssetsDefinition]:
+    """`gated`: the chain sits downstream of `gate` (whose blocking check then stops it) and each step
+    also refuses to run, with the gate's reasons, when launched by hand behind a gate that did not pass."""
     partitions = run_partitions(seeds)
     group = variant
+    pretrained_deps = [coco_subset, GATE_KEY] if gated else [coco_subset]
 
     def stage_inputs(context: AssetExecutionContext, experiment: ExperimentSettings, asset_name: str) -> StageInputs:
         if gated:
@@ -68,7 +85,8 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         method, seed = method_and_seed(context.partition_key) if context.has_partition_key else (None, None)
         return StageInputs(settings, settings.artifact_root(), subset, method, seed)
 
-    @asset(key_prefix=[variant], name="pretrained_checkpoint", group_name=group, deps=[coco_subset], pool=HEAVY_POOL, kinds={"pytorch"})
+    @asset(key_prefix=[variant], name="pretrained_checkpoint", group_name=group, deps=pretrained_deps, pool=HEAVY_POOL, kinds={"pytorch"},
+            code_version=CODE_VERSIONS["pretrained_checkpoint"])
     def pretrained_checkpoint(
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
     ) -> MaterializeResult:
@@ -81,11 +99,12 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
             names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out_dir,
             settings=inputs.settings,
         )
-        return MaterializeResult(metadata=pretrain_metadata(launcher.run(context, "pretrain", request, out_dir)))
+        result = launcher.run(context, "pretrain", request, out_dir)
+        return checkpoint_result(pretrain_metadata(result), result)
 
     @asset(
         key_prefix=[variant], name="qat_checkpoint", group_name=group, partitions_def=partitions,
-        deps=[pretrained_checkpoint], pool=HEAVY_POOL, kinds={"pytorch"},
+        deps=[pretrained_checkpoint], pool=HEAVY_POOL, kinds={"pytorch"}, code_version=CODE_VERSIONS["qat_checkpoint"],
     )
     def qat_checkpoint(
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
@@ -105,11 +124,12 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         result = launcher.run(context, "qat", request, out_dir)
         if result.get("diverged_at_epoch"):
             context.log.warning(f"{variant} {context.partition_key}: diverged at epoch {result['diverged_at_epoch']}")
-        return MaterializeResult(metadata=qat_metadata(result))
+        return checkpoint_result(qat_metadata(result), result)
 
     @asset(
         key_prefix=[variant], name="qc_checkpoint", group_name=group, partitions_def=partitions,
         deps=[qat_checkpoint, calibration_subset], pool=HEAVY_POOL, kinds={"pytorch"},
+        code_version=CODE_VERSIONS["qc_checkpoint"],
     )
     def qc_checkpoint(
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
@@ -126,11 +146,14 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
             calibration_yaml=calibration.dataset_yaml, calibration_fingerprint=calibration.fingerprint,
             dataset_yaml=inputs.subset.dataset_yaml, out_dir=out_dir, settings=inputs.settings,
         )
-        return MaterializeResult(metadata=qc_metadata(launcher.run(context, "qc", request, out_dir)))
+        result = launcher.run(context, "qc", request, out_dir)
+        if result.get("skipped"):  # no checkpoint: the reason is the data
+            return MaterializeResult(metadata=qc_metadata(result), data_version=DataVersion(f"skipped: {result['skipped']}"))
+        return checkpoint_result(qc_metadata(result), result)
 
     @asset(
         key_prefix=[variant], name="stability_verdict", group_name=group, partitions_def=partitions,
-        deps=[qat_checkpoint, qc_checkpoint], kinds={"python"},
+        deps=[qat_checkpoint, qc_checkpoint], kinds={"python"}, code_version=CODE_VERSIONS["stability_verdict"],
     )
     def stability_verdict(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
         """`run_summary.json`, classified twice: the QAT run alone, and QAT + QC."""
@@ -152,6 +175,9 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
             f"{variant} {context.partition_key}: QAT {summary.stability_qat.status} ({summary.stability_qat.reason}); "
             f"QAT+QC {summary.stability_qat_qc.status} ({summary.stability_qat_qc.reason})"
         )
-        return MaterializeResult(metadata={**verdict_metadata(summary, path), "history": history_table(qat["history"])})
+        return MaterializeResult(
+            metadata={**verdict_metadata(summary, path), "history": history_table(qat["history"])},
+            data_version=DataVersion(sha256_file(path)),
+        )
 
     return [pretrained_checkpoint, qat_checkpoint, qc_checkpoint, stability_verdict]
