@@ -1,43 +1,42 @@
-"""Nightly seed backfill: every yolo10n/yolo10s partition that is missing or whose latest run failed."""
+"""Nightly seed backfill: every yolo10n/yolo10s partition that is missing or failed, none in progress.
 
-from dagster import AssetKey, DagsterRunStatus, RunRequest, RunsFilter, ScheduleEvaluationContext, SkipReason, schedule
+The status of each partition comes from Dagster (`get_status_by_partition`: materialized, failed or
+in progress, per asset), over every asset the partition job materializes.
+"""
 
-from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS
-from qat_assets.defs.variant.partitions import partition_key
+from dagster import AssetKey, AssetPartitionStatus, RunRequest, ScheduleEvaluationContext, SkipReason, schedule
 
-IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
-PARTITION_TAG = "dagster/partition"
+from qat_assets.core.settings import VALIDATION_VARIANTS
+from qat_assets.defs.automation.jobs import PARTITIONED_STAGES
+from qat_assets.defs.variant.partitions import run_partitions
+
+PARTITIONED_KEYS = [AssetKey([variant, stage]) for variant in VALIDATION_VARIANTS for stage in PARTITIONED_STAGES]
 
 
-def partitions_to_backfill(instance, job_name: str, seeds: tuple[int, ...]) -> list[str]:
-    """Keys missing a verdict for either variant, or whose latest run failed; none already in flight."""
-    verdicts = {
-        v: instance.get_materialized_partitions(AssetKey([v, "stability_verdict"])) for v in VALIDATION_VARIANTS
-    }
+def partitions_to_backfill(instance, seeds: tuple[int, ...]) -> list[str]:
+    """Keys where some asset of the partition job is missing or failed, and none is in progress."""
+    partitions_def = run_partitions(seeds)
+    keys = partitions_def.get_partition_keys()
+    statuses = [instance.get_status_by_partition(asset, keys, partitions_def) or {} for asset in PARTITIONED_KEYS]
     wanted = []
-    for method in METHODS:
-        for seed in seeds:
-            key = partition_key(method, seed)
-            runs = instance.get_runs(RunsFilter(job_name=job_name, tags={PARTITION_TAG: key}), limit=1)
-            latest = runs[0] if runs else None
-            if latest is not None and latest.status in IN_FLIGHT:
-                continue
-            missing = any(key not in done for done in verdicts.values())
-            failed = latest is not None and latest.status == DagsterRunStatus.FAILURE
-            if missing or failed:
-                wanted.append(key)
-    return wanted
+    for key in keys:
+        of_key = [status.get(key) for status in statuses]
+        if AssetPartitionStatus.IN_PROGRESS in of_key:
+            continue
+        if any(s in (None, AssetPartitionStatus.FAILED) for s in of_key):
+            wanted.append(key)
+    return sorted(wanted)
 
 
 def build_seed_backfill_schedule(seeds: tuple[int, ...], partition_job, cron: str):
     @schedule(
         name="seed_backfill", cron_schedule=cron, job=partition_job,
-        description="Requests every yolo10n/yolo10s method|seed partition that is missing or whose latest run failed.",
+        description="Requests every yolo10n/yolo10s method|seed partition that is missing or failed (none in progress).",
     )
     def seed_backfill(context: ScheduleEvaluationContext):
-        keys = partitions_to_backfill(context.instance, partition_job.name, seeds)
+        keys = partitions_to_backfill(context.instance, seeds)
         if not keys:
-            return SkipReason("every yolo10n/yolo10s partition has a verdict and no failed latest run")
+            return SkipReason("every yolo10n/yolo10s partition is materialized or in progress, none failed")
         stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
         return [RunRequest(run_key=f"backfill-{stamp}-{key}", partition_key=key) for key in keys]
 
