@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from dagster import AssetKey
+from dagster import AssetKey, AssetSelection
 
 from qat_assets.core.settings import VARIANTS
 from qat_assets.definitions import defs
@@ -55,3 +55,19 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("QAT_SEEDS")}
+
+
+def test_the_yolo10m_chain_is_downstream_of_the_gate_and_its_blocking_check():
+    graph = defs.resolve_asset_graph()
+    assert AssetKey("gate") in graph.get(AssetKey(["yolo10m", "pretrained_checkpoint"])).parent_keys
+    assert AssetKey("gate") not in graph.get(AssetKey(["yolo10n", "pretrained_checkpoint"])).parent_keys
+    downstream = AssetSelection.assets("gate").downstream().resolve(graph)
+    assert {AssetKey(["yolo10m", stage]) for stage in (*HEAVY, "stability_verdict")} <= downstream
+    (check,) = [spec for spec in defs.get_assets_def(AssetKey("gate")).check_specs if spec.name == "gate_passed"]
+    assert check.blocking
+
+
+def test_heavy_assets_carry_code_versions():
+    graph = defs.resolve_asset_graph()
+    for stage in HEAVY:
+        assert graph.get(AssetKey(["yolo10s", stage])).code_version
