@@ -1,20 +1,24 @@
 """`qat-ladder`: the whole yolo10n/yolo10s validation ladder against the persistent instance.
 
-Runs the same jobs the UI and the schedule run, through Dagster's multiprocess executor and the `gpu`
-pool of the instance in DAGSTER_HOME: the foundation (dataset, calibration set, FP checkpoints), one
-run per method|seed partition (QAT, QC, verdict for both variants), then the comparison and the gate.
-Ends by printing the comparison and the gate decision; `dagster dev -w workspace.yaml` afterwards
-shows every run and materialization.
+Three steps, all visible in `dagster dev -w workspace.yaml` afterwards: the foundation job (dataset,
+calibration set, FP checkpoints); a Dagster backfill of `validation_partition_job` over every
+method|seed partition (QAT, QC, verdict for both variants), submitted with `dagster job backfill`
+and launched by the instance's run queue, so the `gpu` pool bounds heavy steps across its runs; then
+the comparison and the gate. Ends by printing the comparison and the gate decision.
 """
 
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from dagster import DagsterInstance, execute_job, reconstructable
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, load_settings
@@ -31,16 +35,14 @@ telemetry:
   enabled: false
 """
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-# A gate that does not pass fails only its blocking check: that is a result, not a broken ladder.
-GATE_CHECK_STEP = "gate_gate_passed"
+PARTITION_JOB = "validation_partition_job"
+LADDER_TAG = "qat-ladder"
+FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+POLL_SECONDS = 2.0
 
 
 def foundation_job():
     return defs.resolve_job_def("foundation_job")
-
-
-def validation_partition_job():
-    return defs.resolve_job_def("validation_partition_job")
 
 
 def decision_job():
@@ -57,10 +59,6 @@ def prepare_instance_home() -> Path:
     return home
 
 
-def failed_steps(result) -> set[str]:
-    return {event.step_key for event in result.all_events if event.is_step_failure}
-
-
 def worker_seconds(instance: DagsterInstance, run_id: str) -> float:
     """Seconds the heavy workers reported for a run (training and evaluation, not orchestration)."""
     total = 0.0
@@ -71,6 +69,75 @@ def worker_seconds(instance: DagsterInstance, run_id: str) -> float:
     return total
 
 
+def only_the_gate_check_failed(result) -> bool:
+    """A gate that does not pass fails its step through the blocking check: a result, not a broken ladder."""
+    failed_steps = {event.step_key for event in result.all_events if event.is_step_failure}
+    evaluations = result.get_asset_check_evaluations()
+    return failed_steps == {"gate"} and any(not e.passed for e in evaluations) and bool(
+        result.asset_materializations_for_node("gate")
+    )
+
+
+def dagster_cli(*args: str) -> str:
+    """Run `dagster ARGS` against this code location (same interpreter and environment); its output."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "dagster", *args, "-m", "qat_assets"], capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"`dagster {' '.join(args)}` failed:\n{completed.stdout}{completed.stderr}")
+    return completed.stdout
+
+
+def submit_partition_backfill(keys: list[str]) -> str:
+    """Submit a backfill of the partition job over `keys`; its id. The instance queues one run per key."""
+    output = dagster_cli(
+        "job", "backfill", "-j", PARTITION_JOB, "--partitions", ",".join(keys), "--noprompt",
+        "--tags", json.dumps({LADDER_TAG: "true"}),
+    )
+    match = re.search(r"Launched backfill job `([^`]+)`", output)
+    if match is None:
+        raise RuntimeError(f"`dagster job backfill` printed no backfill id:\n{output}")
+    return match.group(1)
+
+
+@contextmanager
+def run_queue(home: Path) -> Iterator[None]:
+    """A `dagster-daemon` for this instance while the backfill runs: its run queue launches the queued
+    runs (each in its own process). Started here only when no daemon is already heartbeating."""
+    if subprocess.run([str(Path(sys.executable).parent / "dagster-daemon"), "liveness-check"],
+                      capture_output=True).returncode == 0:
+        yield
+        return
+    with open(home / "qat-ladder-daemon.log", "a") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "qat_assets"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+
+
+def wait_for_backfill(instance: DagsterInstance, backfill_id: str, expected_runs: int) -> list:
+    """Poll the backfill's runs until all finished, printing each as it ends; the finished runs."""
+    reported: set[str] = set()
+    while True:
+        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+        for run in runs:
+            if run.status in FINISHED and run.run_id not in reported:
+                reported.add(run.run_id)
+                record = instance.get_run_record_by_id(run.run_id)
+                seconds = (record.end_time or 0) - (record.start_time or record.end_time or 0)
+                status = "ok" if run.status == DagsterRunStatus.SUCCESS else run.status.value
+                print(f"=== [{len(reported)}/{expected_runs}] QAT+QC+verdict {run.tags['dagster/partition']}: "
+                      f"{status} in {seconds:.0f}s (run {run.run_id})", flush=True)
+        if len(runs) >= expected_runs and all(run.status in FINISHED for run in runs):
+            return runs
+        time.sleep(POLL_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-ladder", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-foundation", action="store_true", help="reuse the dataset and FP checkpoints")
@@ -78,27 +145,40 @@ def main(argv: list[str] | None = None) -> int:
     home = prepare_instance_home()
     settings = load_settings()
     print(f"qat-ladder: profile {settings.profile}, seeds {list(settings.seeds)}, instance {home}", flush=True)
-    plan = [] if args.skip_foundation else [("foundation", foundation_job, None)]
-    plan += [("QAT+QC+verdict", validation_partition_job, partition_key(m, s)) for m in METHODS for s in settings.seeds]
-    plan += [("comparison+gate", decision_job, None)]
+    keys = [str(partition_key(m, s)) for m in METHODS for s in settings.seeds]
 
     failures: list[str] = []
     started = time.time()
     heavy = 0.0
     with DagsterInstance.get() as instance:
-        for index, (label, job, key) in enumerate(plan, start=1):
-            title = f"[{index}/{len(plan)}] {label}" + (f" {key}" if key else "")
-            print(f"\n=== {title}", flush=True)
+
+        def run_job(label: str, job) -> None:
+            nonlocal heavy
+            print(f"\n=== {label}", flush=True)
             run_started = time.time()
-            tags = {"qat-ladder": "true", **({"dagster/partition": key} if key else {})}
             result = execute_job(
-                reconstructable(job), instance=instance, run_config=RUN_CONFIG, raise_on_error=False, tags=tags
+                reconstructable(job), instance=instance, run_config=RUN_CONFIG, raise_on_error=False,
+                tags={LADDER_TAG: "true"},
             )
             heavy += worker_seconds(instance, result.run_id)
-            status = "ok" if result.success else "FAILED"
-            print(f"=== {title}: {status} in {time.time() - run_started:.0f}s (run {result.run_id})", flush=True)
-            if not result.success and failed_steps(result) != {GATE_CHECK_STEP}:
-                failures.append(f"{title} (run {result.run_id})")
+            print(f"=== {label}: {'ok' if result.success else 'FAILED'} in {time.time() - run_started:.0f}s "
+                  f"(run {result.run_id})", flush=True)
+            if not result.success and not only_the_gate_check_failed(result):
+                failures.append(f"{label} (run {result.run_id})")
+
+        if not args.skip_foundation:
+            run_job("foundation", foundation_job)
+        if not failures:
+            backfill_id = submit_partition_backfill(keys)
+            print(f"\n=== backfill {backfill_id} of {PARTITION_JOB}: {len(keys)} partitions "
+                  f"(`dagster dev` lists it under Backfills)", flush=True)
+            with run_queue(home):
+                runs = wait_for_backfill(instance, backfill_id, len(keys))
+            for run in runs:
+                heavy += worker_seconds(instance, run.run_id)
+                if run.status != DagsterRunStatus.SUCCESS:
+                    failures.append(f"QAT+QC+verdict {run.tags['dagster/partition']} (run {run.run_id})")
+        run_job("comparison+gate", decision_job)
 
     total = time.time() - started
     print_outcome(settings.artifact_root())

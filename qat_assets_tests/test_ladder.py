@@ -1,0 +1,33 @@
+"""`qat-ladder` as a user runs it: a real Dagster backfill the instance lists, then the table and the decision."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+
+def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed_runs(storage, tmp_path, monkeypatch):
+    # Without the foundation the partition runs fail fast (no coco_subset): the backfill's mechanics, the
+    # exit status and the printed outcome are what is tested here, not training (see defs/test_variant.py).
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "QAT_SEEDS": "0"}
+    ladder = Path(sys.executable).parent / "qat-ladder"
+    completed = subprocess.run(
+        [str(ladder), "--skip-foundation"], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    output = completed.stdout
+    assert completed.returncode == 1, output + completed.stderr
+    assert "=== backfill" in output and "2 partitions" in output
+    assert "QAT+QC+verdict baseline|0: FAILURE" in output and "QAT+QC+verdict ema|0: FAILURE" in output
+    assert "full report:" in output  # the comparison table was printed
+    assert "gate NOT PASSED" in output and "yolo10n/stability_verdict ema|0 is missing" in output
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        (backfill,) = instance.get_backfills()
+        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill.backfill_id}))
+        assert sorted(run.tags["dagster/partition"] for run in runs) == ["baseline|0", "ema|0"]
+        assert {run.job_name for run in runs} == {"validation_partition_job"}
+        assert all(run.status == DagsterRunStatus.FAILURE for run in runs)
