@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
@@ -101,26 +101,29 @@ def submit_partition_backfill(keys: list[str]) -> str:
 
 
 @contextmanager
-def run_queue(home: Path) -> Iterator[None]:
+def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
     """A `dagster-daemon` for this instance while the backfill runs: its run queue launches the queued
-    runs (each in its own process). Started here only when no daemon is already heartbeating."""
-    if subprocess.run([str(Path(sys.executable).parent / "dagster-daemon"), "liveness-check"],
-                      capture_output=True).returncode == 0:
-        yield
+    runs (each in its own process). Started here only when no daemon is already heartbeating.
+
+    Yields a function that says why the queue stopped (None while it runs), so waiting never hangs.
+    """
+    daemon_cli = str(Path(sys.executable).parent / "dagster-daemon")
+    if subprocess.run([daemon_cli, "liveness-check"], capture_output=True).returncode == 0:
+        yield lambda: None
         return
-    with open(home / "qat-ladder-daemon.log", "a") as log:
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "qat_assets"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    log_path = home / "qat-ladder-daemon.log"
+    with open(log_path, "a") as log:
+        daemon = subprocess.Popen([daemon_cli, "run", "-m", "qat_assets"], stdout=log, stderr=subprocess.STDOUT)
         try:
-            yield
+            yield lambda: None if daemon.poll() is None else f"dagster-daemon exited ({daemon.returncode}); see {log_path}"
         finally:
             daemon.terminate()
             daemon.wait(timeout=60)
 
 
-def wait_for_backfill(instance: DagsterInstance, backfill_id: str, expected_runs: int) -> list:
+def wait_for_backfill(
+    instance: DagsterInstance, backfill_id: str, expected_runs: int, queue_stopped: Callable[[], str | None]
+) -> list:
     """Poll the backfill's runs until all finished, printing each as it ends; the finished runs."""
     reported: set[str] = set()
     while True:
@@ -135,6 +138,9 @@ def wait_for_backfill(instance: DagsterInstance, backfill_id: str, expected_runs
                       f"{status} in {seconds:.0f}s (run {run.run_id})", flush=True)
         if len(runs) >= expected_runs and all(run.status in FINISHED for run in runs):
             return runs
+        stopped = queue_stopped()
+        if stopped:
+            raise RuntimeError(f"backfill {backfill_id} cannot finish: {stopped}")
         time.sleep(POLL_SECONDS)
 
 
@@ -172,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             backfill_id = submit_partition_backfill(keys)
             print(f"\n=== backfill {backfill_id} of {PARTITION_JOB}: {len(keys)} partitions "
                   f"(`dagster dev` lists it under Backfills)", flush=True)
-            with run_queue(home):
-                runs = wait_for_backfill(instance, backfill_id, len(keys))
+            with run_queue(home) as queue_stopped:
+                runs = wait_for_backfill(instance, backfill_id, len(keys), queue_stopped)
             for run in runs:
                 heavy += worker_seconds(instance, run.run_id)
                 if run.status != DagsterRunStatus.SUCCESS:

@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
+
+from qat_assets.ladder import decision_job, only_the_gate_check_failed
 
 
 def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed_runs(storage, tmp_path, monkeypatch):
@@ -31,3 +33,9 @@ def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed
         assert sorted(run.tags["dagster/partition"] for run in runs) == ["baseline|0", "ema|0"]
         assert {run.job_name for run in runs} == {"validation_partition_job"}
         assert all(run.status == DagsterRunStatus.FAILURE for run in runs)
+
+
+def test_a_gate_that_does_not_pass_is_a_result_not_a_failed_ladder(storage, instance):
+    result = execute_job(reconstructable(decision_job), instance=instance, raise_on_error=False)
+    assert not result.success  # the blocking check failed the gate's step
+    assert only_the_gate_check_failed(result)

@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 
 from dagster import (
-    AssetKey,
     DagsterRunStatus,
     RunRequest,
     RunsFilter,
@@ -28,7 +27,6 @@ from qat_assets.core.settings import METHODS
 from qat_assets.defs.decision.gating import latest_gate
 from qat_assets.defs.variant.partitions import partition_key
 
-YOLO10M_PRETRAINED = AssetKey(["yolo10m", "pretrained_checkpoint"])
 PRETRAINED = "pretrained"
 MAX_ATTEMPTS = 3  # per target and passing gate: the first run and two retries
 RUN_KEY_TAG = "dagster/run_key"  # set by the sensor daemon on every run it launches from a run key
