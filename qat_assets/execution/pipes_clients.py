@@ -8,16 +8,31 @@ messages come back through the job's logs). Importing dagster_ray does not impor
 
 from __future__ import annotations
 
-from dagster import PipesClient, PipesSubprocessClient
-from dagster_ray import PipesRayJobClient
+from typing import Any
+
+from dagster import PipesClient, PipesClientCompletedInvocation, PipesSubprocessClient
+from dagster_ray import PipesRayJobClient, PipesRayJobMessageReader
 
 from qat_assets.core.settings import Settings
+
+
+class RayJobPipesClient(PipesRayJobClient):
+    """dagster-ray's client with a fresh message reader for every run.
+
+    dagster-ray 0.4.8 builds one PipesRayJobMessageReader per client; once a run has closed its session,
+    the reader's `session_closed` flag stays set, so a second step in the same process (the in-process
+    executor, a test) would read none of its job's messages. The reader is swapped before each run.
+    """
+
+    def run(self, *, context: Any, submit_job_params: Any, extras: Any = None) -> PipesClientCompletedInvocation:
+        self._message_reader = PipesRayJobMessageReader()
+        return super().run(context=context, submit_job_params=submit_job_params, extras=extras)
 
 
 def pipes_client_for(settings: Settings) -> PipesClient:
     if settings.launcher == "ray":
         # forward_termination: a terminated Dagster step stops its Ray job, so no GPU is held by an orphan.
-        return PipesRayJobClient(address=settings.ray_address, forward_termination=True, poll_interval=1.0)
+        return RayJobPipesClient(address=settings.ray_address, forward_termination=True, poll_interval=1.0)
     return PipesSubprocessClient()
 
 
