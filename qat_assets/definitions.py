@@ -1,7 +1,8 @@
 """The code location: every asset, check, resource, job, sensor and schedule, assembled once.
 
 Settings are resolved at load time only for what shapes the graph (the seeds of the partitions and the
-backfill cron); everything else is resolved when a step runs. Loading imports no torch.
+backfill cron) and for the deployment's launcher (QAT_LAUNCHER: local subprocesses or a Ray cluster);
+everything else is resolved when a step runs. Loading imports no torch and no ray.
 """
 
 from dagster import Definitions
@@ -13,6 +14,7 @@ from qat_assets.core.settings import load_settings
 from qat_assets.defs.automation.jobs import build_jobs
 from qat_assets.defs.resources import ExperimentSettings
 from qat_assets.execution.launcher import HeavyStepLauncher
+from qat_assets.execution.pipes_clients import pipes_client_for
 from qat_assets.defs.automation.schedules import build_seed_backfill_schedule
 from qat_assets.defs.automation.sensors import build_yolo10m_sensor
 
@@ -36,5 +38,8 @@ defs = Definitions(
     schedules=[
         build_seed_backfill_schedule(graph_settings.seeds, jobs["validation_partition_job"], graph_settings.backfill_cron)
     ],
-    resources={"experiment": ExperimentSettings(), "launcher": HeavyStepLauncher()},
+    resources={
+        "experiment": ExperimentSettings(),
+        "launcher": HeavyStepLauncher(pipes_client=pipes_client_for(graph_settings)),
+    },
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, Definitions
 
 from qat_assets.definitions import defs
 
@@ -13,9 +13,20 @@ def key(path: str) -> AssetKey:
     return AssetKey(path.split("/"))
 
 
-def run_assets(instance: DagsterInstance, paths: Sequence[str], partition: str | None = None):
-    """Materialize `paths` (e.g. "yolo10n/qat_checkpoint") in-process; failures are returned, not raised."""
-    job = defs.resolve_implicit_global_asset_job_def()
+def run_assets(
+    instance: DagsterInstance, paths: Sequence[str], partition: str | None = None, resources: dict | None = None
+):
+    """Materialize `paths` (e.g. "yolo10n/qat_checkpoint") in-process; failures are returned, not raised.
+
+    `resources` replaces the code location's resources of those names (e.g. a launcher on Ray), the way
+    the code location would bind them when loaded with other settings.
+    """
+    definitions = defs
+    if resources:
+        definitions = Definitions(
+            assets=defs.assets, asset_checks=defs.asset_checks, resources={**defs.resources, **resources}
+        )
+    job = definitions.resolve_implicit_global_asset_job_def()
     return job.execute_in_process(
         instance=instance, asset_selection=[key(p) for p in paths], partition_key=partition, raise_on_error=False
     )

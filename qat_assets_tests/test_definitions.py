@@ -51,6 +51,22 @@ def test_loading_the_code_location_does_not_import_torch():
     assert out.strip() == "[]"
 
 
+def test_the_launcher_setting_picks_the_pipes_client_when_the_code_location_loads():
+    code = (
+        "import sys; from qat_assets.definitions import defs;"
+        "print(type(defs.resources['launcher'].pipes_client).__name__, 'ray' in sys.modules)"
+    )
+    clients = {
+        launcher: subprocess.run(
+            [sys.executable, "-c", code], env={**_env(), **env}, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for launcher, env in (
+            ("local", {}), ("ray", {"QAT_LAUNCHER": "ray", "QAT_RAY_ADDRESS": "http://head:8265"}),
+        )
+    }
+    assert clients == {"local": ["PipesSubprocessClient", "False"], "ray": ["RayJobPipesClient", "False"]}
+
+
 def _env():
     import os
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ProfileName = Literal["smoke", "embedded", "coco"]
 VARIANTS = ("yolo10n", "yolo10s", "yolo10m")
@@ -81,6 +81,13 @@ class Settings(BaseModel):
     # Execution
     device: str = Field("", description="cpu, cuda:0, ...; empty picks the first GPU if any, else CPU")
     storage: Path | None = Field(None, description="artifact root; default $DAGSTER_HOME/artifacts")
+    launcher: Literal["local", "ray"] = Field(
+        "local", description="where heavy steps run: local subprocesses, or Ray jobs on the cluster at ray_address"
+    )
+    ray_address: str = Field("", description="Ray dashboard (job submission) address, http://HEAD:8265")
+    ray_gpus_per_step: float | None = Field(
+        None, ge=0, description="GPUs each Ray job asks for; unset: 1 when the device is cuda*, else 0"
+    )
 
     @field_validator("device")
     @classmethod
@@ -89,6 +96,33 @@ class Settings(BaseModel):
         if not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)?", value):
             raise ValueError(f"device {value!r} is not one of cpu, mps, cuda, cuda:N (for several GPUs use QAT_GPU_IDS)")
         return value
+
+    @field_validator("ray_address")
+    @classmethod
+    def _check_ray_address(cls, value: str) -> str:
+        # dagster-ray submits jobs through the dashboard's HTTP API; a `ray://` client address is a different server.
+        if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError(
+                f"ray_address {value!r} is not the Ray dashboard address; use http://HEAD_HOST:8265 "
+                "(the job-submission server, not ray:// or HOST:6379)"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> "Settings":
+        if self.launcher == "ray" and not self.ray_address:
+            raise ValueError("launcher 'ray' needs ray_address: set QAT_RAY_ADDRESS=http://HEAD_HOST:8265")
+        if self.launcher == "local" and (self.ray_address or self.ray_gpus_per_step is not None):
+            raise ValueError(
+                "ray_address / ray_gpus_per_step are set but launcher is 'local'; set QAT_LAUNCHER=ray to use the cluster"
+            )
+        return self
+
+    def ray_gpus(self) -> float:
+        """GPUs one Ray job asks for: one when the run targets CUDA, none on CPU, unless set explicitly."""
+        if self.ray_gpus_per_step is not None:
+            return self.ray_gpus_per_step
+        return 1.0 if self.device.startswith("cuda") else 0.0
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -194,6 +228,7 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
         return Settings(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"QAT_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            f"QAT_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in exc.errors()
         )
         raise SettingsError(f"invalid settings for profile {profile!r}: {problems}") from None

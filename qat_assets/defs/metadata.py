@@ -59,6 +59,7 @@ def checkpoint_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": round(float(result["seconds"]), 1),
         "device": result["device"],
         "settings": MetadataValue.json(result["settings"]),
+        "execution": MetadataValue.json(result["execution"]),  # launcher, GPU / Ray job: where the step ran
     }
 
 

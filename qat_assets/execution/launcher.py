@@ -1,7 +1,13 @@
-"""The launcher of heavy worker processes: `python -m qat_assets.execution.worker STEP` through dagster-pipes."""
+"""The launcher of heavy workers: `python -m qat_assets.execution.worker STEP` through an injected Pipes client.
 
-from __future__ import annotations
+Locally (`PipesSubprocessClient`) the worker is a subprocess that takes a GPU with the file lock in
+gpu_slots.py and writes its output to a log file. On Ray (`PipesRayJobClient`) it is a Ray job that
+asks the cluster for the GPU it needs; Ray places it and the job's own log holds its output. Either
+way the worker's log lines, per-epoch progress and final result come back through dagster-pipes, and
+a worker that dies fails only its step, with the tail of its log.
+"""
 
+# No `from __future__ import annotations`: Dagster reads the ResourceDependency annotation at runtime.
 import os
 import sys
 from pathlib import Path
@@ -12,15 +18,19 @@ from dagster import (
     ConfigurableResource,
     Failure,
     MetadataValue,
-    PipesSubprocessClient,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    ResourceDependency,
 )
-from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level
 from pydantic import BaseModel
 
 from qat_assets.core.settings import Settings
 from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
+from qat_assets.execution.pipes_clients import launcher_kind
+from qat_assets.execution.ray_jobs import RayStep
 
 LOG_TAIL_LINES = 25
+WORKER_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -30,38 +40,30 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class HeavyStepLauncher(ConfigurableResource):
-    """Runs `python -m qat_assets.execution.worker STEP` through dagster-pipes, one GPU per worker.
+    """Runs `python -m qat_assets.execution.worker STEP` through `pipes_client`, one GPU per worker.
 
-    `gpu_ids` (default: QAT_GPU_IDS) lists the GPUs to share out; with it set and a CUDA device, each
-    worker gets its own CUDA_VISIBLE_DEVICES and uses cuda:0 inside it.
+    `pipes_client` is chosen per deployment by `pipes_client_for(settings)` (QAT_LAUNCHER). On the local
+    path, `gpu_ids` (default: QAT_GPU_IDS) lists the GPUs to share out with the file lock; on Ray the
+    cluster places each job on a GPU itself.
     """
 
+    pipes_client: ResourceDependency[PipesClient]
     gpu_ids: str = ""
 
     def run(self, context: AssetExecutionContext, step: str, request: BaseModel, out_dir: Path) -> dict[str, Any]:
         settings: Settings = request.settings  # every request carries the resolved settings
+        kind = launcher_kind(self.pipes_client)
+        if settings.launcher != kind:
+            raise Failure(
+                description=f"this code location runs heavy steps with the {kind!r} launcher (QAT_LAUNCHER when it "
+                f"loaded), but the run's settings ask for {settings.launcher!r}; the launcher is a deployment "
+                "choice: set QAT_LAUNCHER (and QAT_RAY_ADDRESS) where the code location runs, not in run config"
+            )
         log_file = out_dir / f"{step}_worker.log"
-        gpu_ids = parse_gpu_ids(self.gpu_ids or os.environ.get("QAT_GPU_IDS", ""))
-        wants_cuda = settings.device.startswith("cuda") or (not settings.device and bool(gpu_ids))
-        env = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1"}
-        with gpu_slot(settings.artifact_root() / ".gpu_locks", gpu_ids if wants_cuda else []) as gpu_id:
-            if gpu_id is not None:
-                env["CUDA_VISIBLE_DEVICES"] = gpu_id
-                request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
-                context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
-            context.log.info(f"{step}: starting worker; its full log is {log_file}")
-            try:
-                invocation = PipesSubprocessClient().run(
-                    context=context,
-                    command=[sys.executable, "-m", "qat_assets.execution.worker", step, "--log-file", str(log_file)],
-                    extras={"request": request.model_dump(mode="json")},
-                    env=env,
-                )
-            except DagsterPipesExecutionError as exc:
-                raise Failure(
-                    description=f"the {step} worker died ({exc}); last lines of {log_file}:\n{log_tail(log_file)}",
-                    metadata={"worker_log": MetadataValue.path(str(log_file))},
-                ) from None
+        if kind == "ray":
+            invocation, execution = self._run_on_ray(context, step, request, log_file)
+        else:
+            invocation, execution = self._run_locally(context, step, request, log_file)
         messages = invocation.get_custom_messages()
         if not messages:
             raise Failure(description=f"the {step} worker exited without a result; see {log_file}")
@@ -71,4 +73,60 @@ class HeavyStepLauncher(ConfigurableResource):
                 description=f"{step} failed: {result['error']}",
                 metadata={"worker_log": MetadataValue.path(str(log_file))},
             )
-        return result
+        return {**result, "execution": execution}
+
+    def _run_locally(
+        self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path
+    ) -> tuple[PipesClientCompletedInvocation, dict[str, Any]]:
+        settings: Settings = request.settings
+        gpu_ids = parse_gpu_ids(self.gpu_ids or os.environ.get("QAT_GPU_IDS", ""))
+        wants_cuda = settings.device.startswith("cuda") or (not settings.device and bool(gpu_ids))
+        env = dict(WORKER_ENV)
+        with gpu_slot(settings.artifact_root() / ".gpu_locks", gpu_ids if wants_cuda else []) as gpu_id:
+            if gpu_id is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu_id
+                request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
+                context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
+            context.log.info(f"{step}: starting worker; its full log is {log_file}")
+            try:
+                invocation = self.pipes_client.run(
+                    context=context,
+                    command=[sys.executable, "-m", "qat_assets.execution.worker", step, "--log-file", str(log_file)],
+                    extras={"request": request.model_dump(mode="json")},
+                    env=env,
+                )
+            # The client raises a private error type when the process exits non-zero; its message has the code.
+            except Exception as exc:
+                raise Failure(
+                    description=f"the {step} worker died ({exc}); last {LOG_TAIL_LINES} lines of {log_file}:\n"
+                    f"{log_tail(log_file)}",
+                    metadata={"worker_log": MetadataValue.path(str(log_file))},
+                ) from None
+        return invocation, {"launcher": "local", "gpu": gpu_id}
+
+    def _run_on_ray(
+        self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path
+    ) -> tuple[PipesClientCompletedInvocation, dict[str, Any]]:
+        ray_step = RayStep.plan(context, step, request, env=WORKER_ENV)
+        context.log.info(
+            f"{step}: submitting Ray job {ray_step.job_id} to {request.settings.ray_address} "
+            f"asking for {ray_step.num_gpus:g} GPU(s); its log is kept in {log_file}"
+        )
+        try:
+            invocation = self.pipes_client.run(
+                context=context,
+                submit_job_params=ray_step.submit_job_params(),
+                extras={"request": ray_step.request.model_dump(mode="json")},
+            )
+        except Exception as exc:  # dagster-ray raises RuntimeError for a FAILED or STOPPED job
+            status = ray_step.save_log(self.pipes_client.client, log_file)
+            raise Failure(
+                description=f"the {step} Ray job {ray_step.job_id} did not finish (status {status}: {exc}); "
+                f"last {LOG_TAIL_LINES} lines of its log:\n{log_tail(log_file)}",
+                metadata={"worker_log": MetadataValue.path(str(log_file)), "ray_job_id": ray_step.job_id},
+            ) from None
+        ray_step.save_log(self.pipes_client.client, log_file)
+        return invocation, {
+            "launcher": "ray", "ray_address": request.settings.ray_address, "ray_job_id": ray_step.job_id,
+            "gpus": ray_step.num_gpus,
+        }

@@ -1,8 +1,11 @@
 """Runs one heavy step (pretrain, qat, qc) in its own process and reports back through dagster-pipes.
 
-Launched by `HeavyStepLauncher` as `python -m qat_assets.execution.worker STEP --log-file PATH`; the request comes
-in the pipes extras. Everything the libraries print (and a traceback or a fatal-signal dump) goes to the
-log file, whose tail the launcher shows when the process dies; progress lines go to the Dagster run log.
+Launched by `HeavyStepLauncher` as `python -m qat_assets.execution.worker STEP [--log-file PATH]`; the request
+comes in the pipes extras. Locally (`--log-file`), everything the libraries print (and a traceback or a
+fatal-signal dump) goes to the log file, whose tail the launcher shows when the process dies. As a Ray
+job (no `--log-file`), output stays on stdout/stderr: Ray keeps it as the job's log, and the Pipes
+messages travel in that same stream, so redirecting it would drop them. Progress lines go to the
+Dagster run log either way.
 An expected failure (bad input, a broken checkpoint) is sent back as one `{"error": ...}` message, so the
 step fails with that sentence rather than a stack trace.
 
@@ -15,6 +18,7 @@ import argparse
 import faulthandler
 import json
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -55,11 +59,25 @@ def redirect_output(log_file: Path) -> Any:
     return handle
 
 
+def unseen_inputs(request: Any) -> list[str]:
+    """The request's input files and folders this machine cannot see (they live under QAT_STORAGE)."""
+    paths = {name: value for name, value in request if isinstance(value, Path) and name != "out_dir"}
+    paths["QAT_STORAGE"] = request.settings.artifact_root()
+    return [f"{name}={path}" for name, path in paths.items() if not path.exists()]
+
+
 def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
     """Run the step; expected failures come back as {"error": message} instead of raising."""
     request_model, run = step_runner(step)
     try:
         request = request_model.model_validate(payload)
+        missing = unseen_inputs(request)
+        if missing:
+            return {
+                "error": f"the {step} worker on {socket.gethostname()} cannot see its inputs ({', '.join(missing)}); "
+                "QAT_STORAGE must be a path every node mounts at the same place (NFS or the like)",
+                "error_type": "InputsNotVisible",
+            }
         return run(request, log)
     except Exception as exc:
         if type(exc).__name__ not in EXPECTED_ERRORS:
@@ -71,7 +89,7 @@ def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qat_assets.execution.worker", description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["pretrain", "qat", "qc"])
-    parser.add_argument("--log-file", type=Path, required=True)
+    parser.add_argument("--log-file", type=Path, help="send all output here (default: keep stdout/stderr)")
     parser.add_argument("--request", type=Path, help="run outside Dagster: JSON request file")
     parser.add_argument("--result", type=Path, help="run outside Dagster: where to write the JSON result")
     args = parser.parse_args(argv)
@@ -80,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
     if args.request is not None:
+        if args.log_file is None:
+            parser.error("--request needs --log-file")
         log_handle = redirect_output(args.log_file)
 
         def log(message: str) -> None:
@@ -91,15 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.result or args.log_file.with_suffix(".result.json"), result)
         return 2 if "error" in result else 0
 
-    from dagster_pipes import open_dagster_pipes
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
+    messages_params = PipesEnvVarParamsLoader().load_messages_params()
+    if args.log_file is not None and {"stdio", "buffered_stdio"} & set(messages_params):
+        raise SystemExit("--log-file would redirect stdout/stderr, which carry this worker's Pipes messages; drop it")
     with open_dagster_pipes() as pipes:
-        log_handle = redirect_output(args.log_file)
+        if args.log_file is not None:
+            log_handle = redirect_output(args.log_file)
+        else:
+            log_handle = sys.stdout
+            faulthandler.enable()
 
         def log(message: str) -> None:
             print(message, file=log_handle, flush=True)
             pipes.log.info(message)
 
+        log(
+            f"{args.step} worker on {socket.gethostname()} (pid {os.getpid()}), "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
+        )
         result = execute(args.step, pipes.extras["request"], log)
         pipes.report_custom_message(json.loads(json.dumps(result, default=str)))
     return 0

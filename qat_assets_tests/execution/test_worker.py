@@ -122,3 +122,17 @@ def test_an_expected_failure_is_one_error_message_not_a_crash(pretrained, tmp_pa
     assert start_worker(request, out_dir).wait(timeout=300) == 2
     result = json.loads((out_dir / "result.json").read_text())
     assert result["error_type"] == "ArtifactError" and "damaged.pt" in result["error"]
+
+
+def test_inputs_this_machine_cannot_see_are_one_error_naming_the_shared_storage(pretrained, tmp_path):
+    # What a Ray node without the shared QAT_STORAGE mount sees: the path exists only on the submitting machine.
+    out_dir = tmp_path / "qat"
+    request = qat_request(pretrained, out_dir)
+    payload = json.loads(request.read_text())
+    payload["pretrained_checkpoint"] = "/mnt/only-on-the-head/pretrained.pt"
+    request.write_text(json.dumps(payload))
+    assert start_worker(request, out_dir).wait(timeout=300) == 2
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["error_type"] == "InputsNotVisible"
+    assert "pretrained_checkpoint=/mnt/only-on-the-head/pretrained.pt" in result["error"]
+    assert "QAT_STORAGE must be a path every node mounts" in result["error"]
