@@ -17,7 +17,7 @@ from dagster import (
 
 from qat_assets.core import layout
 from qat_assets.core.artifacts import read_sidecar, write_json_atomic, write_text_atomic
-from qat_assets.core.comparison import build_comparison
+from qat_assets.core.comparison import build_comparison, deployment_markdown
 from qat_assets.core.gate import GateDecision, decide_gate
 from qat_assets.core.plots import plot_map_curves, render_summary_md
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, Settings
@@ -48,6 +48,16 @@ def fp_references(settings: Settings) -> dict[str, dict]:
     return references
 
 
+def collect_onnx_results(settings: Settings) -> list[dict]:
+    """Results of the `{v}/onnx_model` partitions materialized so far (optional: the report shows what exists)."""
+    root = settings.artifact_root()
+    paths = [
+        layout.run_dir(root, variant, "onnx_model", method, seed) / "onnx_model.json"
+        for variant in VALIDATION_VARIANTS for method in METHODS for seed in settings.seeds
+    ]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
 def gate_decision(settings: Settings, summaries: list[RunSummary], references: dict[str, dict]) -> GateDecision:
     return decide_gate(
         summaries, seeds=list(settings.seeds), variants=VALIDATION_VARIANTS, min_seeds=settings.gate_min_seeds,
@@ -62,7 +72,8 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
     out_dir = layout.comparison_dir(settings.artifact_root())
     summaries = collect_summaries(settings)
     references = fp_references(settings)
-    result = build_comparison(summaries, references)
+    onnx_results = collect_onnx_results(settings)
+    result = build_comparison(summaries, references, onnx_results)
     plots: dict[str, Path] = {}
     for variant in VALIDATION_VARIANTS:
         runs = [s for s in summaries if s.variant == variant]
@@ -72,7 +83,8 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
         )
     decision = gate_decision(settings, summaries, references)
     summary_md = write_text_atomic(
-        out_dir / "summary.md", render_summary_md(result, decision, plots, relative_to=out_dir)
+        out_dir / "summary.md",
+        render_summary_md(result, decision, plots, relative_to=out_dir) + "\n" + deployment_markdown(onnx_results),
     )
     write_json_atomic(out_dir / "comparison.json", result.to_dict())
     context.log.info(f"{len(summaries)} run summaries compared; {decision.headline()}")
