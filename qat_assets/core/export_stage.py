@@ -22,6 +22,7 @@ from .quantize import freeze_quantized_weights, quantize_w4a16
 from .requests import ExportRequest
 
 W4_NAME = "w4a16_qcdq.onnx"
+INT4_NAME = "w4a16_int4.onnx"
 FP_NAME = "fp32.onnx"
 RESULT_NAME = "onnx_model.json"
 # The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP.
@@ -54,6 +55,19 @@ def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[
             )
             failures.append(f"ONNX {key} differs from PyTorch by {delta:+.4f} (goal within {MAP_GOAL_ABS}); {where}")
     return failures
+
+
+def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
+    """The INT4-storage variant of the QCDQ file, and how far its onnxruntime outputs are from the QCDQ file's."""
+    path = onnx_export.save_graph(destination, onnx_export.int4_storage(qcdq_graph))
+    feed = {onnx_export.INPUT_NAME: images.numpy()}
+    (qcdq,) = onnx_export.runtime_session(qcdq_graph).run([onnx_export.OUTPUT_NAME], feed)
+    (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
+    return {
+        "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
+        "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx_export.onnx.load(str(path)))),
+        "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
+    }
 
 
 def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict:
@@ -93,13 +107,18 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     log(f"{label}: mAP50-95 onnxruntime {onnx_metrics['map50_95']:.4f} vs PyTorch {torch_metrics['map50_95']:.4f}; "
         f"mAP50 {onnx_metrics['map50']:.4f} vs {torch_metrics['map50']:.4f}")
     failures = goal_failures(head, map_delta, divergence)
+    int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
+    if int4 is not None:
+        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB, outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
+        if int4["max_rel_vs_qcdq"] > PARITY_GOAL_REL:
+            failures.append(f"the INT4-storage file differs from the QCDQ file by {int4['max_rel_vs_qcdq']:.2e} relative")
 
     result = {
         "variant": request.variant, "method": request.method, "seed": request.seed, "source": request.source,
         "source_checkpoint": str(request.checkpoint), "source_sha256": request.checkpoint_sha256,
         "w4_onnx": str(w4_path), "w4_bytes": w4_path.stat().st_size, "w4_sha256": sha256_file(w4_path),
         "fp_onnx": str(fp_path), "fp_bytes": fp_path.stat().st_size, "fp_sha256": sha256_file(fp_path),
-        "opset": settings.onnx_opset, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
+        "opset": settings.onnx_opset, "int4": int4, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
         "weight_tensors": onnx_export.precision_counts(precisions), "conv_weights": precisions,
         "op_counts": onnx_export.op_counts(graph),
         "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),

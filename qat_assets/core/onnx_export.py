@@ -95,6 +95,62 @@ def export_float(model: nn.Module, destination: Path, *, imgsz: int, opset: int,
     return destination
 
 
+INT4_OPSET = 21  # first opset whose DequantizeLinear takes INT4 inputs
+
+
+def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network with every weight whose Clip range fits 4 bits stored as packed INT4 (opset 21).
+
+    Brevitas' QCDQ exporter stores 4-bit weights in int8 (Clip keeps them in [-7, 7]); ONNX opset 21 lets
+    DequantizeLinear read INT4 directly, which halves those weights on disk. Neither Brevitas nor onnx ships
+    this repacking (onnxruntime's quantizers start from float models), so it is done here on the exported
+    graph: same integers, same scales, the Clip dropped because INT4 cannot leave the range anyway.
+    """
+    from onnx import version_converter
+
+    model = version_converter.convert_version(graph_model, INT4_OPSET)
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {output: node for node in graph.node for output in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    dropped, packed = [], {}
+
+    def as_int4(name: str) -> str:  # zero points are shared between layers: pack each initializer once
+        if name not in packed:
+            values = constants[name]
+            packed[name] = name + "_int4"
+            graph.initializer.append(
+                onnx.helper.make_tensor(packed[name], onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
+            )
+        return packed[name]
+
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        clip = producer.get(node.input[0])
+        if clip is None or clip.op_type != "Clip" or clip.input[0] not in constants:
+            continue
+        low, high = (int(constants[name]) for name in clip.input[1:3])
+        if integer_range_bits(low, high) > 4:
+            continue
+        node.input[0], node.input[2] = as_int4(clip.input[0]), as_int4(node.input[2])
+        dropped.append(clip)
+    for clip in dropped:
+        graph.node.remove(clip)
+    used = {name for node in graph.node for name in node.input}
+    for name, init in initializers.items():
+        if name not in used:
+            graph.initializer.remove(init)
+    return model
+
+
+def save_graph(destination: Path, graph_model: onnx.ModelProto) -> Path:
+    onnx.checker.check_model(graph_model)
+    with atomic_path(destination) as tmp:
+        onnx.save(graph_model, str(tmp))
+    return destination
+
+
 # --- what the graph holds ----------------------------------------------------------------------------
 
 
@@ -107,11 +163,18 @@ def integer_range_bits(low: int, high: int) -> int:
     return int(np.ceil(np.log2(max(-low, high + 1)))) + 1
 
 
+STORED_RANGES = {
+    onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT4: (-8, 7), onnx.TensorProto.UINT4: (0, 15),
+}
+
+
 def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]:
     """For each Conv: its name and how its weight is stored (bits of the integer range, or float)."""
     graph = graph_model.graph
     constants = _constants(graph)
     producer = {output: node for node in graph.node for output in node.output}
+    stored_types = {init.name: init.data_type for init in graph.initializer}
     rows = []
     for node in graph.node:
         if node.op_type != "Conv":
@@ -122,9 +185,8 @@ def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]
             stored = producer.get(source.input[0])
             if stored is not None and stored.op_type == "Clip":
                 low, high = (int(constants[name]) for name in stored.input[1:3])
-            else:  # no Clip: the full range of the stored integer type (int8/int4 initializer)
-                info = np.iinfo(constants[source.input[0]].dtype) if source.input[0] in constants else np.iinfo(np.int8)
-                low, high = int(info.min), int(info.max)
+            else:  # no Clip: the full range of the stored integer type (an int8 or INT4 initializer)
+                low, high = STORED_RANGES[stored_types.get(source.input[0], onnx.TensorProto.INT8)]
             row.update(weight="integer", bits=integer_range_bits(low, high), low=low, high=high)
         rows.append(row)
     return rows

@@ -66,3 +66,17 @@ def test_parity_is_tight_and_an_injected_error_is_located(exported):
     divergence = onnx_export.first_divergence(rows, 1e-3)
     assert divergence is not None and divergence["layer"].startswith("model.6 ")
     assert next(r for r in rows if r["layer"].startswith("model.7 "))["max_rel"] > 1e-3  # and it propagates
+
+
+def test_int4_storage_packs_4bit_weights_and_runs_identically(exported, tmp_path):
+    _, path, graph = exported
+    packed = onnx_export.int4_storage(graph)
+    saved = onnx_export.save_graph(tmp_path / "int4.onnx", packed)
+    rows = onnx_export.conv_weight_precisions(packed)
+    assert {(r["low"], r["high"]) for r in rows if r["bits"] == 4} == {(-8, 7)}  # stored as INT4, no Clip left
+    assert onnx_export.op_counts(packed)["Clip"] == onnx_export.precision_counts(rows)["int8"]
+    assert saved.stat().st_size < 0.85 * path.stat().st_size
+    images = {"images": np.random.rand(2, 3, IMGSZ, IMGSZ).astype(np.float32)}
+    (a,) = onnx_export.runtime_session(graph).run(None, images)
+    (b,) = onnx_export.runtime_session(saved).run(None, images)
+    assert onnx_export.relative_difference(a, b) < 1e-6
