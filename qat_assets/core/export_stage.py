@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import onnx
 import torch
 
 from . import onnx_export
@@ -30,15 +31,13 @@ PARITY_GOAL_REL = 1e-3
 MAP_GOAL_ABS = 0.002
 
 
-def load_quantized(request: ExportRequest) -> tuple[torch.nn.Module, dict]:
-    """The W4A16 model to deploy, rebuilt from its state dict, and the sidecar it came with."""
-    sidecar = read_sidecar(request.checkpoint)
-    names = sidecar["names"]
+def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
+    """The W4A16 model to deploy, rebuilt from its state dict (QC: the folded model; QAT: the EMA weights)."""
     state = load_checkpoint(request.checkpoint, request.checkpoint_sha256)
     model = build_detection_model(request.variant, names)
     quantize_w4a16(model, quant_options(request.settings))
     model.load_state_dict(state["model"] if request.source == "qc" else state["ema"])
-    return model.eval(), sidecar
+    return model.eval()
 
 
 def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[str]:
@@ -65,7 +64,7 @@ def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
     (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
     return {
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
-        "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx_export.onnx.load(str(path)))),
+        "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
         "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
     }
 
@@ -79,8 +78,7 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
         reason = f"the {request.source} checkpoint was skipped: {source_sidecar['skipped']}"
         log(f"{label}: export skipped: {reason}")
         return {"skipped": reason}
-    torch.manual_seed(0)
-    model, _ = load_quantized(request)
+    model = load_quantized(request, source_sidecar["names"])
     fp_model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
     out = request.out_dir
     max_det = evaluation_settings(settings.imgsz, settings.batch)["max_det"]
@@ -90,7 +88,7 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     w4_path = onnx_export.export_quantized(model, out / W4_NAME, **shape)
     log(f"{label}: exporting the FP reference ONNX")
     fp_path = onnx_export.export_float(fp_model.eval(), out / FP_NAME, **shape)
-    graph = onnx_export.onnx.load(str(w4_path))
+    graph = onnx.load(str(w4_path))
     precisions = onnx_export.conv_weight_precisions(graph)
 
     images = onnx_export.val_images(request.dataset_yaml, settings.imgsz, settings.onnx_parity_images)
@@ -100,6 +98,7 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     log(f"{label}: onnxruntime vs PyTorch on {len(images)} val images: raw head max abs {head['max_abs']:.3e}, "
         f"max rel {head['max_rel']:.3e}")
 
+    # Both on the CPU: onnxruntime runs there, and the comparison is about the runtime, not the device.
     common = dict(imgsz=settings.imgsz, batch=settings.batch, work_dir=out / "eval")
     torch_metrics = evaluate_model(freeze_quantized_weights(model), request.dataset_yaml, device="cpu", **common)
     onnx_metrics = onnx_export.evaluate_onnx(w4_path, request.dataset_yaml, **common)

@@ -60,9 +60,7 @@ def ultralytics_metadata(model: nn.Module, imgsz: int, description: str) -> dict
 
 def _write_with_metadata(destination: Path, graph: onnx.ModelProto, metadata: dict[str, str]) -> None:
     onnx.helper.set_model_props(graph, metadata)
-    onnx.checker.check_model(graph)
-    with atomic_path(destination) as tmp:
-        onnx.save(graph, str(tmp))
+    save_graph(destination, graph)
 
 
 def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
@@ -145,6 +143,7 @@ def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_graph(destination: Path, graph_model: onnx.ModelProto) -> Path:
+    """Check the graph against the ONNX spec, then write it atomically."""
     onnx.checker.check_model(graph_model)
     with atomic_path(destination) as tmp:
         onnx.save(graph_model, str(tmp))
