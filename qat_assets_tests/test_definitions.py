@@ -6,7 +6,7 @@ from dagster import AssetKey, AssetSelection
 from qat_assets.core.settings import VARIANTS
 from qat_assets.definitions import defs
 
-HEAVY = ("pretrained_checkpoint", "qat_checkpoint", "qc_checkpoint")
+HEAVY = ("pretrained_checkpoint", "qat_checkpoint", "qc_checkpoint", "onnx_model")
 
 
 def test_every_variant_has_its_group_of_assets_and_the_decision_assets_exist():
@@ -45,8 +45,8 @@ def test_adding_a_seed_is_a_setting():
     assert "'ema|7'" in out and "'baseline|7'" in out
 
 
-def test_loading_the_code_location_does_not_import_torch():
-    code = "import sys, qat_assets; print(sorted(m for m in ('torch', 'ultralytics', 'brevitas') if m in sys.modules))"
+def test_loading_the_code_location_does_not_import_torch_or_onnx():
+    code = "import sys, qat_assets.definitions; print(sorted(m for m in ('torch', 'ultralytics', 'brevitas', 'onnx', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

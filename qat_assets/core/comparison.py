@@ -130,6 +130,7 @@ class ComparisonRow(BaseModel):
     final_epoch: int | None
     final_over_best: float | None
     qc_delta: float | None  # only on +QC rows
+    onnx_map50_95: float | None = None  # the exported W4 model in onnxruntime ({v}/onnx_model), on the row it was exported from
     comparable: bool
     not_comparable_reason: str | None
 
@@ -202,10 +203,10 @@ class Comparison(BaseModel):
             parts.append(f"FP reference: {fp}.")
             parts.append(_markdown_table(
                 ["method", "seed", "status", "PTQ", "best (epoch)", "final (epoch)", "final/best", "QC delta",
-                 "comparable", "reason"],
+                 "ONNX mAP", "comparable", "reason"],
                 [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_epoch),
                   _at(r.final, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
-                  "yes" if r.comparable else f"no: {r.not_comparable_reason}", r.reason] for r in variant.rows],
+                  _num(r.onnx_map50_95), "yes" if r.comparable else f"no: {r.not_comparable_reason}", r.reason] for r in variant.rows],
             ))
             parts.append("Per method, over comparable and complete seeds (collapsed runs included):")
             parts.append(_markdown_table(
@@ -220,12 +221,19 @@ class Comparison(BaseModel):
 def build_comparison(
     summaries: Sequence[RunSummary],
     fp_reference: Mapping[str, Mapping[str, Any]] | None = None,
+    onnx_results: Sequence[Mapping[str, Any]] = (),
 ) -> Comparison:
     """Tables per variant: rows baseline / baseline+QC / ema / ema+QC per seed, per-method aggregates and FP.
 
     `fp_reference[variant]` holds `map50_95`, `map50` and `dataset_fingerprint` of the floating-point model.
+    `onnx_results` are `{v}/onnx_model` results; each fills the ONNX mAP of the row its source checkpoint
+    belongs to (the +QC row for `source=qc`).
     """
     fp_reference = fp_reference or {}
+    onnx_map = {
+        (r["variant"], method_label(r["method"], r["source"] == "qc"), r["seed"]): r["onnx_metrics"]["map50_95"]
+        for r in onnx_results if "onnx_metrics" in r
+    }
     fp_fingerprints = {v: str(r["dataset_fingerprint"]) for v, r in fp_reference.items() if r.get("dataset_fingerprint")}
     reference = comparability_reference(summaries)
     non_comparable = find_non_comparable(summaries, reference=reference, fp_dataset_fingerprints=fp_fingerprints)
@@ -233,6 +241,8 @@ def build_comparison(
     for variant in _variant_order({s.variant for s in summaries} | set(fp_reference)):
         runs = sorted((s for s in summaries if s.variant == variant), key=lambda s: (s.method, s.seed))
         rows = [_row(s, with_qc, non_comparable.get(run_id(s))) for s in runs for with_qc in (False, True)]
+        for row in rows:
+            row.onnx_map50_95 = onnx_map.get((row.variant, row.method, row.seed))
         labels = sorted({r.method for r in rows}, key=_label_order)
         fp = fp_reference.get(variant, {})
         variants.append(VariantComparison(
@@ -243,6 +253,26 @@ def build_comparison(
             aggregates=[_aggregate(label, [r for r in rows if r.method == label]) for label in labels],
         ))
     return Comparison(reference=reference, variants=variants)
+
+
+def deployment_markdown(onnx_results: Sequence[Mapping[str, Any]]) -> str:
+    """summary.md section: each exported W4 model's file size against the FP model, and its onnxruntime figures."""
+    done = [r for r in onnx_results if "onnx_metrics" in r]
+    if not done:
+        return "## Deployable W4 model (ONNX)\n\nNo `{v}/onnx_model` materialized yet.\n"
+    table = _markdown_table(
+        ["variant", "run", "source", "W4 QCDQ file", "FP file", "W4/FP", "ONNX mAP50-95", "PyTorch mAP50-95",
+         "head max rel diff", "goals"],
+        [[r["variant"], f"{r['method']}|{r['seed']}", r["source"], f"{r['w4_bytes'] / 1e6:.2f} MB",
+          f"{r['fp_bytes'] / 1e6:.2f} MB", f"{r['w4_bytes'] / r['fp_bytes']:.2f}", _num(r["onnx_metrics"]["map50_95"]),
+          _num(r["torch_metrics"]["map50_95"]), f"{r['parity']['max_rel']:.1e}",
+          "met" if not r["failures"] else "missed: " + "; ".join(r["failures"])] for r in done],
+    )
+    return (
+        "## Deployable W4 model (ONNX)\n\nBrevitas QCDQ export (int8-stored weights clipped to the 4-bit range, "
+        "per-channel DequantizeLinear), run in onnxruntime through Ultralytics' validator with the same settings "
+        f"as every figure above.\n\n{table}\n"
+    )
 
 
 def _row(summary: RunSummary, with_qc: bool, not_comparable_reason: str | None) -> ComparisonRow:

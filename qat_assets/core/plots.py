@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qat_assets.core.artifacts import atomic_path, write_json_atomic, write_text_atomic
-from qat_assets.core.comparison import Comparison
+from qat_assets.core.comparison import Comparison, deployment_markdown
 from qat_assets.core.gate import GateDecision
 from qat_assets.core.summary import RunSummary
 
@@ -135,8 +135,10 @@ def write_comparison_report(
     fp_map50_95: Mapping[str, float | None],
     variants: Sequence[str],
     out_dir: Path,
+    onnx_results: Sequence[Mapping] = (),
 ) -> ComparisonReport:
-    """Plot every variant's curves, then write summary.md (embedding them) and comparison.json, atomically."""
+    """Plot every variant's curves, then write summary.md (embedding them, and the deployable-model section)
+    and comparison.json, atomically."""
     plots = {
         variant: plot_map_curves(
             [s for s in summaries if s.variant == variant], out_dir / f"{variant}_map50_95.png",
@@ -145,7 +147,8 @@ def write_comparison_report(
         for variant in variants
     }
     summary_md = write_text_atomic(
-        out_dir / "summary.md", render_summary_md(comparison, decision, plots, relative_to=out_dir)
+        out_dir / "summary.md",
+        render_summary_md(comparison, decision, plots, relative_to=out_dir) + "\n" + deployment_markdown(onnx_results),
     )
     comparison_json = write_json_atomic(out_dir / "comparison.json", comparison.to_dict())
     return ComparisonReport(plots, summary_md, comparison_json)

@@ -44,3 +44,17 @@ class QCRequest(BaseModel):
     dataset_yaml: Path
     out_dir: Path
     settings: Settings
+
+
+class ExportRequest(BaseModel):
+    variant: str
+    method: Literal["baseline", "ema"]
+    seed: int
+    source: Literal["qc", "qat"]
+    checkpoint: Path
+    checkpoint_sha256: str
+    pretrained_checkpoint: Path
+    pretrained_sha256: str
+    dataset_yaml: Path
+    out_dir: Path
+    settings: Settings

@@ -69,6 +69,14 @@ class Settings(BaseModel):
     qc_lr: float = Field(1e-4, gt=0)
     qc_batch: int = Field(gt=1)
 
+    # Deployment (ONNX export)
+    onnx_source: Literal["qc", "qat"] = Field(
+        "qc", description="export the QC-folded model (qc) or the QAT checkpoint's EMA weights (qat, e.g. an older run)"
+    )
+    onnx_opset: int = Field(17, ge=13, le=21, description="ONNX opset (per-channel DequantizeLinear needs >= 13)")
+    onnx_int4: bool = Field(True, description="also write the W4 file with packed INT4 weights (opset 21 DequantizeLinear)")
+    onnx_parity_images: int = Field(8, gt=0, description="val images in the onnxruntime vs PyTorch parity batch")
+
     # Gate
     seeds: tuple[int, ...] = (0, 1)
     gate_min_seeds: int = Field(2, gt=0)

@@ -126,6 +126,47 @@ def qc_metadata(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
+    """Where the deployable files are, what their weights are stored as, and how closely onnxruntime matches."""
+    if result.get("skipped"):
+        return {"skipped": result["skipped"]}
+    parity, onnx_map, torch_map = result["parity"], result["onnx_metrics"], result["torch_metrics"]
+    return {
+        "source": result["source"],
+        "w4_onnx": MetadataValue.path(result["w4_onnx"]),
+        "w4_bytes": result["w4_bytes"],
+        "fp_onnx": MetadataValue.path(result["fp_onnx"]),
+        "fp_bytes": result["fp_bytes"],
+        "w4_over_fp_size": round(result["w4_bytes"] / result["fp_bytes"], 4),
+        "w4_sha256": result["w4_sha256"],
+        "int4_onnx": MetadataValue.path(result["int4"]["path"]) if result.get("int4") else "not written (QAT_ONNX_INT4=false)",
+        "int4_bytes": result["int4"]["bytes"] if result.get("int4") else None,
+        "int4_max_rel_vs_qcdq": result["int4"]["max_rel_vs_qcdq"] if result.get("int4") else None,
+        "opset": result["opset"],
+        "format": result["format"],
+        "weight_tensors": MetadataValue.json(result["weight_tensors"]),
+        "onnxruntime": result["runtime"]["onnxruntime"],
+        "providers": MetadataValue.json(result["runtime"]["providers"]),
+        "parity_images": result["parity_images"],
+        "parity_max_abs": parity["max_abs"],
+        "parity_max_rel": parity["max_rel"],
+        "onnx_map50_95": onnx_map["map50_95"],
+        "onnx_map50": onnx_map["map50"],
+        "torch_map50_95": torch_map["map50_95"],
+        "torch_map50": torch_map["map50"],
+        "map50_95_delta": result["map_delta"]["map50_95"],
+        "map50_delta": result["map_delta"]["map50"],
+        "first_divergence": MetadataValue.json(result["first_divergence"] or {}),
+        "layer_parity": table(
+            result["layer_parity"],
+            (("layer", "string"), ("max_abs", "float"), ("max_rel", "float"), ("tensor", "string"), ("note", "string")),
+        ),
+        "op_counts": MetadataValue.json(result["op_counts"]),
+        "evaluation": MetadataValue.json(result["evaluation"]),
+        "wall_time_s": round(float(result["seconds"]), 1),
+    }
+
+
 def verdict_metadata(summary: RunSummary, path: Path) -> dict[str, Any]:
     metadata: dict[str, Any] = {"run_summary": MetadataValue.path(str(path))}
     for label, stability in (("qat", summary.stability_qat), ("qat_qc", summary.stability_qat_qc)):

@@ -1,4 +1,4 @@
-"""Runs one heavy step (pretrain, qat, qc) in its own process and reports back through dagster-pipes.
+"""Runs one heavy step (pretrain, qat, qc, export) in its own process and reports back through dagster-pipes.
 
 Launched by `HeavyStepLauncher` as `python -m qat_assets.execution.worker STEP [--log-file PATH]`; the request
 comes in the pipes extras. Locally (`--log-file`), everything the libraries print (and a traceback or a
@@ -44,7 +44,12 @@ def step_runner(step: str) -> tuple[type, Callable[[Any, Callable[[str], None]],
         from qat_assets.core.requests import QCRequest
 
         return QCRequest, run_qc_stage
-    raise SystemExit(f"unknown step {step!r}; expected pretrain, qat or qc")
+    if step == "export":
+        from qat_assets.core.export_stage import run_export_stage
+        from qat_assets.core.requests import ExportRequest
+
+        return ExportRequest, run_export_stage
+    raise SystemExit(f"unknown step {step!r}; expected pretrain, qat, qc or export")
 
 
 def redirect_output(log_file: Path) -> Any:
@@ -88,7 +93,7 @@ def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qat_assets.execution.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["pretrain", "qat", "qc"])
+    parser.add_argument("step", choices=["pretrain", "qat", "qc", "export"])
     parser.add_argument("--log-file", type=Path, help="send all output here (default: keep stdout/stderr)")
     parser.add_argument("--request", type=Path, help="run outside Dagster: JSON request file")
     parser.add_argument("--result", type=Path, help="run outside Dagster: where to write the JSON result")

@@ -101,3 +101,25 @@ def test_empty_comparison_renders():
     assert comparison.variants == [] and comparison.reference is None
     assert comparison.to_dataframe().empty
     assert comparison.to_markdown() == "No runs to compare yet.\n"
+
+
+def test_onnx_map_lands_on_the_row_it_was_exported_from_and_sizes_reach_the_report():
+    from qat_assets.core.comparison import deployment_markdown
+
+    runs = group()
+    exported = {
+        "variant": "yolo10n", "method": "ema", "seed": 1, "source": "qc", "w4_bytes": 3_000_000,
+        "fp_bytes": 9_000_000, "onnx_metrics": {"map50_95": 0.3141}, "torch_metrics": {"map50_95": 0.3140},
+        "parity": {"max_rel": 2e-6}, "failures": [],
+    }
+    comparison = build_comparison(runs, onnx_results=[exported])
+    rows = {(r["method"], r["seed"]): r["onnx_map50_95"] for r in comparison.rows()}
+    assert rows[("ema+QC", 1)] == 0.3141
+    assert all(value is None for key, value in rows.items() if key != ("ema+QC", 1))
+    assert "ONNX mAP" in comparison.to_markdown() and "0.3141" in comparison.to_markdown()
+    # An export of the plain QAT checkpoint belongs to the QAT row.
+    comparison = build_comparison(runs, onnx_results=[{**exported, "source": "qat"}])
+    assert {(r["method"], r["seed"]): r["onnx_map50_95"] for r in comparison.rows()}[("ema", 1)] == 0.3141
+    section = deployment_markdown([exported])
+    assert "3.00 MB" in section and "9.00 MB" in section and "0.33" in section and "met" in section
+    assert "No `{v}/onnx_model`" in deployment_markdown([])

@@ -45,6 +45,16 @@ def fp_references(settings: Settings) -> dict[str, dict]:
     return references
 
 
+def collect_onnx_results(settings: Settings) -> list[dict]:
+    """Results of the `{v}/onnx_model` partitions materialized so far (optional: the report shows what exists)."""
+    root = settings.artifact_root()
+    paths = [
+        layout.run_dir(root, variant, "onnx_model", method, seed) / "onnx_model.json"
+        for variant in VALIDATION_VARIANTS for method in METHODS for seed in settings.seeds
+    ]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
 def gate_decision(settings: Settings, summaries: list[RunSummary], references: dict[str, dict]) -> GateDecision:
     return decide_gate(
         summaries, seeds=list(settings.seeds), variants=VALIDATION_VARIANTS, min_seeds=settings.gate_min_seeds,
@@ -58,11 +68,12 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
     settings = experiment.settings()
     summaries = collect_summaries(settings)
     references = fp_references(settings)
-    result = build_comparison(summaries, references)
+    onnx_results = collect_onnx_results(settings)
+    result = build_comparison(summaries, references, onnx_results)
     decision = gate_decision(settings, summaries, references)
     report = write_comparison_report(
         result, decision, summaries, {v: r.get("map50_95") for v, r in references.items()}, VALIDATION_VARIANTS,
-        layout.comparison_dir(settings.artifact_root()),
+        layout.comparison_dir(settings.artifact_root()), onnx_results,
     )
     context.log.info(f"{len(summaries)} run summaries compared; {decision.headline()}")
     return MaterializeResult(

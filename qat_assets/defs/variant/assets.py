@@ -1,5 +1,5 @@
 """The per-variant assets, built by one factory: `{v}/pretrained_checkpoint`, `{v}/qat_checkpoint`,
-`{v}/qc_checkpoint` and `{v}/stability_verdict` (the last three partitioned by method × seed).
+`{v}/qc_checkpoint`, `{v}/stability_verdict` and `{v}/onnx_model` (all but the first partitioned by method × seed).
 
 Heavy steps run in a worker process under the `gpu` pool; the functions here only assemble the
 request, hand it to the launcher and turn the result into metadata.
@@ -8,7 +8,18 @@ request, hand it to the launcher and turn the result into metadata.
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetsDefinition, DataVersion, Failure, MaterializeResult, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from qat_assets.defs.dataset import calibration_subset, coco_subset
 from qat_assets.core import layout
@@ -16,13 +27,14 @@ from qat_assets.core.artifacts import ArtifactError, read_sidecar, sha256_file
 from qat_assets.core.calibration import CalibrationResult
 from qat_assets.core.code_versions import source_code_version
 from qat_assets.core.coco import SubsetResult
-from qat_assets.core.requests import PretrainRequest, QATRequest, QCRequest
+from qat_assets.core.requests import ExportRequest, PretrainRequest, QATRequest, QCRequest
 from qat_assets.core.verdict import build_run_summary
 from qat_assets.defs.decision.gating import GATE_KEY, require_passing_gate
 from qat_assets.core.settings import Settings
 from qat_assets.defs.metadata import (
     clear_failures,
     history_table,
+    onnx_metadata,
     pretrain_metadata,
     qat_metadata,
     qc_metadata,
@@ -40,6 +52,7 @@ CODE_VERSIONS = {
     "qat_checkpoint": source_code_version("qat"),
     "qc_checkpoint": source_code_version("qc_stage"),
     "stability_verdict": source_code_version("verdict"),
+    "onnx_model": source_code_version("export_stage"),
 }
 
 
@@ -180,4 +193,42 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
             data_version=DataVersion(sha256_file(path)),
         )
 
-    return [pretrained_checkpoint, qat_checkpoint, qc_checkpoint, stability_verdict]
+    @asset(
+        key_prefix=[variant], name="onnx_model", group_name=group, partitions_def=partitions,
+        deps=[qc_checkpoint, pretrained_checkpoint], pool=HEAVY_POOL, kinds={"onnx"},
+        code_version=CODE_VERSIONS["onnx_model"],
+        check_specs=[AssetCheckSpec(
+            "onnx_matches_pytorch", asset=AssetKey([variant, "onnx_model"]), blocking=True,
+            description="onnxruntime reproduces the PyTorch fake-quant model: raw head outputs and val mAP",
+        )],
+    )
+    def onnx_model(
+        context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
+    ) -> MaterializeResult:
+        """Deployable W4A16 QCDQ ONNX (Brevitas) of the QC-folded model (or, by setting, the QAT checkpoint) and
+        the FP reference ONNX, checked against PyTorch in onnxruntime."""
+        inputs = stage_inputs(context, experiment, "onnx_model")
+        source = inputs.settings.onnx_source
+        stage = "qc_checkpoint" if source == "qc" else "qat_checkpoint"
+        checkpoint = layout.run_dir(inputs.root, variant, stage, inputs.method, inputs.seed) / f"{stage}.pt"
+        sidecar = read_upstream_sidecar(checkpoint, f"{variant}/{stage}", context.partition_key)
+        pretrained = layout.pretrained_dir(inputs.root, variant) / "pretrained.pt"
+        pretrained_sidecar = read_upstream_sidecar(pretrained, f"{variant}/pretrained_checkpoint")
+        out_dir = layout.run_dir(inputs.root, variant, "onnx_model", inputs.method, inputs.seed)
+        request = ExportRequest(
+            variant=variant, method=inputs.method, seed=inputs.seed, source=source, checkpoint=checkpoint,
+            checkpoint_sha256=sidecar.get("sha256", ""), pretrained_checkpoint=pretrained,
+            pretrained_sha256=pretrained_sidecar["sha256"], dataset_yaml=inputs.subset.dataset_yaml,
+            out_dir=out_dir, settings=inputs.settings,
+        )
+        result = launcher.run(context, "export", request, out_dir)
+        failures = [result["skipped"]] if result.get("skipped") else result["failures"]
+        check = AssetCheckResult(
+            check_name="onnx_matches_pytorch", passed=not failures,
+            description="; ".join(failures) if failures else "raw head outputs and mAP match PyTorch within the goals",
+            metadata={k: result[k] for k in ("parity", "map_delta") if k in result},
+        )
+        data_version = DataVersion(result.get("w4_sha256") or f"skipped: {result.get('skipped')}")
+        return MaterializeResult(metadata=onnx_metadata(result), check_results=[check], data_version=data_version)
+
+    return [pretrained_checkpoint, qat_checkpoint, qc_checkpoint, stability_verdict, onnx_model]

@@ -1,0 +1,131 @@
+"""The export stage of one (variant, method, seed): a W4A16 checkpoint in, deployable ONNX files out, checked.
+
+The W4 file is exported from the QC-folded model (`source=qc`) or from a QAT checkpoint's EMA weights
+(`source=qat`, for runs that never went through QC); the FP file from the variant's pretrained checkpoint.
+Then onnxruntime is compared with the PyTorch fake-quant model on real val images, and the W4 file's
+mAP is measured through Ultralytics' validator next to the PyTorch figure for the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import onnx
+import torch
+
+from . import onnx_export
+from .artifacts import load_checkpoint, read_sidecar, sha256_file, write_json_atomic
+from .evaluate import evaluate_model, evaluation_settings
+from .models import build_detection_model, load_float_model
+from .qat import quant_options
+from .quantize import freeze_quantized_weights, quantize_w4a16
+from .requests import ExportRequest
+
+W4_NAME = "w4a16_qcdq.onnx"
+INT4_NAME = "w4a16_int4.onnx"
+FP_NAME = "fp32.onnx"
+RESULT_NAME = "onnx_model.json"
+# The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP.
+PARITY_GOAL_REL = 1e-3
+MAP_GOAL_ABS = 0.002
+
+
+def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
+    """The W4A16 model to deploy, rebuilt from its state dict (QC: the folded model; QAT: the EMA weights)."""
+    state = load_checkpoint(request.checkpoint, request.checkpoint_sha256)
+    model = build_detection_model(request.variant, names)
+    quantize_w4a16(model, quant_options(request.settings))
+    model.load_state_dict(state["model"] if request.source == "qc" else state["ema"])
+    return model.eval()
+
+
+def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[str]:
+    """One sentence per missed goal; the parity sentence names the first layer where outputs diverge."""
+    failures = []
+    if head["max_rel"] > PARITY_GOAL_REL:
+        where = f"first diverging at {divergence['layer']} (relative {divergence['max_rel']})" if divergence else ""
+        failures.append(f"raw head outputs differ by {head['max_rel']:.2e} relative (goal <= {PARITY_GOAL_REL:g}); {where}")
+    for key, delta in map_delta.items():
+        if abs(delta) > MAP_GOAL_ABS:
+            where = (
+                f"first layer over {PARITY_GOAL_REL:g}: {divergence['layer']}" if divergence
+                else f"no layer differs by more than {PARITY_GOAL_REL:g}, so the gap comes after the head (top-k, evaluation)"
+            )
+            failures.append(f"ONNX {key} differs from PyTorch by {delta:+.4f} (goal within {MAP_GOAL_ABS}); {where}")
+    return failures
+
+
+def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
+    """The INT4-storage variant of the QCDQ file, and how far its onnxruntime outputs are from the QCDQ file's."""
+    path = onnx_export.save_graph(destination, onnx_export.int4_storage(qcdq_graph))
+    feed = {onnx_export.INPUT_NAME: images.numpy()}
+    (qcdq,) = onnx_export.runtime_session(qcdq_graph).run([onnx_export.OUTPUT_NAME], feed)
+    (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
+    return {
+        "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
+        "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
+        "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
+    }
+
+
+def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict:
+    settings = request.settings
+    label = f"{request.variant} {request.method}|{request.seed}"
+    started = time.time()
+    source_sidecar = read_sidecar(request.checkpoint)
+    if source_sidecar.get("skipped"):
+        reason = f"the {request.source} checkpoint was skipped: {source_sidecar['skipped']}"
+        log(f"{label}: export skipped: {reason}")
+        return {"skipped": reason}
+    model = load_quantized(request, source_sidecar["names"])
+    fp_model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    out = request.out_dir
+    max_det = evaluation_settings(settings.imgsz, settings.batch)["max_det"]
+    shape = dict(imgsz=settings.imgsz, opset=settings.onnx_opset, max_det=max_det)
+
+    log(f"{label}: exporting W4A16 QCDQ ONNX (Brevitas, opset {settings.onnx_opset}) from the {request.source} checkpoint")
+    w4_path = onnx_export.export_quantized(model, out / W4_NAME, **shape)
+    log(f"{label}: exporting the FP reference ONNX")
+    fp_path = onnx_export.export_float(fp_model.eval(), out / FP_NAME, **shape)
+    graph = onnx.load(str(w4_path))
+    precisions = onnx_export.conv_weight_precisions(graph)
+
+    images = onnx_export.val_images(request.dataset_yaml, settings.imgsz, settings.onnx_parity_images)
+    layers = onnx_export.layer_parity(model, graph, images, max_det)
+    head = onnx_export.head_parity(layers)
+    divergence = onnx_export.first_divergence(layers, PARITY_GOAL_REL)
+    log(f"{label}: onnxruntime vs PyTorch on {len(images)} val images: raw head max abs {head['max_abs']:.3e}, "
+        f"max rel {head['max_rel']:.3e}")
+
+    # Both on the CPU: onnxruntime runs there, and the comparison is about the runtime, not the device.
+    common = dict(imgsz=settings.imgsz, batch=settings.batch, work_dir=out / "eval")
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), request.dataset_yaml, device="cpu", **common)
+    onnx_metrics = onnx_export.evaluate_onnx(w4_path, request.dataset_yaml, **common)
+    map_delta = {key: onnx_metrics[key] - torch_metrics[key] for key in ("map50_95", "map50")}
+    log(f"{label}: mAP50-95 onnxruntime {onnx_metrics['map50_95']:.4f} vs PyTorch {torch_metrics['map50_95']:.4f}; "
+        f"mAP50 {onnx_metrics['map50']:.4f} vs {torch_metrics['map50']:.4f}")
+    failures = goal_failures(head, map_delta, divergence)
+    int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
+    if int4 is not None:
+        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB, outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
+        if int4["max_rel_vs_qcdq"] > PARITY_GOAL_REL:
+            failures.append(f"the INT4-storage file differs from the QCDQ file by {int4['max_rel_vs_qcdq']:.2e} relative")
+
+    result = {
+        "variant": request.variant, "method": request.method, "seed": request.seed, "source": request.source,
+        "source_checkpoint": str(request.checkpoint), "source_sha256": request.checkpoint_sha256,
+        "w4_onnx": str(w4_path), "w4_bytes": w4_path.stat().st_size, "w4_sha256": sha256_file(w4_path),
+        "fp_onnx": str(fp_path), "fp_bytes": fp_path.stat().st_size, "fp_sha256": sha256_file(fp_path),
+        "opset": settings.onnx_opset, "int4": int4, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
+        "weight_tensors": onnx_export.precision_counts(precisions), "conv_weights": precisions,
+        "op_counts": onnx_export.op_counts(graph),
+        "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),
+        "parity_images": len(images), "parity": head, "layer_parity": layers,
+        "first_divergence": divergence, "onnx_metrics": onnx_metrics, "torch_metrics": torch_metrics,
+        "map_delta": map_delta, "goals": {"parity_max_rel": PARITY_GOAL_REL, "map_abs": MAP_GOAL_ABS},
+        "failures": failures, "evaluation": evaluation_settings(settings.imgsz, settings.batch),
+        "settings": settings.model_dump(mode="json"), "seconds": time.time() - started,
+    }
+    write_json_atomic(out / RESULT_NAME, result)
+    return result

@@ -1,0 +1,355 @@
+"""ONNX export of a W4A16 YOLOv10 and its checks in onnxruntime.
+
+The quantized model goes through Brevitas' own QCDQ exporter (`brevitas.export.export_onnx_qcdq`): every
+quantized conv weight is stored as an int8 initializer followed by Clip (to the bit width's integer range,
+[-7, 7] for narrow-range 4 bit) and a per-output-channel DequantizeLinear, the form ONNX runtimes and
+vendor compilers recognise as a quantized weight. The float reference goes through torch's ONNX exporter.
+Both graphs end the way Ultralytics 8.4's own ONNX export of a YOLOv10 ends (default `nms=None`): the head
+that every PyTorch figure of this project is measured with (the one-to-many branch, decoded boxes and class
+scores, output (batch, 4 + classes, anchors)), with Ultralytics' validator doing the NMS outside the graph,
+exactly as for PyTorch. Batch and image size are dynamic, and Ultralytics' metadata is written, so
+Ultralytics' AutoBackend (and its validator) run the file like any exported model.
+
+Checks use onnxruntime, never an interpreter of our own: raw head outputs (the undecoded box and class
+output convs) and every top-level layer's output are exposed as extra graph outputs of an in-memory copy
+and compared with the PyTorch fake-quant model on real val images.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .artifacts import atomic_path
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "output0"
+DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
+
+
+def deployable_copy(model: nn.Module, max_det: int) -> nn.Module:
+    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, with the head our evaluations use."""
+    model = copy.deepcopy(model).float().eval()
+    head = model.model[-1]
+    # Ultralytics' validator (AutoBackend, nms=None) evaluates YOLOv10 with end2end off; match it, then drop
+    # the branch that is not used.
+    head.end2end = False
+    head.fuse()
+    head.export, head.format, head.dynamic, head.max_det = True, "onnx", True, max_det
+    return model
+
+
+def ultralytics_metadata(model: nn.Module, imgsz: int, description: str) -> dict[str, str]:
+    """The metadata Ultralytics' exporter writes, so AutoBackend knows stride, classes and dynamic shapes."""
+    from ultralytics import __version__
+
+    return {
+        "description": description, "author": "qat_assets", "version": __version__, "task": "detect",
+        "stride": str(int(max(model.stride))), "batch": "1", "imgsz": str([imgsz, imgsz]),
+        "names": str(dict(model.names)), "args": str({"dynamic": True}), "channels": "3",
+        "end2end": str(bool(getattr(model, "end2end", False))), "head": type(model.model[-1]).__name__,
+    }
+
+
+def _write_with_metadata(destination: Path, graph: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    onnx.helper.set_model_props(graph, metadata)
+    save_graph(destination, graph)
+
+
+def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
+    """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter."""
+    from brevitas.export import export_onnx_qcdq
+
+    deployable = deployable_copy(model, max_det)
+    with atomic_path(destination.with_suffix(".raw.onnx")) as raw:
+        export_onnx_qcdq(
+            deployable, args=torch.zeros(1, 3, imgsz, imgsz), export_path=str(raw), opset_version=opset,
+            dynamo=False,  # the TorchScript path keeps module scopes in node names (layer-by-layer parity)
+            keep_initializers_as_inputs=False, do_constant_folding=True, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES,
+        )
+        graph = onnx.load(str(raw))
+    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, "W4A16 QCDQ (Brevitas)"))
+    return destination
+
+
+def export_float(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
+    """Plain ONNX of the floating-point model (the reference), through torch's exporter."""
+    deployable = deployable_copy(model, max_det)
+    with atomic_path(destination.with_suffix(".raw.onnx")) as raw:
+        torch.onnx.export(
+            deployable, (torch.zeros(1, 3, imgsz, imgsz),), str(raw), opset_version=opset, dynamo=False,
+            do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES,
+        )
+        graph = onnx.load(str(raw))
+    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, "float reference"))
+    return destination
+
+
+INT4_OPSET = 21  # first opset whose DequantizeLinear takes INT4 inputs
+
+
+def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same network with every weight whose Clip range fits 4 bits stored as packed INT4 (opset 21).
+
+    Brevitas' QCDQ exporter stores 4-bit weights in int8 (Clip keeps them in [-7, 7]); ONNX opset 21 lets
+    DequantizeLinear read INT4 directly, which halves those weights on disk. Neither Brevitas nor onnx ships
+    this repacking (onnxruntime's quantizers start from float models), so it is done here on the exported
+    graph: same integers, same scales, the Clip dropped because INT4 cannot leave the range anyway.
+    """
+    from onnx import version_converter
+
+    model = version_converter.convert_version(graph_model, INT4_OPSET)
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {output: node for node in graph.node for output in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    dropped, packed = [], {}
+
+    def as_int4(name: str) -> str:  # zero points are shared between layers: pack each initializer once
+        if name not in packed:
+            values = constants[name]
+            packed[name] = name + "_int4"
+            graph.initializer.append(
+                onnx.helper.make_tensor(packed[name], onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
+            )
+        return packed[name]
+
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        clip = producer.get(node.input[0])
+        if clip is None or clip.op_type != "Clip" or clip.input[0] not in constants:
+            continue
+        low, high = (int(constants[name]) for name in clip.input[1:3])
+        if integer_range_bits(low, high) > 4:
+            continue
+        node.input[0], node.input[2] = as_int4(clip.input[0]), as_int4(node.input[2])
+        dropped.append(clip)
+    for clip in dropped:
+        graph.node.remove(clip)
+    used = {name for node in graph.node for name in node.input}
+    for name, init in initializers.items():
+        if name not in used:
+            graph.initializer.remove(init)
+    return model
+
+
+def save_graph(destination: Path, graph_model: onnx.ModelProto) -> Path:
+    """Check the graph against the ONNX spec, then write it atomically."""
+    onnx.checker.check_model(graph_model)
+    with atomic_path(destination) as tmp:
+        onnx.save(graph_model, str(tmp))
+    return destination
+
+
+# --- what the graph holds ----------------------------------------------------------------------------
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    return {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+
+
+def integer_range_bits(low: int, high: int) -> int:
+    """Bits of a signed integer range: [-7, 7] or [-8, 7] -> 4, [-127, 127] or [-128, 127] -> 8."""
+    return int(np.ceil(np.log2(max(-low, high + 1)))) + 1
+
+
+STORED_RANGES = {
+    onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT4: (-8, 7), onnx.TensorProto.UINT4: (0, 15),
+}
+
+
+def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """For each Conv: its name and how its weight is stored (bits of the integer range, or float)."""
+    graph = graph_model.graph
+    constants = _constants(graph)
+    producer = {output: node for node in graph.node for output in node.output}
+    stored_types = {init.name: init.data_type for init in graph.initializer}
+    rows = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        source = producer.get(node.input[1])
+        row = {"conv": node.name, "weight": "float", "bits": None, "low": None, "high": None}
+        if source is not None and source.op_type == "DequantizeLinear":
+            stored = producer.get(source.input[0])
+            if stored is not None and stored.op_type == "Clip":
+                low, high = (int(constants[name]) for name in stored.input[1:3])
+            else:  # no Clip: the full range of the stored integer type (an int8 or INT4 initializer)
+                low, high = STORED_RANGES[stored_types.get(source.input[0], onnx.TensorProto.INT8)]
+            row.update(weight="integer", bits=integer_range_bits(low, high), low=low, high=high)
+        rows.append(row)
+    return rows
+
+
+def precision_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """{"int4": n, "int8": n, "float": n} over conv weight tensors."""
+    counts = {"int4": 0, "int8": 0, "float": 0}
+    for row in rows:
+        key = "float" if row["bits"] is None else f"int{row['bits']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def op_counts(graph_model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph_model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# --- onnxruntime ---------------------------------------------------------------------------------------
+
+
+def runtime_session(model: onnx.ModelProto | Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: the exporter's harmless warnings would flood the log
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def runtime_info(session) -> dict[str, Any]:
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "providers": session.get_providers()}
+
+
+def _scope_outputs(graph: onnx.GraphProto, scope: str) -> list[str]:
+    """Tensors made inside a module scope (node names like `/model.4/...`) and used outside it."""
+    inside = [node for node in graph.node if node.name.startswith(scope)]
+    made = [output for node in inside for output in node.output]
+    used_outside = {name for node in graph.node if not node.name.startswith(scope) for name in node.input}
+    return [name for name in made if name in used_outside]
+
+
+def probe_points(graph_model: onnx.ModelProto, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(label, ONNX tensor, PyTorch module) for every top-level layer output and every raw head output conv."""
+    graph = graph_model.graph
+    points = []
+    layers = model.model
+    for index, layer in enumerate(layers[:-1]):
+        outputs = _scope_outputs(graph, f"/model.{index}/")
+        if outputs:
+            points.append((f"model.{index} ({type(layer).__name__})", outputs[-1], layer))
+    head_index = len(layers) - 1
+    head = layers[-1]
+    for branch in ("cv2", "cv3"):  # the branch deployable_copy keeps
+        for level, seq in enumerate(getattr(head, branch, None) or ()):
+            scope = f"/model.{head_index}/{branch}.{level}/{branch}.{level}.{len(seq) - 1}/"
+            convs = [node.output[0] for node in graph.node if node.name.startswith(scope) and node.op_type == "Conv"]
+            if convs:
+                points.append((f"model.{head_index}.{branch}.{level} (head output)", convs[-1], seq[-1]))
+    return points
+
+
+def relative_difference(reference: np.ndarray, other: np.ndarray) -> float:
+    """max |a - b| / max |a|: the same measure as QC's fold check (element-wise ratios blow up near zero)."""
+    return float(np.abs(reference - other).max() / max(float(np.abs(reference).max()), 1e-12))
+
+
+@torch.no_grad()
+def layer_parity(model: nn.Module, graph_model: onnx.ModelProto, images: torch.Tensor, max_det: int) -> list[dict]:
+    """PyTorch vs onnxruntime at every probe point, in graph order; `model` is what was exported."""
+    deployable = deployable_copy(model, max_det)
+    probed = copy.deepcopy(graph_model)
+    points = probe_points(probed, deployable)
+    existing = {output.name for output in probed.graph.output}
+    for _, tensor, _ in points:
+        if tensor not in existing:
+            probed.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, key=id(module): captured.__setitem__(key, o))
+        for _, _, module in points
+    ]
+    try:
+        final = deployable(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    session = runtime_session(probed)
+    names = [output.name for output in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {INPUT_NAME: images.numpy()})))
+    rows = []
+    for label, tensor, module in points:
+        reference = captured[id(module)].numpy()
+        got = values[tensor]
+        if reference.shape != got.shape:  # an unexpected scope layout; say so rather than guess
+            rows.append({"layer": label, "tensor": tensor, "max_abs": None, "max_rel": None, "note": f"shape {got.shape} vs {reference.shape}"})
+            continue
+        rows.append({
+            "layer": label, "tensor": tensor, "max_abs": float(np.abs(reference - got).max()),
+            "max_rel": relative_difference(reference, got), "note": "",
+        })
+    rows.append({
+        "layer": "output0 (decoded boxes and scores)", "tensor": OUTPUT_NAME,
+        "max_abs": float(np.abs(final.numpy() - values[OUTPUT_NAME]).max()),
+        "max_rel": relative_difference(final.numpy(), values[OUTPUT_NAME]), "note": "",
+    })
+    return rows
+
+
+def head_parity(rows: list[dict]) -> dict[str, float]:
+    """Worst difference over the raw head outputs (the box and class output convs)."""
+    head = [row for row in rows if "head output" in row["layer"] and row["max_rel"] is not None]
+    if not head:
+        raise ValueError("no raw head output was found in the exported graph; the parity check cannot run")
+    return {"max_abs": max(r["max_abs"] for r in head), "max_rel": max(r["max_rel"] for r in head)}
+
+
+def first_divergence(rows: list[dict], tolerance: float) -> dict | None:
+    """The first layer (graph order) whose relative difference exceeds `tolerance`, or None."""
+    for row in rows:
+        if row["max_rel"] is None or row["max_rel"] > tolerance:
+            return row
+    return None
+
+
+def val_images(data_yaml: Path, imgsz: int, count: int) -> torch.Tensor:
+    """The first `count` val images, letterboxed to `imgsz` by Ultralytics' val pipeline, as [0, 1] floats."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml), autodownload=False)
+    cfg = get_cfg(overrides=dict(task="detect", imgsz=imgsz, cache=False))
+    dataset = build_yolo_dataset(cfg, data["val"], count, data, mode="val", rect=False, stride=32)
+    images = [dataset[i]["img"] for i in range(min(count, len(dataset)))]
+    return torch.stack(images).float() / 255
+
+
+def evaluate_onnx(path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path) -> dict[str, float]:
+    """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path.
+
+    Same settings as every other figure (`evaluation_settings`); the file is dynamic, so AutoBackend keeps the
+    rectangular batches and the batch size instead of falling back to batch 1 at a fixed shape.
+    """
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    from .evaluate import evaluation_settings, metrics_from_ultralytics
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    validator = DetectionValidator(
+        args=dict(
+            model=str(path), data=str(data_yaml), device="cpu", plots=False, save_json=False, verbose=False,
+            project=str(work_dir), name="val", exist_ok=True, workers=0, **evaluation_settings(imgsz, batch),
+        )
+    )
+    results = validator()
+    if not validator.args.rect or validator.args.batch != 2 * batch:
+        raise RuntimeError(
+            f"Ultralytics' validator changed the evaluation settings for {path.name} (rect={validator.args.rect}, "
+            f"batch={validator.args.batch}); the ONNX figure would not be comparable"
+        )
+    return metrics_from_ultralytics(results)

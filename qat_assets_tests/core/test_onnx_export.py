@@ -1,0 +1,82 @@
+"""W4A16 QCDQ export through Brevitas, checked in onnxruntime (tiny untrained yolo10n, 64 px)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qat_assets.core import onnx_export
+from qat_assets.core.models import build_detection_model
+from qat_assets.core.quantize import QuantOptions, quantize_w4a16
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_detection_model("yolo10n", ["a", "b", "c"])
+    quantize_w4a16(model, QuantOptions())
+    path = onnx_export.export_quantized(model.eval(), tmp_path_factory.mktemp("onnx") / "w4.onnx", imgsz=IMGSZ, opset=17, max_det=300)
+    return model, path, onnx.load(str(path))
+
+
+def test_integer_range_bits():
+    assert onnx_export.integer_range_bits(-7, 7) == 4
+    assert onnx_export.integer_range_bits(-8, 7) == 4
+    assert onnx_export.integer_range_bits(-127, 127) == 8
+    assert onnx_export.integer_range_bits(-128, 127) == 8
+
+
+def test_w4_file_holds_4bit_qcdq_weights_and_runs_in_onnxruntime(exported):
+    model, path, graph = exported
+    rows = onnx_export.conv_weight_precisions(graph)
+    counts = onnx_export.precision_counts(rows)
+    # The transform's plan: first conv and the 6 head output convs at 8 bit, the DFL conv in float.
+    assert counts == {"int4": sum(r["bits"] == 4 for r in rows), "int8": 7, "float": 1}
+    assert counts["int4"] > 50
+    assert {(r["low"], r["high"]) for r in rows if r["bits"] == 4} == {(-7, 7)}
+    ops = onnx_export.op_counts(graph)
+    assert ops["DequantizeLinear"] == ops["Clip"] == counts["int4"] + counts["int8"]
+    metadata = {p.key: p.value for p in graph.metadata_props}
+    assert metadata["end2end"] == "False" and metadata["stride"] == "32"
+    session = onnx_export.runtime_session(path)
+    # Dynamic batch and shape: a rectangular batch of 3, as Ultralytics' rect validation feeds it.
+    (output,) = session.run(None, {"images": np.random.rand(3, 3, 96, 64).astype(np.float32)})
+    assert output.shape == (3, 4 + 3, 12 * 8 + 6 * 4 + 3 * 2)  # boxes + classes, anchors at strides 8/16/32
+
+
+def test_parity_is_tight_and_an_injected_error_is_located(exported):
+    model, _, graph = exported
+    images = torch.rand(2, 3, IMGSZ, IMGSZ)
+    rows = onnx_export.layer_parity(model, graph, images, max_det=300)
+    assert onnx_export.head_parity(rows)["max_rel"] < 1e-4
+    assert onnx_export.first_divergence(rows, 1e-3) is None
+    assert any(r["layer"].startswith("model.22") for r in rows)  # every backbone/neck layer is probed
+
+    # Flip the integer weights of one conv in layer 6: parity must break, and first at layer 6.
+    broken = onnx.ModelProto()
+    broken.CopyFrom(graph)
+    conv = next(n for n in broken.graph.node if n.name.startswith("/model.6/") and n.op_type == "Conv")
+    producer = {o: n for n in broken.graph.node for o in n.output}
+    stored = producer[producer[conv.input[1]].input[0]].input[0]  # DequantizeLinear <- Clip <- int8 initializer
+    init = next(i for i in broken.graph.initializer if i.name == stored)
+    init.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(init), stored))
+    rows = onnx_export.layer_parity(model, broken, images, max_det=300)
+    divergence = onnx_export.first_divergence(rows, 1e-3)
+    assert divergence is not None and divergence["layer"].startswith("model.6 ")
+    assert next(r for r in rows if r["layer"].startswith("model.7 "))["max_rel"] > 1e-3  # and it propagates
+
+
+def test_int4_storage_packs_4bit_weights_and_runs_identically(exported, tmp_path):
+    _, path, graph = exported
+    packed = onnx_export.int4_storage(graph)
+    saved = onnx_export.save_graph(tmp_path / "int4.onnx", packed)
+    rows = onnx_export.conv_weight_precisions(packed)
+    assert {(r["low"], r["high"]) for r in rows if r["bits"] == 4} == {(-8, 7)}  # stored as INT4, no Clip left
+    assert onnx_export.op_counts(packed)["Clip"] == onnx_export.precision_counts(rows)["int8"]
+    assert saved.stat().st_size < 0.85 * path.stat().st_size
+    images = {"images": np.random.rand(2, 3, IMGSZ, IMGSZ).astype(np.float32)}
+    (a,) = onnx_export.runtime_session(graph).run(None, images)
+    (b,) = onnx_export.runtime_session(saved).run(None, images)
+    assert onnx_export.relative_difference(a, b) < 1e-6
