@@ -74,6 +74,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
 
     run_dir = request.out_dir / "run"
     history: list[dict] = []
+    ema: dict | None = None
     if epochs:
         fingerprint = hashlib.sha256(
             f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}".encode()
@@ -95,7 +96,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                 run_dir=run_dir,
                 # Ultralytics' FP decay 0.9999, with window and ramp scaled to the run like QAT's: a fixed
                 # tau of 2000 would keep the EMA copy equal to the live model over a short CPU run.
-                ema=ema_schedule(0.9999, None, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate),
+                ema=(ema := ema_schedule(0.9999, None, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate)),
                 on_epoch=lambda record: log(f"{request.variant} pretrain {describe_epoch(record)}"),
                 state_fingerprint=fingerprint,
                 resume_state=state,
@@ -115,7 +116,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     sidecar = {
         "variant": request.variant, "names": request.names, "source": source, "head": head,
         "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation,
-        "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau,
+        "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau, "ema": ema,
         "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
     }
     checkpoint = request.out_dir / CHECKPOINT_NAME
