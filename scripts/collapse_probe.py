@@ -60,7 +60,7 @@ def record(work: Path, row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("fp", "qat"))
+    parser.add_argument("stage", choices=("fp", "qat", "table"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/collapse_probe"))
     parser.add_argument("--name", help="fp: name of the FP run folder")
     parser.add_argument("--variant", default="yolo10n")
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
     args = parser.parse_args()
 
+    if args.stage == "table":
+        print_table(args.work)
+        return
     overrides = {"device": "cpu", "storage": str(args.work), **parse_overrides(args.set)}
     settings = load_settings(overrides)
     work = args.work
@@ -111,6 +114,23 @@ def main() -> None:
         "oscillating": [round(h.get("oscillating_fraction", 0.0), 4) for h in trained],
         "minutes": (time.time() - started) / 60,
     })
+
+
+def print_table(work: Path) -> None:
+    """The QAT rows of WORK/results.jsonl as the markdown table of docs/collapse_search.md."""
+    print("| variant | settings | seed | FP | PTQ | best (epoch) | final | final/best | collapsed | min |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["stage"] != "qat":
+            continue
+        ratio = row["final_over_best"]
+        collapsed = ratio is not None and ratio < 0.5
+        print(
+            f"| {row['variant']} | {' '.join(row['overrides'])} | {row['seed']} | {row['fp_map50_95']:.3f} | "
+            f"{row['ptq']:.3f} | {row['best']:.3f} ({row['best_epoch']}) | {row['final']:.3f} | "
+            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                 model=model,
                 overrides={
                     **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, seed=PRETRAIN_SEED),
-                    "lr0": settings.pretrain_lr, "lrf": settings.pretrain_lrf,
+                    "optimizer": settings.pretrain_optimizer, "lr0": settings.pretrain_lr, "lrf": settings.pretrain_lrf,
                     "cache": "ram" if settings.cache_images else False,
                 },
                 run_dir=run_dir,

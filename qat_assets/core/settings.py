@@ -51,6 +51,9 @@ class Settings(BaseModel):
     workers: int = Field(ge=0)
     pretrain_epochs: int = Field(gt=0)
     pretrain_lr: float = Field(gt=0)
+    pretrain_optimizer: str = Field(
+        "auto", description="Ultralytics optimizer name; 'auto' (AdamW below 10k steps) ignores pretrain_lr"
+    )
     pretrain_lrf: float = Field(0.01, gt=0, le=1, description="FP final LR as a fraction of pretrain_lr (Ultralytics lrf)")
     cache_images: bool = Field(False, description="hold decoded training images in RAM (Ultralytics cache='ram')")
     plateau_epochs: int = Field(10, gt=0, description="FP plateau check: window of final epochs whose gain is measured")
@@ -131,7 +134,7 @@ class Settings(BaseModel):
             "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "calibration_images",
-            "pretrain_lrf", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
+            "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -150,7 +153,7 @@ class Settings(BaseModel):
 
 # The settings each heavy stage's result depends on. Resuming or reusing a stage's state checks only
 # these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
-PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf")
+PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer")
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
