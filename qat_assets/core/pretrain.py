@@ -8,14 +8,40 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .artifacts import save_checkpoint
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
-from .models import build_detection_model, read_user_checkpoint, variant_yaml
+from .models import build_detection_model, read_user_checkpoint
 from .requests import PretrainRequest
 from .settings import PRETRAIN_FIELDS, Settings
-from .trainer import ResumableTrainer, ema_schedule, load_resume_state
+from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides
 
 CHECKPOINT_NAME = "pretrained.pt"
+# One fixed seed for the FP model, so every method and QAT seed starts from the same weights.
+PRETRAIN_SEED = 0
+
+
+def plateau_check(history: list[dict], epochs: int, min_gain: float) -> dict:
+    """Is the FP model at its plateau? The gain of the last `epochs` epochs over everything before them.
+
+    Gain = best mAP50-95 of the last `epochs` epochs - best mAP50-95 before them (best, not the last
+    value, so one noisy validation neither hides nor fakes progress). At the plateau when gain < min_gain,
+    i.e. training `epochs` more epochs is expected to add less than `min_gain`. Measured from the run's
+    own history; a history shorter than `epochs` + 1 epochs cannot tell.
+    """
+    values = [h["map50_95"] for h in sorted(history, key=lambda h: h["epoch"]) if h["epoch"] > 0]
+    result = {"window_epochs": epochs, "min_gain": min_gain, "gain": None, "at_plateau": None}
+    if len(values) <= epochs:
+        result["reason"] = f"only {len(values)} FP epochs in the history; the check needs more than {epochs}"
+        return result
+    gain = max(values[-epochs:]) - max(values[:-epochs])
+    result.update(gain=gain, at_plateau=gain < min_gain)
+    result["reason"] = (
+        f"the last {epochs} epochs added {gain:+.4f} mAP50-95 "
+        f"({'below' if gain < min_gain else 'not below'} {min_gain}): {'at' if gain < min_gain else 'NOT at'} plateau"
+    )
+    return result
 
 
 def describe_epoch(record: dict) -> str:
@@ -23,18 +49,6 @@ def describe_epoch(record: dict) -> str:
     return (
         f"epoch {record['epoch']}: mAP50-95 {record['map50_95']:.4f}, mAP50 {record['map50']:.4f}, "
         f"P {record['precision']:.3f}, R {record['recall']:.3f}, {losses}, {record.get('seconds') or 0:.1f}s"
-    )
-
-
-def trainer_overrides(
-    settings: Settings, variant: str, data_yaml: Path, run_dir: Path, device: str, epochs: int, seed: int
-) -> dict:
-    """Ultralytics arguments shared by FP pretraining and QAT (AMP off: fake-quant and fp16 do not mix)."""
-    return dict(
-        model=variant_yaml(variant),  # recorded in args only: the trainer is handed a built module
-        data=str(data_yaml), epochs=epochs, imgsz=settings.imgsz, batch=settings.batch,
-        workers=settings.workers, device=device, seed=seed, amp=False, plots=False, verbose=False,
-        project=str(run_dir), name="ultralytics", exist_ok=True,
     )
 
 
@@ -51,12 +65,16 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         epochs = settings.pretrain_epochs if head["head"] == "re-initialised" else 0
         log(f"{request.variant}: starting from {user_checkpoint} (head {head['head']}, {epochs} fine-tune epochs)")
     else:
+        # Seeded here: the weights are initialised before Ultralytics' trainer seeds anything, so without
+        # this every run starts from different random weights (the 0.318-0.366 spread of identical runs).
+        torch.manual_seed(PRETRAIN_SEED)
         model, head = build_detection_model(request.variant, request.names), {"head": "new"}
         source, epochs = "trained-here", settings.pretrain_epochs
         log(f"{request.variant}: no checkpoint in QAT_CHECKPOINT_DIR; training {epochs} FP epochs here")
 
     run_dir = request.out_dir / "run"
     history: list[dict] = []
+    ema: dict | None = None
     if epochs:
         fingerprint = hashlib.sha256(
             f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}".encode()
@@ -71,12 +89,14 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
             trainer = ResumableTrainer(
                 model=model,
                 overrides={
-                    **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, seed=0),
-                    "lr0": settings.pretrain_lr,
+                    **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, seed=PRETRAIN_SEED),
+                    "optimizer": settings.pretrain_optimizer, "lr0": settings.pretrain_lr, "lrf": settings.pretrain_lrf,
+                    "cache": "ram" if settings.cache_images else False,
                 },
                 run_dir=run_dir,
-                # Ultralytics' FP defaults (0.9999, tau 2000), with the window floor that lets short runs average.
-                ema=ema_schedule(0.9999, 2000.0, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate),
+                # Ultralytics' FP decay 0.9999, with window and ramp scaled to the run like QAT's: a fixed
+                # tau of 2000 would keep the EMA copy equal to the live model over a short CPU run.
+                ema=(ema := ema_schedule(0.9999, None, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate)),
                 on_epoch=lambda record: log(f"{request.variant} pretrain {describe_epoch(record)}"),
                 state_fingerprint=fingerprint,
                 resume_state=state,
@@ -91,10 +111,12 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         work_dir=request.out_dir / "eval",
     )
     log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}")
+    plateau = plateau_check(history, settings.plateau_epochs, settings.plateau_min_gain)
+    log(f"{request.variant} FP plateau check: {plateau['reason']}")
     sidecar = {
         "variant": request.variant, "names": request.names, "source": source, "head": head,
         "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation,
-        "dataset_fingerprint": request.dataset_fingerprint, "history": history,
+        "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau, "ema": ema,
         "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
     }
     checkpoint = request.out_dir / CHECKPOINT_NAME

@@ -16,11 +16,11 @@ from .artifacts import save_checkpoint, write_json_atomic
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import load_float_model
 from .oscillation import OscillationTracker
-from .pretrain import describe_epoch, trainer_overrides
+from .pretrain import describe_epoch
 from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
 from .settings import QAT_FIELDS, Settings
-from .trainer import HISTORY_FILE, ResumableTrainer, TrainingDiverged, ema_schedule, load_resume_state
+from .trainer import HISTORY_FILE, ResumableTrainer, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
 
@@ -30,6 +30,7 @@ def quant_options(settings: Settings) -> QuantOptions:
         weight_bit_width=settings.weight_bit_width,
         keep_first_last_8bit=settings.keep_first_last_8bit,
         learned_scales=settings.learned_scales,
+        per_channel_scales=settings.per_channel_scales,
     )
 
 
@@ -50,7 +51,8 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     run_dir = request.out_dir / "run"
     model, pretrained = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
     report = quantize_w4a16(model, quant_options(settings))
-    log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, per-output-channel scales)")
+    log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, "
+        f"{'per-output-channel' if settings.per_channel_scales else 'per-tensor'} scales)")
 
     fingerprint = run_fingerprint(request)
     epochs = settings.qat_epochs
@@ -82,7 +84,8 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
             model=model,
             overrides={
                 **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, request.seed),
-                "optimizer": settings.qat_optimizer, "lr0": settings.qat_lr, "warmup_epochs": 0,
+                "optimizer": settings.qat_optimizer, "lr0": settings.qat_lr, "lrf": settings.qat_lrf,
+                "warmup_epochs": settings.qat_warmup_epochs,
                 # One optimizer step per batch, so even short runs give the EMA enough updates to average.
                 "nbs": settings.batch,
             },

@@ -1,8 +1,9 @@
-"""The W4A16 transform: per-output-channel fake-quantized conv weights (Brevitas), float activations.
+"""The W4A16 transform: fake-quantized conv weights (Brevitas), float activations.
 
 Every trainable `nn.Conv2d` of an Ultralytics detection model is swapped, in place, for a Brevitas
 `QuantConv2d` holding the same weights and bias, so the transformed model equals the float model up to
-quantization error. Weights are symmetric, narrow-range integers with one scale per output channel;
+quantization error. Weights are symmetric, narrow-range integers with one scale per output channel (or, optionally, one per
+conv as in Brevitas' default layerwise transform);
 inputs, outputs and biases stay float. The first conv and the detection-head output convs can be kept at
 8 bit (the usual QAT recipe). The DFL conv is never quantized: it holds the fixed integral 0..15 and is
 not trained, and quantizing it costs a lot of mAP (see research.md).
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from brevitas.inject.enum import ScalingImplType
 from brevitas.nn import QuantConv2d
-from brevitas.quant import Int8WeightPerChannelFloat
+from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
 from torch import nn
 
 DFL_REASON = "fixed DFL integral, not trained"
@@ -36,6 +37,8 @@ class QuantOptions:
     weight_bit_width: int = 4
     keep_first_last_8bit: bool = True
     learned_scales: bool = True
+    # False: one scale per conv, as Brevitas' default layerwise transform gives (the seed report's run).
+    per_channel_scales: bool = True
 
 
 @dataclass
@@ -73,10 +76,11 @@ class QuantizationReport:
         )
 
 
-def weight_quantizer(bit_width: int, learned_scales: bool):
-    """Brevitas injector: narrow-range signed int, per-output-channel float scale from max-abs stats."""
+def weight_quantizer(bit_width: int, learned_scales: bool, per_channel_scales: bool = True):
+    """Brevitas injector: narrow-range signed int, float scale(s) from max-abs stats, per output channel or per tensor."""
     scaling = ScalingImplType.PARAMETER_FROM_STATS if learned_scales else ScalingImplType.STATS
-    return Int8WeightPerChannelFloat.let(bit_width=bit_width, scaling_impl_type=scaling)
+    base = Int8WeightPerChannelFloat if per_channel_scales else Int8WeightPerTensorFloat
+    return base.let(bit_width=bit_width, scaling_impl_type=scaling)
 
 
 def _precision_plan(model: nn.Module, options: QuantOptions) -> dict[int, tuple[int | None, str]]:
@@ -111,8 +115,9 @@ def _conv_geometry(conv: nn.Conv2d) -> dict:
     )
 
 
-def _quant_conv_like(conv: nn.Conv2d, bit_width: int, learned_scales: bool) -> QuantConv2d:
-    quant_conv = QuantConv2d(**_conv_geometry(conv), weight_quant=weight_quantizer(bit_width, learned_scales))
+def _quant_conv_like(conv: nn.Conv2d, bit_width: int, options: QuantOptions) -> QuantConv2d:
+    quantizer = weight_quantizer(bit_width, options.learned_scales, options.per_channel_scales)
+    quant_conv = QuantConv2d(**_conv_geometry(conv), weight_quant=quantizer)
     with torch.no_grad():
         quant_conv.weight.copy_(conv.weight)
         if conv.bias is not None:
@@ -137,7 +142,7 @@ def quantize_w4a16(model: nn.Module, options: QuantOptions) -> QuantizationRepor
             bit_width, reason = None, "frozen weights, not trained"
         report.layers.append(LayerQuantization(name, bit_width, reason, module.out_channels))
         if bit_width is not None:
-            _replace_module(model, name, _quant_conv_like(module, bit_width, options.learned_scales))
+            _replace_module(model, name, _quant_conv_like(module, bit_width, options))
     return report
 
 

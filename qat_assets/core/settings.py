@@ -51,6 +51,13 @@ class Settings(BaseModel):
     workers: int = Field(ge=0)
     pretrain_epochs: int = Field(gt=0)
     pretrain_lr: float = Field(gt=0)
+    pretrain_optimizer: str = Field(
+        "auto", description="Ultralytics optimizer name; 'auto' (AdamW below 10k steps) ignores pretrain_lr"
+    )
+    pretrain_lrf: float = Field(0.01, gt=0, le=1, description="FP final LR as a fraction of pretrain_lr (Ultralytics lrf)")
+    cache_images: bool = Field(False, description="hold decoded training images in RAM (Ultralytics cache='ram')")
+    plateau_epochs: int = Field(10, gt=0, description="FP plateau check: window of final epochs whose gain is measured")
+    plateau_min_gain: float = Field(0.01, gt=0, description="FP plateau check: the window must add less than this mAP50-95")
 
     # QAT
     qat_epochs: int = Field(gt=0)
@@ -59,6 +66,9 @@ class Settings(BaseModel):
     weight_bit_width: int = Field(4, ge=2, le=8)
     keep_first_last_8bit: bool = True
     learned_scales: bool = True
+    per_channel_scales: bool = Field(True, description="False: one weight scale per conv (Brevitas' layerwise default)")
+    qat_lrf: float = Field(0.01, gt=0, le=1, description="QAT final LR as a fraction of qat_lr; 1 keeps the LR sustained")
+    qat_warmup_epochs: float = Field(0.0, ge=0, description="Ultralytics warmup_epochs for QAT")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_tau: float | None = Field(None, description="EMA ramp constant in updates; None scales it with run length")
     oscillation_momentum: float = 0.01
@@ -166,6 +176,7 @@ class Settings(BaseModel):
             "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "calibration_images",
+            "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -184,10 +195,11 @@ class Settings(BaseModel):
 
 # The settings each heavy stage's result depends on. Resuming or reusing a stage's state checks only
 # these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
-PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr")
+PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer")
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
+    "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
 )
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -26,6 +26,8 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from .artifacts import atomic_path, on_cpu, write_json_atomic
 from .evaluate import metrics_from_ultralytics
+from .models import variant_yaml
+from .settings import Settings
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -59,6 +61,18 @@ def ema_schedule(
         "decay": used_decay, "tau": used_tau, "configured_decay": decay, "configured_tau": tau,
         "total_updates": total_updates,
     }
+
+
+def trainer_overrides(
+    settings: Settings, variant: str, data_yaml: Path, run_dir: Path, device: str, epochs: int, seed: int
+) -> dict:
+    """Ultralytics arguments shared by FP pretraining and QAT (AMP off: fake-quant and fp16 do not mix)."""
+    return dict(
+        model=variant_yaml(variant),  # recorded in args only: the trainer is handed a built module
+        data=str(data_yaml), epochs=epochs, imgsz=settings.imgsz, batch=settings.batch,
+        workers=settings.workers, device=device, seed=seed, deterministic=True, amp=False, plots=False,
+        verbose=False, project=str(run_dir), name="ultralytics", exist_ok=True,
+    )
 
 
 class ResumableTrainer(DetectionTrainer):

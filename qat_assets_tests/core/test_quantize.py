@@ -100,6 +100,20 @@ def test_all_convs_at_four_bit_without_first_last_exception():
     assert report.counts() == {"w4": len(report.layers) - 1, "float": 1}
 
 
+@pytest.mark.parametrize("learned_scales", [False, True])
+def test_per_tensor_option_gives_one_scale_per_conv_set_by_its_largest_weight(learned_scales):
+    model = build_float_model()
+    options = QuantOptions(keep_first_last_8bit=False, learned_scales=learned_scales, per_channel_scales=False)
+    report = quantize_w4a16(model, options)
+    assert report.to_dict()["options"]["per_channel_scales"] is False
+    for _, module in quantized_modules(model):
+        quant_weight = module.quant_weight()
+        assert quant_weight.scale.numel() == 1
+        # max-abs statistics over the whole tensor: the largest weight lands on the top code, 7 at 4 bit
+        assert torch.allclose(quant_weight.scale.flatten(), module.weight.detach().abs().max() / 7, rtol=1e-5)
+        assert integer_weights(module).abs().max() == 7
+
+
 def test_scales_are_per_output_channel_and_codes_fit_the_bit_width(float_and_quantized):
     _, quantized, report = float_and_quantized
     bits = {layer.name: layer.bit_width for layer in report.layers}

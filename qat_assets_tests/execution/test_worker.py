@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from qat_assets.core.artifacts import load_checkpoint, read_sidecar, save_checkpoint
 from qat_assets.core.coco import convert_coco_subset
@@ -66,6 +67,22 @@ def completed_epochs(out_dir: Path) -> int:
         return int(torch.load(state, weights_only=True)["epoch"])
     except Exception:  # caught mid-rename
         return 0
+
+
+def test_identical_pretraining_runs_give_identical_weights_and_record_plateau_and_ema(pretrained):
+    root, subset, first = pretrained
+    settings = load_settings({"profile": "smoke", "storage": str(root)})
+    second = run_pretrain(
+        PretrainRequest(variant="yolo10n", dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+                        names=subset.class_names, train_images=16, out_dir=root / "pretrained_again", settings=settings),
+        log=lambda message: None,
+    )
+    weights = [load_checkpoint(Path(r["checkpoint"]))["model"] for r in (first, second)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert second["metrics"] == first["metrics"]
+    # the EMA ramp comes from ema_schedule (tau scaled to the run length), not a fixed 2000
+    assert second["ema"]["tau"] < 2000 and second["ema"]["configured_tau"] is None
+    assert second["plateau"]["at_plateau"] is None  # one epoch cannot show a plateau of 10
 
 
 def test_a_killed_worker_resumes_from_its_last_epoch_without_counting_one_twice(pretrained, tmp_path):

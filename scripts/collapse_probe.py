@@ -1,0 +1,137 @@
+"""Probe one regime for the `collapse` positive control, through the real core code (no Dagster).
+
+    # FP start (embedded synthetic set, settings = profile + --set overrides):
+    nice -n 10 python scripts/collapse_probe.py fp --name n128 --variant yolo10n --set pretrain_epochs=60
+    # one baseline QAT run from that FP checkpoint:
+    nice -n 10 python scripts/collapse_probe.py qat --fp n128 --seed 0 \
+        --set weight_bit_width=4 keep_first_last_8bit=false per_channel_scales=false learned_scales=false \
+              qat_optimizer=SGD qat_lr=0.01 qat_lrf=1 qat_epochs=40
+
+Each run appends one JSON line to WORK/results.jsonl (settings, best/final mAP50-95, best epoch,
+final/best, minutes), which is what docs/collapse_search.md tabulates. WORK defaults to
+/tmp/collapse_probe; the synthetic set is written there once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qat_assets.core.artifacts import read_sidecar
+from qat_assets.core.coco import SubsetResult, convert_coco_subset
+from qat_assets.core.pretrain import run_pretrain
+from qat_assets.core.qat import run_qat
+from qat_assets.core.requests import PretrainRequest, QATRequest
+from qat_assets.core.settings import load_settings
+from qat_assets.core.synthetic import write_synthetic_coco
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        overrides[key] = value
+    return overrides
+
+
+def dataset(work: Path, settings) -> SubsetResult:
+    subset_dir = work / f"subset{settings.synthetic_image_size}"
+    if (subset_dir / "subset.json").is_file():
+        return SubsetResult.read(subset_dir)
+    coco = work / f"synthetic{settings.synthetic_image_size}"
+    if not coco.is_dir():
+        write_synthetic_coco(
+            coco, train_images=settings.synthetic_train_images, val_images=settings.synthetic_val_images,
+            image_size=settings.synthetic_image_size, seed=settings.subset_seed,
+        )
+    return convert_coco_subset(
+        coco, subset_dir, train_images=settings.train_images, val_images=settings.val_images,
+        seed=settings.subset_seed, skip_bad_items=False, source="synthetic",
+    )
+
+
+def record(work: Path, row: dict) -> None:
+    with open(work / "results.jsonl", "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("fp", "qat", "table"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/collapse_probe"))
+    parser.add_argument("--name", help="fp: name of the FP run folder")
+    parser.add_argument("--variant", default="yolo10n")
+    parser.add_argument("--fp", help="qat: name of the FP run to start from")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="baseline", choices=("baseline", "ema"))
+    parser.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
+    args = parser.parse_args()
+
+    if args.stage == "table":
+        print_table(args.work)
+        return
+    overrides = {"device": "cpu", "storage": str(args.work), **parse_overrides(args.set)}
+    settings = load_settings(overrides)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    subset = dataset(work, settings)
+    started = time.time()
+    if args.stage == "fp":
+        out = work / "fp" / args.name
+        result = run_pretrain(PretrainRequest(
+            variant=args.variant, dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+            names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out, settings=settings,
+        ), log=lambda line: print(line, flush=True))
+        history = [round(h["map50_95"], 4) for h in result["history"]]
+        record(work, {
+            "stage": "fp", "name": args.name, "variant": args.variant, "overrides": args.set,
+            "map50_95": result["metrics"]["map50_95"], "plateau": result["plateau"], "history": history,
+            "minutes": (time.time() - started) / 60,
+        })
+        return
+    fp = work / "fp" / args.fp
+    sidecar = read_sidecar(fp / "pretrained.pt")
+    tag = "-".join(args.set).replace("=", "") or "default"
+    out = work / "qat" / args.fp / f"{args.method}-{args.seed}-{tag}"[:180]
+    result = run_qat(QATRequest(
+        variant=sidecar["variant"], method=args.method, seed=args.seed, pretrained_checkpoint=fp / "pretrained.pt",
+        pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
+        dataset_fingerprint=subset.fingerprint, train_images=subset.counts["train"]["images"], out_dir=out,
+        settings=settings,
+    ), log=lambda line: print(line, flush=True))
+    trained = [h for h in result["history"] if h["epoch"] > 0]
+    best = max(trained, key=lambda h: h["map50_95"]) if trained else None
+    final = trained[-1]["map50_95"] if trained else float("nan")
+    record(work, {
+        "stage": "qat", "fp": args.fp, "variant": sidecar["variant"], "method": args.method, "seed": args.seed,
+        "overrides": args.set, "fp_map50_95": result["fp_map50_95"], "ptq": result["ptq_map50_95"],
+        "best": best["map50_95"] if best else None, "best_epoch": best["epoch"] if best else None,
+        "final": final, "final_over_best": final / best["map50_95"] if best and best["map50_95"] > 0 else None,
+        "diverged_at": result["diverged_at_epoch"], "history": [round(h["map50_95"], 4) for h in result["history"]],
+        "oscillating": [round(h.get("oscillating_fraction", 0.0), 4) for h in trained],
+        "minutes": (time.time() - started) / 60,
+    })
+
+
+def print_table(work: Path) -> None:
+    """The QAT rows of WORK/results.jsonl as the markdown table of docs/collapse_search.md."""
+    print("| variant | settings | seed | FP | PTQ | best (epoch) | final | final/best | collapsed | min |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["stage"] != "qat":
+            continue
+        ratio = row["final_over_best"]
+        collapsed = ratio is not None and ratio < 0.5
+        print(
+            f"| {row['variant']} | {' '.join(row['overrides'])} | {row['seed']} | {row['fp_map50_95']:.3f} | "
+            f"{row['ptq']:.3f} | {row['best']:.3f} ({row['best_epoch']}) | {row['final']:.3f} | "
+            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
