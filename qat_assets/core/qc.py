@@ -161,6 +161,7 @@ def correction_stats(corrections: Corrections | nn.Module) -> list[dict[str, Any
             "mean_abs_gamma_minus_1": float((gamma - 1).abs().mean()),
             "max_abs_gamma_minus_1": float((gamma - 1).abs().max()),
             "mean_abs_beta": float(beta.abs().mean()),
+            "max_abs_beta": float(beta.abs().max()),
         })
     return rows
 

@@ -39,8 +39,22 @@ class EpochRecord(BaseModel):
     seconds: float | None = None
 
 
+class QCLayerMovement(BaseModel):
+    """How far QC moved one layer's correction from the identity (gamma = 1, beta = 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    max_abs_gamma_minus_1: float
+    max_abs_beta: float
+
+
 class QCResult(BaseModel):
-    """Quantization correction applied to the final (EMA) weights of a QAT run, evaluated before and after."""
+    """Quantization correction applied to the final (EMA) weights of a QAT run, evaluated before and after.
+
+    The budget (optimizer steps, lr, calibration size) and how far gamma and beta moved are recorded, so a
+    reader can tell "QC did not help" from "QC could not move": Adam moves a parameter by about lr per step.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +64,31 @@ class QCResult(BaseModel):
     map50_after: float
     delta: float
     max_fold_rel_diff: float
+    seconds: float
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch: int | None = None
+    calibration_images: int | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    max_abs_gamma_minus_1: float | None = None
+    max_abs_beta: float | None = None
+    layers: list[QCLayerMovement] = []
+
+
+class BNResult(BaseModel):
+    """BN re-estimation applied to the same final (EMA) weights as QC, evaluated before and after."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    map50_95_before: float
+    map50_95_after: float
+    map50_before: float
+    map50_after: float
+    delta: float
+    batches: int
+    images: int
     seconds: float
 
 
@@ -88,8 +127,10 @@ class RunSummary(BaseModel):
     error: str | None = None
     ptq_map50_95: float | None = None
     qc: QCResult | None = None
+    bn: BNResult | None = None
     stability_qat: Stability
     stability_qat_qc: Stability
+    stability_qat_bn: Stability | None = None  # None only in summaries written before BN re-estimation existed
     code_version: str
     package_versions: dict[str, str]
     created_at: datetime

@@ -7,6 +7,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     MaterializeResult,
@@ -18,7 +19,7 @@ from dagster import (
 from qat_assets.core import layout
 from qat_assets.core.artifacts import read_sidecar, write_json_atomic, write_text_atomic
 from qat_assets.core.comparison import build_comparison
-from qat_assets.core.gate import GateDecision, decide_gate
+from qat_assets.core.gate import EVIDENCE_CHECK, GateDecision, decide_gate, evidence_check_outcome
 from qat_assets.core.plots import plot_map_curves, render_summary_md
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, Settings
 from qat_assets.core.summary import RunSummary
@@ -52,6 +53,7 @@ def gate_decision(settings: Settings, summaries: list[RunSummary], references: d
     return decide_gate(
         summaries, seeds=list(settings.seeds), variants=VALIDATION_VARIANTS, min_seeds=settings.gate_min_seeds,
         fp_dataset_fingerprints={v: r["dataset_fingerprint"] for v, r in references.items()},
+        require_informative=settings.gate_require_informative,
     )
 
 
@@ -62,7 +64,10 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
     out_dir = layout.comparison_dir(settings.artifact_root())
     summaries = collect_summaries(settings)
     references = fp_references(settings)
-    result = build_comparison(summaries, references)
+    result = build_comparison(
+        summaries, references, identical_run_spread=settings.identical_run_spread,
+        identical_run_source="setting identical_run_spread",
+    )
     plots: dict[str, Path] = {}
     for variant in VALIDATION_VARIANTS:
         runs = [s for s in summaries if s.variant == variant]
@@ -72,7 +77,7 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
         )
     decision = gate_decision(settings, summaries, references)
     summary_md = write_text_atomic(
-        out_dir / "summary.md", render_summary_md(result, decision, plots, relative_to=out_dir)
+        out_dir / "summary.md", render_summary_md(result, decision, plots, relative_to=out_dir, summaries=summaries)
     )
     write_json_atomic(out_dir / "comparison.json", result.to_dict())
     context.log.info(f"{len(summaries)} run summaries compared; {decision.headline()}")
@@ -83,11 +88,16 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
             "summary_md": MetadataValue.path(str(summary_md)),
             **{f"{v}_plot": MetadataValue.md(png_markdown(p, f"{v}: mAP50-95 per epoch")) for v, p in plots.items()},
             "gate_preview": decision.headline(),
+            "evidence": MetadataValue.md("\n".join(f"- {line}" for line in result.evidence_lines()) or "- no runs"),
         }
     )
 
 
-@asset(group_name="decision", deps=[comparison], kinds={"python"})
+@asset(
+    group_name="decision", deps=[comparison], kinds={"python"},
+    check_specs=[AssetCheckSpec(EVIDENCE_CHECK, asset="gate", blocking=False,
+                                description="WARN when the evidence is uninformative: the baseline never collapsed")],
+)
 def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """Passes only if, for yolo10n and yolo10s, enough EMA+QC seeds are complete, comparable and stable.
 
@@ -96,9 +106,14 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
     settings = experiment.settings()
     decision = gate_decision(settings, collect_summaries(settings), fp_references(settings))
     path = write_json_atomic(layout.gate_file(settings.artifact_root()), decision.to_dict())
-    for line in [decision.headline(), *decision.reasons]:
+    for line in [decision.headline(), *decision.reasons, *decision.evidence_lines()]:
         (context.log.info if decision.passed else context.log.warning)(line)
+    check = evidence_check_outcome(decision)
     return MaterializeResult(
+        check_results=[AssetCheckResult(
+            check_name=EVIDENCE_CHECK, passed=check.passed, severity=AssetCheckSeverity.WARN,
+            description=check.description,
+        )],
         metadata={
             "passed": decision.passed,
             "headline": decision.headline(),
@@ -107,6 +122,9 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
             "min_seeds": decision.min_seeds,
             "seeds": MetadataValue.json(list(settings.seeds)),
             "gate_json": MetadataValue.path(str(path)),
+            "evidence": MetadataValue.md("\n".join(f"- {line}" for line in decision.evidence_lines()) or "- none"),
+            "evidence_informative": decision.informative,
+            "require_informative": decision.require_informative,
         }
     )
 
