@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from torch import nn
+
 from .artifacts import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path, write_json_atomic
 from .bn_reestimation import reestimate_bn_statistics
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
@@ -56,7 +58,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     bn = run_bn_reestimation(model, before, request, device, evaluate, lambda m: log(f"{label}: {m}"))
     config = QCConfig(
         batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
-        workers=0,
+        workers=0, optimizer=settings.qc_optimizer,
     )
     model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"))
     after = evaluate(model)
@@ -68,7 +70,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
         "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
         "max_fold_rel_diff": report["fold_max_relative_difference"],
         "qc_settings": {
-            "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": "Adam",
+            "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": config.optimizer,
             "calibration_images": report["images"] // max(config.epochs, 1), "steps": report["steps"],
             "loss_before": report["loss_before"], "loss_after": report["loss_after"],
             "calibration_fingerprint": request.calibration_fingerprint,
@@ -82,7 +84,10 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
 
 
-def run_bn_reestimation(model, before: dict, request: QCRequest, device: str, evaluate, log) -> dict:
+def run_bn_reestimation(
+    model: nn.Module, before: dict, request: QCRequest, device: str, evaluate: Callable[[nn.Module], dict],
+    log: Callable[[str], None],
+) -> dict:
     """Re-estimate BN statistics of a frozen copy on training batches (letterboxed, no augmentation); evaluate it."""
     settings = request.settings
     frozen = freeze_quantized_weights(model)

@@ -70,6 +70,9 @@ class Settings(BaseModel):
     qc_epochs: int = Field(1, gt=0)
     qc_lr: float = Field(1e-4, gt=0)
     qc_batch: int = Field(gt=1)
+    qc_optimizer: Literal["SGD", "Adam"] = Field(
+        "SGD", description="Adam is the paper's; SGD (momentum 0.9) is what corrected a known error here, see core/qc.py"
+    )
 
     # BN re-estimation after QAT (Nagel et al.): training batches of `batch` images, at most this many
     bn_reestimation_batches: int = Field(50, gt=0)
@@ -144,7 +147,7 @@ class Settings(BaseModel):
         keys = (
             "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
-            "qc_epochs", "qc_lr", "qc_batch", "calibration_images", "bn_reestimation_batches",
+            "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -175,21 +178,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         train_images=16, val_images=8, calibration_images=8,
         synthetic_train_images=16, synthetic_val_images=8, synthetic_image_size=64,
         imgsz=64, batch=8, workers=0, pretrain_epochs=1, pretrain_lr=0.01,
-        qat_epochs=2, qat_lr=1e-4, qc_epochs=8, qc_lr=1e-2, qc_batch=2,
+        qat_epochs=2, qat_lr=1e-4, qc_epochs=16, qc_lr=1e-3, qc_batch=8,
     ),
     # The whole ladder on a 2-core CPU in about 20 minutes.
     "embedded": dict(
         train_images=256, val_images=64, calibration_images=64,
         synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=128,
         imgsz=128, batch=32, workers=2, pretrain_epochs=20, pretrain_lr=0.01,
-        qat_epochs=4, qat_lr=1e-4, qc_epochs=4, qc_lr=5e-3, qc_batch=8,
+        qat_epochs=4, qat_lr=1e-4, qc_epochs=4, qc_lr=1e-3, qc_batch=8,
     ),
     # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).
     "coco": dict(
         train_images=118287, val_images=5000, calibration_images=1024,
         synthetic_train_images=512, synthetic_val_images=128, synthetic_image_size=640,
         imgsz=640, batch=32, workers=8, pretrain_epochs=100, pretrain_lr=0.01,
-        qat_epochs=100, qat_lr=1e-4, qc_batch=32,
+        qat_epochs=100, qat_lr=1e-4, qc_batch=32, qc_optimizer="Adam",
     ),
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from qat_assets.core.summary import BNResult, EpochRecord, QCResult, Stability
+from qat_assets.core.summary import BNResult, EpochRecord, PostHocResult, QCResult, Stability
 
 DEFAULT_COLLAPSE_RATIO = 0.5
 DEFAULT_DEGENERATE_MAP = 0.01
@@ -100,7 +100,7 @@ def classify_with_bn(
 
 def classify_corrected(
     qat: Stability,
-    result: QCResult | BNResult | None,
+    result: PostHocResult | None,
     what: str,
     *,
     error: str | None = None,

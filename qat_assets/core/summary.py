@@ -49,12 +49,8 @@ class QCLayerMovement(BaseModel):
     max_abs_beta: float
 
 
-class QCResult(BaseModel):
-    """Quantization correction applied to the final (EMA) weights of a QAT run, evaluated before and after.
-
-    The budget (optimizer steps, lr, calibration size) and how far gamma and beta moved are recorded, so a
-    reader can tell "QC did not help" from "QC could not move": Adam moves a parameter by about lr per step.
-    """
+class PostHocResult(BaseModel):
+    """A fix applied to the final (EMA) weights of a QAT run after training, evaluated before and after."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,10 +59,20 @@ class QCResult(BaseModel):
     map50_before: float
     map50_after: float
     delta: float
-    max_fold_rel_diff: float
     seconds: float
+
+
+class QCResult(PostHocResult):
+    """Quantization correction of the final weights.
+
+    The budget (optimizer steps, lr, calibration size) and how far gamma and beta moved are recorded, so a
+    reader can tell "QC did not help" from "QC could not move".
+    """
+
+    max_fold_rel_diff: float
     steps: int | None = None
     epochs: int | None = None
+    optimizer: str | None = None
     lr: float | None = None
     batch: int | None = None
     calibration_images: int | None = None
@@ -77,19 +83,11 @@ class QCResult(BaseModel):
     layers: list[QCLayerMovement] = []
 
 
-class BNResult(BaseModel):
-    """BN re-estimation applied to the same final (EMA) weights as QC, evaluated before and after."""
+class BNResult(PostHocResult):
+    """BN re-estimation of the same final weights as QC: statistics measured on this many training batches."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    map50_95_before: float
-    map50_95_after: float
-    map50_before: float
-    map50_after: float
-    delta: float
     batches: int
     images: int
-    seconds: float
 
 
 class Stability(BaseModel):
