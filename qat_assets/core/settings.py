@@ -185,7 +185,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         train_images=256, val_images=64, calibration_images=64,
         synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=128,
         imgsz=128, batch=32, workers=2, pretrain_epochs=20, pretrain_lr=0.01,
-        qat_epochs=4, qat_lr=1e-4, qc_epochs=4, qc_lr=1e-3, qc_batch=8,
+        qat_epochs=4, qat_lr=1e-4, qc_epochs=8, qc_lr=3e-3, qc_batch=8,
     ),
     # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).
     "coco": dict(
