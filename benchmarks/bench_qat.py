@@ -1,4 +1,4 @@
-"""Step-time benchmark: FP vs W4A16 QAT training step, FP vs quantized evaluation throughput.
+"""Step-time benchmark: FP vs W4A16 QAT training step, oscillation tracking, FP vs quantized evaluation.
 
 Random tensors, no data loading, so the numbers isolate the cost of Brevitas fake quantization. FP and
 quantized steps are interleaved and the median is reported, which keeps the ratios meaningful on a
@@ -27,6 +27,7 @@ from qat_assets.core.quantize import (  # noqa: E402
     quantize_w4a16,
     quantized_modules,
 )
+from qat_assets.core.oscillation import OscillationTracker  # noqa: E402
 from qat_assets.core.qc import correction_step, correction_trainee, prepare_correction_training  # noqa: E402
 
 
@@ -87,6 +88,17 @@ def qc_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return step
 
 
+def oscillation_step_fn(model: torch.nn.Module):
+    """What QAT adds after every optimizer step: one tracker update over the <= 4-bit layers."""
+    tracker = OscillationTracker()
+    tracker.update_model(model)  # the first call only sets reference values
+
+    def step() -> None:
+        tracker.update_model(model)
+
+    return step
+
+
 def eval_step_fn(model: torch.nn.Module, images: torch.Tensor):
     model.eval()
 
@@ -134,6 +146,7 @@ def main() -> None:
             "fp": train_step_fn(float_model, batch),
             "w4a16": train_step_fn(quant_model, batch),
             "weight quant only": weight_quant_step_fn(quant_model),
+            "oscillation tracking": oscillation_step_fn(quant_model),
         },
         args.warmup,
         args.steps,
@@ -157,6 +170,9 @@ def main() -> None:
     print(f"{'train step W4A16 QAT':<28}{train['w4a16']:>12.3f} s{train['w4a16'] / train['fp']:>10.2f}{'<= 1.15':>10}")
     print(f"{'  of which weight fake-quant':<28}{train['weight quant only']:>12.3f} s"
           f"{train['weight quant only'] / train['fp']:>10.2f}")
+    print(f"{'oscillation tracker update':<28}{train['oscillation tracking']:>12.3f} s"
+          f"{train['oscillation tracking'] / train['fp']:>10.2f}"
+          f"   ({train['oscillation tracking'] / train['w4a16']:.3f} x the QAT step)")
     fp_throughput = args.batch / evaluation["fp"]
     for name in ("fp", "w4a16", "w4a16 frozen"):
         throughput = args.batch / evaluation[name]

@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print_outcome(settings.artifact_root())
     print(f"\nwall time {total / 60:.1f} min, of which heavy workers {heavy / 60:.1f} min "
           f"and Dagster/process overhead {(total - heavy) / 60:.1f} min")
+    print_evidence(settings.artifact_root())
     if failures:
         print("runs that failed (see `dagster dev -w workspace.yaml`):\n  " + "\n  ".join(failures))
         return 1
@@ -211,6 +212,19 @@ def print_outcome(root: Path) -> None:
         print("\n" + decision.headline())
         for reason in decision.reasons:
             print(f"  - {reason}")
+
+
+
+def print_evidence(root: Path) -> None:
+    """The evidence verdict per variant, as the very last lines: what the run says about the question."""
+    gate = layout.gate_file(root)
+    if gate.is_file():
+        from qat_assets.core.gate import GateDecision
+
+        decision = GateDecision.from_dict(json.loads(gate.read_text()))
+        print("\nevidence" + ("" if decision.informative else " (UNINFORMATIVE: the gate's result proves nothing)") + ":")
+        for line in decision.evidence_lines():
+            print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ def write_pretrained(root: Path, variant: str, dataset_fingerprint: str, map50_9
 
 def write_qat_and_qc(
     root: Path, variant: str, method: str, seed: int, maps: list[float], *, dataset_fingerprint: str,
-    qc_after: float | None = None, diverged_at: int | None = None,
+    qc_after: float | None = None, diverged_at: int | None = None, bn_after: float | None = None,
 ) -> None:
-    """`maps[0]` is the PTQ epoch 0; `qc_after` None leaves QC unmaterialized."""
+    """`maps[0]` is the PTQ epoch 0; `qc_after` None leaves QC unmaterialized; `bn_after` None: BN changes nothing."""
     settings = load_settings()
     history = [
         {"epoch": e, "map50_95": m, "map50": m + 0.2, "precision": 0.5, "recall": 0.5} for e, m in enumerate(maps)
@@ -48,4 +48,14 @@ def write_qat_and_qc(
             "map50_95_before": before, "map50_95_after": qc_after, "map50_before": before + 0.2,
             "map50_after": qc_after + 0.2, "delta": qc_after - before, "max_fold_rel_diff": 1e-6, "seconds": 1.0,
             "qat_sha256": "0" * 64,
+            "qc_settings": {"epochs": settings.qc_epochs, "lr": settings.qc_lr, "batch": settings.qc_batch,
+                            "calibration_images": settings.calibration_images, "steps": 32,
+                            "loss_before": 2.0, "loss_after": 1.9},
+            "layer_stats": [{"name": "model.0.conv", "channels": 16, "mean_abs_gamma_minus_1": 0.01,
+                             "max_abs_gamma_minus_1": 0.05, "mean_abs_beta": 0.02, "max_abs_beta": 0.07}],
+            "bn_reestimation": {
+                "map50_95_before": before, "map50_95_after": before if bn_after is None else bn_after,
+                "map50_before": before + 0.2, "map50_after": (before if bn_after is None else bn_after) + 0.2,
+                "delta": 0.0 if bn_after is None else bn_after - before, "batches": 8, "images": 256, "seconds": 1.0,
+            },
         })

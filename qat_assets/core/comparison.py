@@ -1,4 +1,4 @@
-"""Comparability of runs and the baseline / baseline+QC / EMA / EMA+QC comparison table.
+"""Comparability of runs and the baseline / +QC / +BN / EMA comparison table, with paired rows and verdicts.
 
 Two runs compare only when they saw the same data (dataset fingerprint), were evaluated the same way
 (evaluation settings) and trained under the same profile (training-profile fingerprint). Rather than
@@ -25,10 +25,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from qat_assets.core.evidence import EvidenceVerdict, NoiseFloor, evidence_verdict, noise_floor
 from qat_assets.core.settings import VARIANTS
 from qat_assets.core.summary import RunSummary, Stability
 
 RunId = tuple[str, str]  # (variant, partition key), e.g. ("yolo10n", "ema|0")
+# What each run contributes to the table: the QAT run alone, after QC, after BN re-estimation.
+OUTCOMES = ("qat", "qc", "bn")
 
 
 def run_id(summary: RunSummary) -> RunId:
@@ -42,6 +45,15 @@ def method_label(method: str, with_qc: bool) -> str:
 
 def stability_of(summary: RunSummary, with_qc: bool) -> Stability:
     return summary.stability_qat_qc if with_qc else summary.stability_qat
+
+
+def outcome_label(method: str, outcome: str) -> str:
+    return {"qat": method, "qc": f"{method}+QC", "bn": f"{method}+BN"}[outcome]
+
+
+def outcome_stability(summary: RunSummary, outcome: str) -> Stability | None:
+    """None only for +BN of a summary written before BN re-estimation existed."""
+    return {"qat": summary.stability_qat, "qc": summary.stability_qat_qc, "bn": summary.stability_qat_bn}[outcome]
 
 
 def comparability_key(summary: RunSummary) -> tuple[str, str, str]:
@@ -118,7 +130,7 @@ def _changed(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
 
 class ComparisonRow(BaseModel):
     variant: str
-    method: str  # baseline, baseline+QC, ema, ema+QC
+    method: str  # baseline, baseline+QC, baseline+BN, ema, ema+QC, ema+BN
     seed: int
     partition_key: str
     status: str
@@ -131,6 +143,7 @@ class ComparisonRow(BaseModel):
     final_over_best: float | None
     qc_delta: float | None  # only on +QC rows
     onnx_map50_95: float | None = None  # the exported W4 model in onnxruntime ({v}/onnx_model), on the row it was exported from
+    bn_delta: float | None = None  # only on +BN rows
     comparable: bool
     not_comparable_reason: str | None
 
@@ -149,6 +162,21 @@ class MethodAggregate(BaseModel):
     std_final: float | None
     mean_best: float | None
     mean_final_over_best: float | None
+    mean_paired_difference: float | None = None  # mean over seeds of (this method's final - baseline final)
+    real: bool | None = None  # |mean paired difference| above the noise floor (None: floor unknown)
+
+
+class PairedRow(BaseModel):
+    """One method's run against the baseline run of the same seed (both complete and comparable)."""
+
+    seed: int
+    method: str
+    final: float | None
+    final_over_best: float | None
+    baseline_final: float | None
+    baseline_final_over_best: float | None
+    difference: float | None  # final - baseline final
+    real: bool | None  # |difference| above the noise floor (None: floor unknown)
 
 
 class VariantComparison(BaseModel):
@@ -157,6 +185,9 @@ class VariantComparison(BaseModel):
     fp_map50: float | None
     rows: list[ComparisonRow]
     aggregates: list[MethodAggregate]
+    paired: list[PairedRow] = []
+    noise_floor: NoiseFloor | None = None
+    evidence: EvidenceVerdict | None = None
 
 
 class Comparison(BaseModel):
@@ -184,6 +215,10 @@ class Comparison(BaseModel):
     def from_dict(cls, payload: Mapping[str, Any]) -> Comparison:
         return cls.model_validate(payload)
 
+    def evidence_lines(self) -> list[str]:
+        """One evidence verdict per variant, e.g. "yolo10n: uninformative: the baseline did not collapse (0/2 seeds)"."""
+        return [v.evidence.line() for v in self.variants if v.evidence is not None]
+
     def to_markdown(self) -> str:
         parts = []
         if self.reference is not None:
@@ -201,19 +236,37 @@ class Comparison(BaseModel):
                 f"mAP50-95 {_num(variant.fp_map50_95)}, mAP50 {_num(variant.fp_map50)}"
             )
             parts.append(f"FP reference: {fp}.")
+            if variant.evidence is not None:
+                parts.append(f"**Evidence: {variant.evidence.text}.**")
+            if variant.noise_floor is not None:
+                parts.append(f"{variant.noise_floor.describe()[0].upper()}{variant.noise_floor.describe()[1:]}.")
+            parts.append("Paired with the baseline run of the same seed (difference = final - baseline final; "
+                         "real = larger than the noise floor):")
             parts.append(_markdown_table(
-                ["method", "seed", "status", "PTQ", "best (epoch)", "final (epoch)", "final/best", "QC delta",
-                 "ONNX mAP", "comparable", "reason"],
-                [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_epoch),
-                  _at(r.final, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
-                  _num(r.onnx_map50_95), "yes" if r.comparable else f"no: {r.not_comparable_reason}", r.reason] for r in variant.rows],
+                ["seed", "method", "final", "final/best", "baseline final", "baseline final/best", "difference",
+                 "real"],
+                [[str(p.seed), p.method, _num(p.final), _num(p.final_over_best, 2), _num(p.baseline_final),
+                  _num(p.baseline_final_over_best, 2), _num(p.difference, 4, signed=True), _yes_no(p.real)]
+                 for p in variant.paired],
             ))
             parts.append("Per method, over comparable and complete seeds (collapsed runs included):")
             parts.append(_markdown_table(
-                ["method", "seeds", "failed", "final mean ± std", "best mean", "final/best mean"],
+                ["method", "seeds", "failed", "final mean ± std", "best mean", "final/best mean",
+                 "paired difference mean", "real"],
                 [[a.method, ", ".join(map(str, a.seeds)) or "none", str(a.failed),
                   f"{_num(a.mean_final)} ± {_num(a.std_final)}", _num(a.mean_best),
-                  _num(a.mean_final_over_best, 2)] for a in variant.aggregates],
+                  _num(a.mean_final_over_best, 2), _num(a.mean_paired_difference, 4, signed=True), _yes_no(a.real)]
+                 for a in variant.aggregates],
+            ))
+            parts.append("Every run:")
+            parts.append(_markdown_table(
+                ["method", "seed", "status", "PTQ", "best (epoch)", "final (epoch)", "final/best", "QC delta",
+                 "BN delta", "ONNX mAP", "comparable", "reason"],
+                [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_epoch),
+                  _at(r.final, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
+                  _num(r.bn_delta, 4, signed=True), _num(r.onnx_map50_95),
+                  "yes" if r.comparable else f"no: {r.not_comparable_reason}",
+                  r.reason] for r in variant.rows],
             ))
         return "\n\n".join(parts) + "\n"
 
@@ -222,16 +275,22 @@ def build_comparison(
     summaries: Sequence[RunSummary],
     fp_reference: Mapping[str, Mapping[str, Any]] | None = None,
     onnx_results: Sequence[Mapping[str, Any]] = (),
+    *,
+    identical_run_spread: float | None = None,
+    identical_run_source: str | None = None,
 ) -> Comparison:
-    """Tables per variant: rows baseline / baseline+QC / ema / ema+QC per seed, per-method aggregates and FP.
+    """Tables per variant: every outcome per seed, rows paired with the baseline, per-method aggregates, noise
+    floor, evidence verdict and FP.
 
     `fp_reference[variant]` holds `map50_95`, `map50` and `dataset_fingerprint` of the floating-point model.
     `onnx_results` are `{v}/onnx_model` results; each fills the ONNX mAP of the row its source checkpoint
     belongs to (the +QC row for `source=qc`).
+    `identical_run_spread` is the measured mAP50-95 spread of identical runs, when known; it raises the
+    noise floor above the seed spread.
     """
     fp_reference = fp_reference or {}
     onnx_map = {
-        (r["variant"], method_label(r["method"], r["source"] == "qc"), r["seed"]): r["onnx_metrics"]["map50_95"]
+        (r["variant"], outcome_label(r["method"], "qc" if r["source"] == "qc" else "qat"), r["seed"]): r["onnx_metrics"]["map50_95"]
         for r in onnx_results if "onnx_metrics" in r
     }
     fp_fingerprints = {v: str(r["dataset_fingerprint"]) for v, r in fp_reference.items() if r.get("dataset_fingerprint")}
@@ -240,17 +299,30 @@ def build_comparison(
     variants = []
     for variant in _variant_order({s.variant for s in summaries} | set(fp_reference)):
         runs = sorted((s for s in summaries if s.variant == variant), key=lambda s: (s.method, s.seed))
-        rows = [_row(s, with_qc, non_comparable.get(run_id(s))) for s in runs for with_qc in (False, True)]
+        rows = [
+            _row(s, outcome, non_comparable.get(run_id(s)))
+            for s in runs for outcome in OUTCOMES if outcome_stability(s, outcome) is not None
+        ]
+        rows = sorted(rows, key=lambda r: (_label_order(r.method), r.seed))
         for row in rows:
             row.onnx_map50_95 = onnx_map.get((row.variant, row.method, row.seed))
         labels = sorted({r.method for r in rows}, key=_label_order)
+        counted = [r for r in rows if r.comparable and r.status != "incomplete"]
+        floor = noise_floor(
+            {label: [r.final for r in counted if r.method == label and r.final is not None] for label in labels},
+            identical_run_spread, identical_run_source,
+        )
+        paired = _paired_rows(counted, floor)
         fp = fp_reference.get(variant, {})
         variants.append(VariantComparison(
             variant=variant,
             fp_map50_95=fp.get("map50_95"),
             fp_map50=fp.get("map50"),
-            rows=sorted(rows, key=lambda r: (_label_order(r.method), r.seed)),
-            aggregates=[_aggregate(label, [r for r in rows if r.method == label]) for label in labels],
+            rows=rows,
+            aggregates=[_aggregate(label, [r for r in rows if r.method == label], paired, floor) for label in labels],
+            paired=paired,
+            noise_floor=floor,
+            evidence=evidence_verdict(variant, _seed_pairs(counted, "baseline", "ema+QC")),
         ))
     return Comparison(reference=reference, variants=variants)
 
@@ -275,11 +347,34 @@ def deployment_markdown(onnx_results: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _row(summary: RunSummary, with_qc: bool, not_comparable_reason: str | None) -> ComparisonRow:
-    stability = stability_of(summary, with_qc)
+def _seed_pairs(rows: Sequence[ComparisonRow], first: str, second: str) -> list[tuple[ComparisonRow, ComparisonRow]]:
+    by_key = {(r.method, r.seed): r for r in rows}
+    seeds = sorted({r.seed for r in rows})
+    return [(by_key[first, s], by_key[second, s]) for s in seeds if (first, s) in by_key and (second, s) in by_key]
+
+
+def _paired_rows(counted: Sequence[ComparisonRow], floor: NoiseFloor) -> list[PairedRow]:
+    """Each non-baseline row against the baseline run of its seed; both complete and comparable."""
+    baselines = {r.seed: r for r in counted if r.method == "baseline"}
+    paired = []
+    for row in counted:
+        base = baselines.get(row.seed)
+        if row.method == "baseline" or base is None:
+            continue
+        difference = row.final - base.final if row.final is not None and base.final is not None else None
+        paired.append(PairedRow(
+            seed=row.seed, method=row.method, final=row.final, final_over_best=row.final_over_best,
+            baseline_final=base.final, baseline_final_over_best=base.final_over_best, difference=difference,
+            real=floor.is_real(difference),
+        ))
+    return sorted(paired, key=lambda p: (p.seed, _label_order(p.method)))
+
+
+def _row(summary: RunSummary, outcome: str, not_comparable_reason: str | None) -> ComparisonRow:
+    stability = outcome_stability(summary, outcome)
     return ComparisonRow(
         variant=summary.variant,
-        method=method_label(summary.method, with_qc),
+        method=outcome_label(summary.method, outcome),
         seed=summary.seed,
         partition_key=summary.partition_key,
         status=stability.status,
@@ -290,14 +385,19 @@ def _row(summary: RunSummary, with_qc: bool, not_comparable_reason: str | None) 
         final=stability.final,
         final_epoch=stability.final_epoch,
         final_over_best=stability.final_over_best,
-        qc_delta=summary.qc.delta if with_qc and summary.qc is not None else None,
+        qc_delta=summary.qc.delta if outcome == "qc" and summary.qc is not None else None,
+        bn_delta=summary.bn.delta if outcome == "bn" and summary.bn is not None else None,
         comparable=not_comparable_reason is None,
         not_comparable_reason=not_comparable_reason,
     )
 
 
-def _aggregate(label: str, rows: Iterable[ComparisonRow]) -> MethodAggregate:
+def _aggregate(
+    label: str, rows: Iterable[ComparisonRow], paired: Sequence[PairedRow], floor: NoiseFloor
+) -> MethodAggregate:
     counted = [r for r in rows if r.comparable and r.status != "incomplete"]
+    differences = [p.difference for p in paired if p.method == label and p.difference is not None]
+    mean_difference = statistics.fmean(differences) if differences else None
     finals = [r.final for r in counted if r.final is not None]
     bests = [r.best for r in counted if r.best is not None]
     ratios = [r.final_over_best for r in counted if r.final_over_best is not None]
@@ -309,6 +409,8 @@ def _aggregate(label: str, rows: Iterable[ComparisonRow]) -> MethodAggregate:
         std_final=statistics.stdev(finals) if len(finals) > 1 else None,
         mean_best=statistics.fmean(bests) if bests else None,
         mean_final_over_best=statistics.fmean(ratios) if ratios else None,
+        mean_paired_difference=mean_difference,
+        real=floor.is_real(mean_difference),
     )
 
 
@@ -324,7 +426,7 @@ def _variant_order(variants: set[str]) -> list[str]:
 
 
 def _label_order(label: str) -> tuple[int, str]:
-    known = ["baseline", "baseline+QC", "ema", "ema+QC"]
+    known = ["baseline", "baseline+QC", "baseline+BN", "ema", "ema+QC", "ema+BN"]
     return (known.index(label) if label in known else len(known), label)
 
 
@@ -332,6 +434,10 @@ def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "–" if value is None else ("yes" if value else "no")
 
 
 def _at(value: float | None, epoch: int | None) -> str:

@@ -4,6 +4,10 @@ The gate passes only when, for each gated variant, at least `min_seeds` of the c
 run of the gated method (by default EMA, judged after QC) that is complete, comparable and not collapsed
 or degenerate (status `completed-success`). The decision is data: it never raises for missing or bad
 runs, and its reasons name every problem found, so whoever reads a failing gate knows what to re-run.
+
+That rule never reads the baseline, so the decision also carries the evidence verdict per variant
+(`evidence.py`): whether the baseline collapsed at all. With `require_informative`, a gate whose evidence
+is uninformative does not pass.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ from typing import Any
 from pydantic import BaseModel
 
 from qat_assets.core.comparison import find_non_comparable, method_label, run_id, stability_of
+from qat_assets.core.evidence import EvidenceVerdict, evidence_verdict
 from qat_assets.core.settings import VALIDATION_VARIANTS
 from qat_assets.core.summary import RunSummary
+
+
+EVIDENCE_CHECK = "evidence_informative"
+
+
+class CheckOutcome(BaseModel):
+    passed: bool
+    description: str
 
 
 class VariantGate(BaseModel):
@@ -31,6 +44,16 @@ class GateDecision(BaseModel):
     method: str  # the judged outcome's label, e.g. "ema+QC"
     min_seeds: int
     seeds: list[int]
+    evidence: dict[str, EvidenceVerdict] = {}
+    require_informative: bool = False
+
+    @property
+    def informative(self) -> bool:
+        """Every gated variant's evidence can say something (its baseline collapsed in some seed)."""
+        return bool(self.evidence) and all(v.informative for v in self.evidence.values())
+
+    def evidence_lines(self) -> list[str]:
+        return [verdict.line() for verdict in self.evidence.values()]
 
     def headline(self) -> str:
         """One line for logs, metadata and the top of the report."""
@@ -55,6 +78,7 @@ def decide_gate(
     method: str = "ema",
     with_qc: bool = True,
     fp_dataset_fingerprints: Mapping[str, str] | None = None,
+    require_informative: bool = False,
 ) -> GateDecision:
     """Decide the gate from the run summaries at hand (any subset, including none).
 
@@ -68,6 +92,7 @@ def decide_gate(
     non_comparable = find_non_comparable(list(latest.values()), fp_dataset_fingerprints=fp_dataset_fingerprints)
 
     per_variant: dict[str, VariantGate] = {}
+    evidence: dict[str, EvidenceVerdict] = {}
     reasons: list[str] = []
     if min_seeds > len(seeds):
         reasons.append(f"only {len(seeds)} seeds are configured ({list(seeds)}) but the gate needs {min_seeds}")
@@ -90,6 +115,12 @@ def decide_gate(
                 problems.append(f"{where} is not comparable: {non_comparable[(variant, key)]}")
             elif stability.status == "completed-success":
                 good.append(seed)
+        evidence[variant] = evidence_verdict(variant, [
+            (stability_of(latest[variant, f"baseline|{seed}"], False), stability_of(latest[variant, f"ema|{seed}"], True))
+            for seed in seeds
+            if all((variant, f"{m}|{seed}") in latest and (variant, f"{m}|{seed}") not in non_comparable
+                   for m in ("baseline", "ema"))
+        ])
         passed = len(good) >= min_seeds
         per_variant[variant] = VariantGate(passed=passed, good_seeds=good, problems=problems)
         seeds_text = ", ".join(map(str, good)) or "none"
@@ -98,11 +129,31 @@ def decide_gate(
             f"collapsed (seeds: {seeds_text})"
         )
         reasons.extend(problems)
+    passed = bool(variants) and all(g.passed for g in per_variant.values())
+    uninformative = [v.line() for v in evidence.values() if not v.informative]
+    if require_informative and uninformative:
+        passed = False
+        reasons.append("informative evidence is required (gate_require_informative) and is missing: "
+                       + "; ".join(uninformative))
     return GateDecision(
-        passed=bool(variants) and all(g.passed for g in per_variant.values()),
+        passed=passed,
+        evidence=evidence,
+        require_informative=require_informative,
         reasons=reasons,
         per_variant=per_variant,
         method=label,
         min_seeds=min_seeds,
         seeds=list(seeds),
+    )
+
+
+def evidence_check_outcome(decision: GateDecision) -> CheckOutcome:
+    """The `evidence_informative` check: fails (a warning, not a block) when some variant's evidence is uninformative."""
+    lines = decision.evidence_lines() or ["no variant has runs to judge"]
+    if decision.informative:
+        return CheckOutcome(passed=True, description="evidence is informative: " + "; ".join(lines))
+    verdict = "PASSED" if decision.passed else "did not pass"
+    return CheckOutcome(
+        passed=False,
+        description=f"the gate {verdict} on evidence that cannot say no: " + "; ".join(lines),
     )

@@ -4,6 +4,12 @@ A weight oscillates at a step when its integer value changes in the opposite dir
 non-zero change. Each weight keeps an exponential moving average of that event,
 f <- m * o + (1 - m) * f, updated at every step; a weight counts as oscillating while f > threshold.
 The fraction of oscillating weights (per layer and overall) is the diagnostic reported during QAT.
+
+As in the reference code (Qualcomm-AI-research/oscillations-qat), only layers quantized to 4 bits or
+fewer are tracked (8-bit layers barely oscillate and would dilute the fraction), and the threshold sits
+well above the momentum: one flip lifts f to exactly the momentum, so a threshold below it would mark a
+weight as oscillating for about ln(m / threshold) / m steps after a single flip (about 70 at m = 0.01,
+threshold 0.005). The default threshold of 3 x momentum needs several flips in quick succession.
 """
 
 from __future__ import annotations
@@ -11,13 +17,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_assets.core.quantize import integer_weights, quantized_modules
+from qat_assets.core.quantize import quantized_modules
+
+DEFAULT_MOMENTUM = 0.01
+DEFAULT_THRESHOLD = 3 * DEFAULT_MOMENTUM
+TRACKED_MAX_BIT_WIDTH = 4
 
 
 class OscillationTracker:
-    def __init__(self, momentum: float = 0.01, threshold: float = 0.005) -> None:
+    def __init__(
+        self, momentum: float = DEFAULT_MOMENTUM, threshold: float = DEFAULT_THRESHOLD,
+        max_bit_width: int = TRACKED_MAX_BIT_WIDTH,
+    ) -> None:
         self.momentum = momentum
         self.threshold = threshold
+        self.max_bit_width = max_bit_width
         self._previous: dict[str, torch.Tensor] = {}  # last integer values
         self._direction: dict[str, torch.Tensor] = {}  # sign of the last non-zero change (0 before any)
         self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
@@ -42,9 +56,13 @@ class OscillationTracker:
         self._direction[name] = torch.where(change != 0, change, direction)
         self._previous[name] = current.clone()
 
+    @torch.no_grad()
     def update_model(self, model: nn.Module) -> None:
+        """Record one step of every quantized conv at `max_bit_width` bits or fewer (the others are skipped)."""
         for name, module in quantized_modules(model):
-            self.update(name, integer_weights(module))
+            quantized = module.quant_weight()
+            if float(quantized.bit_width) <= self.max_bit_width:
+                self.update(name, quantized.int())
 
     def frequencies(self, name: str) -> torch.Tensor:
         return self._frequency[name]

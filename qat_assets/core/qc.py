@@ -37,6 +37,11 @@ from qat_assets.core.quantize import freeze_quantized_weights, quantized_modules
 Corrections = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+QC_OPTIMIZERS = ("SGD", "Adam")
+# SGD's momentum for QC; a constant because only the optimizer and lr were ever worth tuning here.
+QC_SGD_MOMENTUM = 0.9
+
+
 @dataclass(frozen=True)
 class QCConfig:
     batch: int
@@ -45,6 +50,7 @@ class QCConfig:
     epochs: int = 1
     lr: float = 1e-4
     workers: int = 0
+    optimizer: str = "Adam"  # the paper's; see `make_optimizer` for why the profiles use SGD
 
 
 class ChannelCorrection(nn.Module):
@@ -161,6 +167,7 @@ def correction_stats(corrections: Corrections | nn.Module) -> list[dict[str, Any
             "mean_abs_gamma_minus_1": float((gamma - 1).abs().mean()),
             "max_abs_gamma_minus_1": float((gamma - 1).abs().max()),
             "mean_abs_beta": float(beta.abs().mean()),
+            "max_abs_beta": float(beta.abs().max()),
         })
     return rows
 
@@ -337,19 +344,36 @@ def calibration_loss(model: nn.Module, dataloader: Iterable, device: str) -> flo
     return total / max(images, 1)
 
 
-def prepare_correction_training(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Gradients on gamma/beta only, the QAT task loss attached, BN frozen; returns Adam over gamma/beta."""
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    """Adam (the paper's choice) or SGD with momentum 0.9.
+
+    Why SGD is offered, measured (qat_assets_tests/core/test_qc_budget.py setup: yolov10n trained briefly at
+    64 px, W4A16, a known per-channel gain/offset error injected before every BN): Adam raised the
+    calibration loss at every lr tried, 3e-5 to 1e-2 (0.807 -> 0.809 at 3e-5 x 64 steps, -> 1.68 at 1e-3 x 32),
+    while plain SGD at 1e-3 x 32 steps won back all of it (0.807 -> 0.673, error-free 0.674). Adam moves
+    every one of the ~10k gammas/betas by about lr per step whatever its gradient, and a few of them
+    (early layers, whose change compounds through the network) have curvature that such a step overshoots.
+    """
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=QC_SGD_MOMENTUM)
+    raise ValueError(f"QC optimizer {name!r} is not one of {QC_OPTIMIZERS}")
+
+
+def prepare_correction_training(model: nn.Module, lr: float, optimizer: str = "Adam") -> torch.optim.Optimizer:
+    """Gradients on gamma/beta only, the QAT task loss attached, BN frozen; returns the optimizer over gamma/beta."""
     params = correction_parameters(model)
     if not params:
         raise ValueError("the model has no corrections; call insert_corrections first")
     _freeze_all_but_corrections(model)
     attach_task_loss(model)
     _train_mode_with_frozen_bn(model)
-    return torch.optim.Adam(params, lr=lr)
+    return make_optimizer(params, optimizer, lr)
 
 
 def correction_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
-    """One Adam step on gamma/beta for a preprocessed batch; returns the batch's task loss before the step."""
+    """One optimizer step on gamma/beta for a preprocessed batch; returns the batch's task loss before the step."""
     loss, _ = model.loss(batch)
     loss = loss.sum()
     value = float(loss.detach())
@@ -364,10 +388,10 @@ def correction_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimi
 def train_corrections(
     model: nn.Module, dataloader: Iterable, config: QCConfig, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Adam on gamma/beta only, `config.epochs` passes over the calibration set; returns loss and timing."""
+    """`config.optimizer` on gamma/beta only, `config.epochs` passes over the calibration set; returns loss and timing."""
     device = torch.device(config.device)
     model.to(device)
-    optimizer = prepare_correction_training(model, config.lr)
+    optimizer = prepare_correction_training(model, config.lr, config.optimizer)
     loss_before = calibration_loss(model, dataloader, config.device)
     steps, images, started = 0, 0, time.perf_counter()
     for epoch in range(config.epochs):
@@ -387,6 +411,7 @@ def train_corrections(
         "images": images,
         "epochs": config.epochs,
         "lr": config.lr,
+        "optimizer": config.optimizer,
         "train_seconds": train_seconds,
         "seconds_per_image": train_seconds / max(images, 1),
         "parameters": sum(p.numel() for p in optimizer.param_groups[0]["params"]),

@@ -2,6 +2,11 @@
 
 Evaluation before and after uses exactly the QAT evaluation settings, on frozen copies (the quantized
 weights computed once), so the delta is QC's effect alone.
+
+The same step also runs BN re-estimation (the statistics-only mitigation of Nagel et al.) on a copy of the
+same QAT weights and records its outcome beside QC's: both start from the one checkpoint, and a second
+worker process would cost another torch import for a few seconds of work. Its model is not saved: the
++BN row is a measurement, not a deliverable.
 """
 
 from __future__ import annotations
@@ -9,11 +14,14 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from torch import nn
+
 from .artifacts import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path, write_json_atomic
+from .bn_reestimation import reestimate_bn_statistics
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model
 from .qat import quant_options
-from .qc import QCConfig, run_qc
+from .qc import QCConfig, build_calibration_loader, run_qc
 from .quantize import freeze_quantized_weights, quantize_w4a16
 from .requests import QCRequest
 
@@ -47,9 +55,10 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
 
     before = evaluate(model)
     log(f"{label}: before QC mAP50-95 {before['map50_95']:.4f}")
+    bn = run_bn_reestimation(model, before, request, device, evaluate, lambda m: log(f"{label}: {m}"))
     config = QCConfig(
         batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
-        workers=0,
+        workers=0, optimizer=settings.qc_optimizer,
     )
     model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"))
     after = evaluate(model)
@@ -61,14 +70,36 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
         "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
         "max_fold_rel_diff": report["fold_max_relative_difference"],
         "qc_settings": {
-            "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": "Adam",
+            "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": config.optimizer,
             "calibration_images": report["images"] // max(config.epochs, 1), "steps": report["steps"],
             "loss_before": report["loss_before"], "loss_after": report["loss_after"],
             "calibration_fingerprint": request.calibration_fingerprint,
         },
+        "bn_reestimation": bn,
         "layer_stats": report["corrections"], "evaluation": evaluation_settings(settings.imgsz, settings.batch),
         "qat_sha256": request.qat_sha256, "settings": settings.model_dump(mode="json"), "device": device,
         "seconds": time.time() - started,
     }
     digest = save_checkpoint(checkpoint, {"model": model.float().state_dict()}, sidecar)
     return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
+
+
+def run_bn_reestimation(
+    model: nn.Module, before: dict, request: QCRequest, device: str, evaluate: Callable[[nn.Module], dict],
+    log: Callable[[str], None],
+) -> dict:
+    """Re-estimate BN statistics of a frozen copy on training batches (letterboxed, no augmentation); evaluate it."""
+    settings = request.settings
+    frozen = freeze_quantized_weights(model)
+    config = QCConfig(batch=settings.batch, imgsz=settings.imgsz, device=device, workers=0)
+    loader = build_calibration_loader(str(request.dataset_yaml), frozen, config, shuffle=False)
+    images = (batch["img"].to(device).float() / 255 for batch in loader)
+    report = reestimate_bn_statistics(frozen, images, settings.bn_reestimation_batches, log=log)
+    after = evaluate(frozen)
+    delta = after["map50_95"] - before["map50_95"]
+    log(f"after BN re-estimation mAP50-95 {after['map50_95']:.4f} ({delta:+.4f})")
+    return {
+        "map50_95_before": before["map50_95"], "map50_95_after": after["map50_95"],
+        "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
+        "batches": report["batches"], "images": report["images"], "seconds": report["seconds"],
+    }

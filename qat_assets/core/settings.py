@@ -71,13 +71,21 @@ class Settings(BaseModel):
     qat_warmup_epochs: float = Field(0.0, ge=0, description="Ultralytics warmup_epochs for QAT")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_tau: float | None = Field(None, description="EMA ramp constant in updates; None scales it with run length")
-    oscillation_momentum: float = 0.01
-    oscillation_threshold: float = 0.005
+    oscillation_momentum: float = Field(0.01, gt=0, lt=1, description="EMA momentum of the oscillation frequency")
+    oscillation_threshold: float = Field(
+        0.03, gt=0, description="a weight oscillates while its frequency is above this; keep it 2-3x the momentum"
+    )
 
     # QC
     qc_epochs: int = Field(1, gt=0)
     qc_lr: float = Field(1e-4, gt=0)
     qc_batch: int = Field(gt=1)
+    qc_optimizer: Literal["SGD", "Adam"] = Field(
+        "SGD", description="Adam is the paper's; SGD (momentum 0.9) is what corrected a known error here, see core/qc.py"
+    )
+
+    # BN re-estimation after QAT (Nagel et al.): training batches of `batch` images, at most this many
+    bn_reestimation_batches: int = Field(50, gt=0)
 
     # Deployment (ONNX export)
     onnx_source: Literal["qc", "qat"] = Field(
@@ -92,6 +100,12 @@ class Settings(BaseModel):
     gate_min_seeds: int = Field(2, gt=0)
     collapse_ratio: float = Field(0.5, gt=0, lt=1)
     degenerate_map: float = Field(0.01, ge=0, description="best mAP50-95 at or below this is degenerate")
+    gate_require_informative: bool = Field(
+        False, description="the gate passes only when every variant's baseline collapsed in some seed"
+    )
+    identical_run_spread: float | None = Field(
+        None, ge=0, description="measured mAP50-95 spread of identical runs (same settings, seed); raises the noise floor"
+    )
 
     # Automation
     backfill_cron: str = Field("0 2 * * *", description="when the seed backfill schedule ticks")
@@ -142,6 +156,16 @@ class Settings(BaseModel):
             return self.ray_gpus_per_step
         return 1.0 if self.device.startswith("cuda") else 0.0
 
+    @field_validator("oscillation_threshold")
+    @classmethod
+    def _check_oscillation_threshold(cls, value: float, info: Any) -> float:
+        # One flip lifts a weight's frequency to exactly the momentum: a threshold at or below it would count
+        # every weight that changed once in the last ~100 steps as oscillating (Nagel et al. use 2-3x).
+        momentum = info.data.get("oscillation_momentum")
+        if momentum is not None and value < 2 * momentum:
+            raise ValueError(f"oscillation_threshold {value:g} must be at least 2x oscillation_momentum {momentum:g}")
+        return value
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _parse_seeds(cls, value: Any) -> Any:
@@ -175,7 +199,7 @@ class Settings(BaseModel):
         keys = (
             "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
-            "qc_epochs", "qc_lr", "qc_batch", "calibration_images",
+            "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
         )
         return {k: getattr(self, k) for k in keys}
@@ -208,21 +232,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         train_images=16, val_images=8, calibration_images=8,
         synthetic_train_images=16, synthetic_val_images=8, synthetic_image_size=64,
         imgsz=64, batch=8, workers=0, pretrain_epochs=1, pretrain_lr=0.01,
-        qat_epochs=2, qat_lr=1e-4, qc_batch=4,
+        qat_epochs=2, qat_lr=1e-4, qc_epochs=16, qc_lr=1e-3, qc_batch=8,
     ),
     # The whole ladder on a 2-core CPU in about 20 minutes.
     "embedded": dict(
         train_images=256, val_images=64, calibration_images=64,
         synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=128,
         imgsz=128, batch=32, workers=2, pretrain_epochs=20, pretrain_lr=0.01,
-        qat_epochs=4, qat_lr=1e-4, qc_batch=16,
+        qat_epochs=4, qat_lr=1e-4, qc_epochs=8, qc_lr=3e-3, qc_batch=8,
     ),
     # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).
     "coco": dict(
         train_images=118287, val_images=5000, calibration_images=1024,
         synthetic_train_images=512, synthetic_val_images=128, synthetic_image_size=640,
         imgsz=640, batch=32, workers=8, pretrain_epochs=100, pretrain_lr=0.01,
-        qat_epochs=100, qat_lr=1e-4, qc_batch=32,
+        qat_epochs=100, qat_lr=1e-4, qc_batch=32, qc_optimizer="Adam",
     ),
 }
 

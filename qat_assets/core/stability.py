@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from qat_assets.core.summary import EpochRecord, QCResult, Stability
+from qat_assets.core.summary import BNResult, EpochRecord, PostHocResult, QCResult, Stability
 
 DEFAULT_COLLAPSE_RATIO = 0.5
 DEFAULT_DEGENERATE_MAP = 0.01
@@ -81,17 +81,50 @@ def classify_with_qc(
     1 when QC lifts the final model above that peak. Incomplete when the QAT run is incomplete, or QC
     failed, is missing or produced a non-finite metric.
     """
+    return classify_corrected(qat, qc, "QC", error=qc_error, collapse_ratio=collapse_ratio,
+                              degenerate_map=degenerate_map)
+
+
+def classify_with_bn(
+    qat: Stability,
+    bn: BNResult | None,
+    *,
+    bn_error: str | None = None,
+    collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
+    degenerate_map: float = DEFAULT_DEGENERATE_MAP,
+) -> Stability:
+    """Classify the QAT run + BN re-estimation outcome, by the same rules as `classify_with_qc`."""
+    return classify_corrected(qat, bn, "BN re-estimation", error=bn_error, collapse_ratio=collapse_ratio,
+                              degenerate_map=degenerate_map)
+
+
+def classify_corrected(
+    qat: Stability,
+    result: PostHocResult | None,
+    what: str,
+    *,
+    error: str | None = None,
+    collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
+    degenerate_map: float = DEFAULT_DEGENERATE_MAP,
+) -> Stability:
+    """A post-hoc fix of the final weights (`what`: QC, BN re-estimation): its mAP50-95 replaces the final value."""
     if qat.status == "incomplete":
         return qat.model_copy(update={"reason": f"QAT run incomplete: {qat.reason}"})
     numbers = {k: getattr(qat, k) for k in ("best", "best_epoch", "final", "final_epoch", "final_over_best")}
-    if qc_error:
-        return Stability(status="incomplete", reason=f"QC crashed: {qc_error}", **numbers)
-    if qc is None:
-        return Stability(status="incomplete", reason="QC result is missing (QC has not run)", **numbers)
-    if not math.isfinite(qc.map50_95_after):
-        return Stability(status="incomplete", reason="QC produced a non-finite mAP50-95", **numbers)
-    numbers = _numbers(qat.best, qat.best_epoch, qc.map50_95_after, qat.final_epoch)
-    return _verdict(numbers, "QC'd final", collapse_ratio, degenerate_map)
+    if error:
+        return Stability(status="incomplete", reason=f"{what} crashed: {error}", **numbers)
+    if result is None:
+        return Stability(status="incomplete", reason=f"{what} result is missing ({what} has not run)", **numbers)
+    if not math.isfinite(result.map50_95_after):
+        return Stability(status="incomplete", reason=f"{what} produced a non-finite mAP50-95", **numbers)
+    numbers = _numbers(qat.best, qat.best_epoch, result.map50_95_after, qat.final_epoch)
+    label = "QC'd final" if what == "QC" else f"final after {what}"
+    return _verdict(numbers, label, collapse_ratio, degenerate_map)
+
+
+def is_collapsed(stability: Stability) -> bool:
+    """Complete, learned something, and fell below the collapse ratio of its best (not merely degenerate)."""
+    return stability.status == "completed-failed" and stability.reason.startswith("collapsed")
 
 
 def _numbers(best: float | None, best_epoch: int | None, final: float | None, final_epoch: int | None) -> dict:

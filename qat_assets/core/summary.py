@@ -39,8 +39,18 @@ class EpochRecord(BaseModel):
     seconds: float | None = None
 
 
-class QCResult(BaseModel):
-    """Quantization correction applied to the final (EMA) weights of a QAT run, evaluated before and after."""
+class QCLayerMovement(BaseModel):
+    """How far QC moved one layer's correction from the identity (gamma = 1, beta = 0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    max_abs_gamma_minus_1: float
+    max_abs_beta: float
+
+
+class PostHocResult(BaseModel):
+    """A fix applied to the final (EMA) weights of a QAT run after training, evaluated before and after."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,8 +59,35 @@ class QCResult(BaseModel):
     map50_before: float
     map50_after: float
     delta: float
-    max_fold_rel_diff: float
     seconds: float
+
+
+class QCResult(PostHocResult):
+    """Quantization correction of the final weights.
+
+    The budget (optimizer steps, lr, calibration size) and how far gamma and beta moved are recorded, so a
+    reader can tell "QC did not help" from "QC could not move".
+    """
+
+    max_fold_rel_diff: float
+    steps: int | None = None
+    epochs: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    batch: int | None = None
+    calibration_images: int | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    max_abs_gamma_minus_1: float | None = None
+    max_abs_beta: float | None = None
+    layers: list[QCLayerMovement] = []
+
+
+class BNResult(PostHocResult):
+    """BN re-estimation of the same final weights as QC: statistics measured on this many training batches."""
+
+    batches: int
+    images: int
 
 
 class Stability(BaseModel):
@@ -88,8 +125,10 @@ class RunSummary(BaseModel):
     error: str | None = None
     ptq_map50_95: float | None = None
     qc: QCResult | None = None
+    bn: BNResult | None = None
     stability_qat: Stability
     stability_qat_qc: Stability
+    stability_qat_bn: Stability | None = None  # None only in summaries written before BN re-estimation existed
     code_version: str
     package_versions: dict[str, str]
     created_at: datetime

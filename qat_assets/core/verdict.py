@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .settings import Settings
-from .stability import classify_qat, classify_with_qc
-from .summary import EpochRecord, QCResult, RunSummary
+from .stability import classify_qat, classify_with_bn, classify_with_qc
+from .summary import BNResult, EpochRecord, QCResult, RunSummary
 
 TRACKED_PACKAGES = ("qat_assets", "torch", "torchvision", "ultralytics", "brevitas", "dagster", "numpy")
 
@@ -49,7 +49,24 @@ def qc_result(qc_sidecar: dict[str, Any] | None, qat_sha256: str) -> tuple[QCRes
         return None, "qc_checkpoint was made from an earlier QAT checkpoint; re-materialize qc_checkpoint"
     if qc_sidecar.get("skipped"):
         return None, f"QC skipped: {qc_sidecar['skipped']}"
-    return QCResult(**{k: qc_sidecar[k] for k in QCResult.model_fields}), None
+    # The budget lives under qc_settings, the movement per layer under layer_stats.
+    layers = [{k: row[k] for k in ("name", "max_abs_gamma_minus_1", "max_abs_beta")}
+              for row in qc_sidecar.get("layer_stats", []) if "max_abs_beta" in row]
+    flat = {**qc_sidecar.get("qc_settings", {}), **qc_sidecar, "layers": layers}
+    if layers:
+        flat["max_abs_gamma_minus_1"] = max(row["max_abs_gamma_minus_1"] for row in layers)
+        flat["max_abs_beta"] = max(row["max_abs_beta"] for row in layers)
+    return QCResult(**{k: flat[k] for k in QCResult.model_fields if k in flat}), None
+
+
+def bn_result(qc_sidecar: dict[str, Any] | None, qat_sha256: str) -> tuple[BNResult | None, str | None]:
+    """The BN re-estimation outcome, computed in the QC stage from the same QAT checkpoint, or why there is none."""
+    qc, problem = qc_result(qc_sidecar, qat_sha256)
+    if problem is not None:
+        return None, problem.replace("QC skipped", "BN re-estimation skipped")
+    if "bn_reestimation" not in qc_sidecar:
+        return None, "qc_checkpoint predates BN re-estimation; re-materialize qc_checkpoint"
+    return BNResult(**qc_sidecar["bn_reestimation"]), None
 
 
 def build_run_summary(
@@ -64,6 +81,11 @@ def build_run_summary(
     qc, qc_problem = qc_result(qc_sidecar, qat_sidecar["sha256"])
     stability_qc = classify_with_qc(
         stability_qat, qc, qc_error=qc_problem, collapse_ratio=settings.collapse_ratio,
+        degenerate_map=settings.degenerate_map,
+    )
+    bn, bn_problem = bn_result(qc_sidecar, qat_sidecar["sha256"])
+    stability_bn = classify_with_bn(
+        stability_qat, bn, bn_error=bn_problem, collapse_ratio=settings.collapse_ratio,
         degenerate_map=settings.degenerate_map,
     )
     return RunSummary(
@@ -84,8 +106,10 @@ def build_run_summary(
         error=None,
         ptq_map50_95=qat_sidecar["ptq_map50_95"],
         qc=qc,
+        bn=bn,
         stability_qat=stability_qat,
         stability_qat_qc=stability_qc,
+        stability_qat_bn=stability_bn,
         code_version=code_version(),
         package_versions=package_versions(),
         created_at=datetime.now(timezone.utc),

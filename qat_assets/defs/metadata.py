@@ -120,9 +120,20 @@ def qc_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "map50_after": result["map50_after"],
         "max_fold_rel_diff": result["max_fold_rel_diff"],
         "qc_settings": MetadataValue.json(result["qc_settings"]),
+        "qc_steps": result["qc_settings"]["steps"],
+        "qc_lr": result["qc_settings"]["lr"],
+        "qc_calibration_images": result["qc_settings"]["calibration_images"],
+        "max_abs_gamma_minus_1": max((r["max_abs_gamma_minus_1"] for r in result["layer_stats"]), default=None),
+        "max_abs_beta": max((r["max_abs_beta"] for r in result["layer_stats"]), default=None),
         "corrections": table(
-            result["layer_stats"], (("name", "string"), ("mean_abs_gamma_minus_1", "float"), ("mean_abs_beta", "float"))
+            result["layer_stats"],
+            (("name", "string"), ("max_abs_gamma_minus_1", "float"), ("max_abs_beta", "float"),
+             ("mean_abs_gamma_minus_1", "float"), ("mean_abs_beta", "float")),
         ),
+        "bn_map50_95_before": result["bn_reestimation"]["map50_95_before"],
+        "bn_map50_95_after": result["bn_reestimation"]["map50_95_after"],
+        "bn_delta": result["bn_reestimation"]["delta"],
+        "bn_reestimation": MetadataValue.json(result["bn_reestimation"]),
     }
 
 
@@ -169,7 +180,8 @@ def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
 
 def verdict_metadata(summary: RunSummary, path: Path) -> dict[str, Any]:
     metadata: dict[str, Any] = {"run_summary": MetadataValue.path(str(path))}
-    for label, stability in (("qat", summary.stability_qat), ("qat_qc", summary.stability_qat_qc)):
+    outcomes = (("qat", summary.stability_qat), ("qat_qc", summary.stability_qat_qc), ("qat_bn", summary.stability_qat_bn))
+    for label, stability in ((label, s) for label, s in outcomes if s is not None):
         metadata[f"{label}_status"] = stability.status
         metadata[f"{label}_reason"] = stability.reason
         metadata[f"{label}_best"] = stability.best

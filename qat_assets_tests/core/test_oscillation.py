@@ -37,7 +37,7 @@ def test_frequencies_match_a_hand_computed_sequence():
 
 
 def test_flipping_weight_oscillates_monotonic_and_settled_weights_never_do():
-    tracker = OscillationTracker()  # momentum 0.01, threshold 0.005
+    tracker = OscillationTracker()  # momentum 0.01, threshold 0.03
     steps = 200
     flipper = torch.arange(steps) % 2
     riser = torch.arange(steps) // 7  # changes every 7th step, always upwards
@@ -50,15 +50,25 @@ def test_flipping_weight_oscillates_monotonic_and_settled_weights_never_do():
 
 
 def test_oscillation_frequency_decays_once_the_weight_settles():
-    tracker = OscillationTracker()
+    tracker = OscillationTracker(momentum=0.01, threshold=0.005)
     feed(tracker, torch.tensor([[0], [1], [0]]))  # one event: f = 0.01
     assert tracker.oscillating_fraction() == 1.0
     feed(tracker, torch.zeros(100, 1, dtype=torch.long))  # 0.01 * 0.99**100 = 0.0037 < 0.005
     assert tracker.oscillating_fraction() == 0.0
 
 
+def test_default_threshold_ignores_a_single_flip_but_catches_repeated_ones():
+    tracker = OscillationTracker()
+    assert tracker.threshold >= 2 * tracker.momentum
+    feed(tracker, torch.tensor([[0, 0], [1, 1], [0, 0]]))  # one event each: f = momentum
+    assert tracker.oscillating_fraction() == 0.0
+    feed(tracker, torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0]]))  # column 0 keeps flipping
+    assert tracker.per_layer() == {"layer": 0.5}
+
+
 def test_state_dict_resume_continues_exactly(tmp_path):
-    uninterrupted, first_half = OscillationTracker(momentum=0.2), OscillationTracker(momentum=0.2)
+    uninterrupted = OscillationTracker(momentum=0.2, threshold=0.5)
+    first_half = OscillationTracker(momentum=0.2, threshold=0.5)
     feed(uninterrupted, SEQUENCE)
     feed(first_half, SEQUENCE[:3])
     torch.save(first_half.state_dict(), tmp_path / "tracker.pt")
@@ -69,12 +79,14 @@ def test_state_dict_resume_continues_exactly(tmp_path):
     assert torch.equal(resumed.frequencies("layer"), uninterrupted.frequencies("layer"))
 
 
-def test_update_model_tracks_every_quantized_layer_and_sees_flipping_weights():
+def test_update_model_tracks_only_4_bit_layers_and_sees_flipping_weights():
     torch.manual_seed(0)
     model = DetectionModel("yolov10n.yaml", nc=3, verbose=False)
-    quantize_w4a16(model, QuantOptions(learned_scales=True))
+    report = quantize_w4a16(model, QuantOptions(learned_scales=True, keep_first_last_8bit=True))
+    four_bit = {layer.name for layer in report.layers if layer.bit_width == 4}
+    assert four_bit and len(four_bit) < len(quantized_modules(model))  # the 8-bit first conv and head exist
     layer_name, layer = quantized_modules(model)[3]
-    tracker = OscillationTracker()
+    tracker = OscillationTracker(momentum=0.1, threshold=0.15)
     latent = layer.weight.detach().clone()
     scale = layer.quant_weight().scale.detach()
     for step in range(4):  # push every weight of one layer half a quantization step up and back down
@@ -82,6 +94,14 @@ def test_update_model_tracks_every_quantized_layer_and_sees_flipping_weights():
             layer.weight.copy_(latent + (0.5 * scale if step % 2 else 0.0))
         tracker.update_model(model)
     per_layer = tracker.per_layer()
-    assert set(per_layer) == {name for name, _ in quantized_modules(model)}
+    assert set(per_layer) == four_bit
     assert per_layer[layer_name] > 0.3
     assert sum(fraction for name, fraction in per_layer.items() if name != layer_name) == 0.0
+
+
+def test_settings_refuse_a_threshold_below_twice_the_momentum():
+    from qat_assets.core.settings import SettingsError, load_settings
+
+    assert load_settings({"profile": "smoke"}, environ={}).oscillation_threshold == 0.03
+    with pytest.raises(SettingsError, match="at least 2x oscillation_momentum"):
+        load_settings({"profile": "smoke", "oscillation_threshold": 0.005}, environ={})

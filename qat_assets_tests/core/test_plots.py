@@ -36,7 +36,9 @@ def test_summary_md_holds_gate_tables_and_relative_plot_links(tmp_path):
              for v in ("yolo10n", "yolo10s")}
     comparison = build_comparison(runs, {"yolo10n": {"map50_95": 0.385, "map50": 0.6}})
     gate = decide_gate(runs, seeds=[0, 1])
-    markdown = render_summary_md(comparison, gate, plots, relative_to=report)
+    markdown = render_summary_md(comparison, gate, plots, relative_to=report, summaries=runs)
+    assert markdown.split("\n## Evidence\n\n- **")[1].startswith("yolo10n: ")  # the verdict heads the report
+    assert "## QC budget and movement" in markdown
     assert not gate.passed
     assert f"**{gate.headline()}**" in markdown
     assert "- yolo10n/stability_verdict ema|1 (ema+QC) is incomplete: QAT run incomplete" in markdown

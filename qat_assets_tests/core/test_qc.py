@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from ultralytics.nn.modules.conv import Conv
 from ultralytics.nn.tasks import DetectionModel
@@ -36,6 +34,7 @@ from qat_assets.core.quantize import (
     quantize_w4a16,
     quantized_modules,
 )
+from qat_assets_tests.tiny_yolo_set import write_tiny_yolo_set
 
 IMGSZ = 64
 
@@ -43,28 +42,7 @@ IMGSZ = 64
 @pytest.fixture(scope="module")
 def calibration_yaml(tmp_path_factory) -> str:
     """Six 64 px images with one or two coloured boxes each, in Ultralytics YOLO format."""
-    root = tmp_path_factory.mktemp("calib")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(6):
-        pixels = np.full((IMGSZ, IMGSZ, 3), 40, dtype=np.uint8)
-        rows = []
-        for _ in range(1 + i % 2):
-            cls = int(rng.integers(3))
-            w, h = rng.integers(16, 32, size=2)
-            x0, y0 = rng.integers(0, IMGSZ - w), rng.integers(0, IMGSZ - h)
-            pixels[y0:y0 + h, x0:x0 + w] = [(255, 0, 0), (0, 255, 0), (0, 0, 255)][cls]
-            rows.append(f"{cls} {(x0 + w / 2) / IMGSZ} {(y0 + h / 2) / IMGSZ} {w / IMGSZ} {h / IMGSZ}")
-        image = root / "images" / f"{i}.png"
-        Image.fromarray(pixels).save(image)
-        (root / "labels" / f"{i}.txt").write_text("\n".join(rows) + "\n")
-        paths.append(str(image))
-    (root / "calib.txt").write_text("\n".join(paths) + "\n")
-    yaml = root / "data.yaml"
-    yaml.write_text(f"path: {root}\ntrain: calib.txt\nval: calib.txt\nnames:\n  0: red\n  1: green\n  2: blue\n")
-    return str(yaml)
+    return write_tiny_yolo_set(tmp_path_factory.mktemp("calib"), 6, IMGSZ)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from qat_assets.core.artifacts import ArtifactError
-from qat_assets.core.stability import classify_qat, classify_with_qc
-from qat_assets.core.summary import EpochRecord, QCResult, RunSummary
+from qat_assets.core.stability import classify_qat, classify_with_bn, classify_with_qc
+from qat_assets.core.summary import BNResult, EpochRecord, QCResult, RunSummary
 
 _T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -32,6 +32,7 @@ def make_summary(
     profile_fp="prof-1",
     evaluation=None,
     created_minutes=0,
+    bn_after=None,
 ) -> RunSummary:
     """A run summary whose verdicts come from the real classifiers (maps[0] is the PTQ epoch)."""
     records = history(maps)
@@ -41,6 +42,10 @@ def make_summary(
     if qc_after is not None and qat.status != "incomplete":  # QC runs only on finished QAT runs
         qc = QCResult(map50_95_before=qat.final, map50_95_after=qc_after, map50_before=0.5, map50_after=0.5,
                       delta=qc_after - qat.final, max_fold_rel_diff=1e-6, seconds=1.0)
+    bn = None
+    if bn_after is not None and qat.status != "incomplete":
+        bn = BNResult(map50_95_before=qat.final, map50_95_after=bn_after, map50_before=0.5, map50_after=0.5,
+                      delta=bn_after - qat.final, batches=8, images=256, seconds=1.0)
     return RunSummary(
         variant=variant, method=method, seed=seed, partition_key=f"{method}|{seed}",
         model={"name": variant}, quantization={"weight_bit_width": 4},
@@ -48,7 +53,8 @@ def make_summary(
         evaluation=evaluation or {"imgsz": 64, "conf": 0.001, "iou": 0.7, "split": "val", "batch": 8},
         planned_epochs=planned, history=records, diverged_at_epoch=diverged_at_epoch, error=error,
         ptq_map50_95=maps[0] if maps else None, qc=qc,
-        stability_qat=qat, stability_qat_qc=classify_with_qc(qat, qc),
+        stability_qat=qat, stability_qat_qc=classify_with_qc(qat, qc), bn=bn,
+        stability_qat_bn=classify_with_bn(qat, bn) if bn_after is not None else None,
         code_version="abc123", package_versions={"torch": "2.14.1"},
         created_at=_T0 + timedelta(minutes=created_minutes),
     )

@@ -13,14 +13,14 @@ HEALTHY = [0.30, 0.33, 0.36]
 COLLAPSED = [0.30, 0.36, 0.10]
 
 
-def prepare_runs(storage, instance, ema_maps, qc_after):
+def prepare_runs(storage, instance, ema_maps, qc_after, baseline_maps=COLLAPSED):
     """A real subset, then QAT/QC sidecars for every yolo10n/yolo10s partition and their real verdicts."""
     assert run_assets(instance, ["coco_subset"]).success
     fingerprint = SubsetResult.read(layout.subset_dir(storage)).fingerprint
     for variant in ("yolo10n", "yolo10s"):
         write_pretrained(storage, variant, fingerprint)
         for seed in (0, 1):
-            write_qat_and_qc(storage, variant, "baseline", seed, COLLAPSED, dataset_fingerprint=fingerprint, qc_after=0.2)
+            write_qat_and_qc(storage, variant, "baseline", seed, baseline_maps, dataset_fingerprint=fingerprint, qc_after=0.2)
             write_qat_and_qc(storage, variant, "ema", seed, ema_maps, dataset_fingerprint=fingerprint, qc_after=qc_after)
     for method in ("baseline", "ema"):
         for seed in (0, 1):
@@ -37,9 +37,10 @@ def test_gate_on_a_fresh_instance_materializes_not_passed_naming_the_missing_par
     for variant in ("yolo10n", "yolo10s"):
         for key in ("ema|0", "ema|1"):
             assert f"{variant}/stability_verdict {key} is missing" in reasons
-    # the blocking check mirrors the decision
-    (check,) = result.get_asset_check_evaluations()
-    assert check.passed is False
+    # the blocking check mirrors the decision; the evidence check warns that nothing was compared
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert checks["gate_passed"].passed is False
+    assert checks["evidence_informative"].passed is False
 
 
 def test_gate_passes_end_to_end_when_ema_qc_is_stable_for_two_seeds_of_both_variants(storage, instance):
@@ -52,6 +53,25 @@ def test_gate_passes_end_to_end_when_ema_qc_is_stable_for_two_seeds_of_both_vari
     assert (layout.comparison_dir(storage) / "yolo10n_map50_95.png").stat().st_size > 5000
     comparison = latest_metadata(instance, "comparison")
     assert comparison["runs"] == 8 and "data:image/png;base64" in comparison["yolo10n_plot"]
+    assert "yolo10n: EMA+QC prevented a collapse the baseline showed (2/2 seeds)" in comparison["evidence"]
+    assert summary.index("## Evidence") < summary.index("gate PASSED")
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert checks["evidence_informative"].passed is True
+
+
+def test_a_passing_gate_on_uninformative_evidence_warns_without_blocking(storage, instance):
+    from dagster import AssetCheckSeverity
+
+    prepare_runs(storage, instance, HEALTHY, qc_after=0.38, baseline_maps=HEALTHY)
+    result = run_assets(instance, ["comparison", "gate"])
+    assert result.success, step_failure_messages(result)  # a WARN check does not fail the run
+    gate = latest_metadata(instance, "gate")
+    assert gate["passed"] is True and gate["evidence_informative"] is False
+    assert "uninformative: the baseline did not collapse (0/2 seeds)" in gate["evidence"]
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert checks["gate_passed"].passed is True
+    warning = checks["evidence_informative"]
+    assert warning.passed is False and warning.severity == AssetCheckSeverity.WARN
 
 
 def test_gate_fails_end_to_end_when_ema_qc_collapses_and_says_so(storage, instance):

@@ -41,6 +41,13 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
     summary = RunSummary.read(layout.run_dir(storage, "yolo10n", "stability_verdict", "ema", 0) / "run_summary.json")
     assert summary.planned_epochs == 2 and len(summary.history) == 3
     assert summary.qc is not None and summary.qc.map50_95_before == qc["map50_95_before"]
+    settings = summary.training
+    assert summary.qc.steps == qc["qc_steps"] == settings["qc_epochs"] * -(-settings["calibration_images"] // settings["qc_batch"])
+    assert summary.qc.lr == qc["qc_lr"] and summary.qc.calibration_images == settings["calibration_images"]
+    assert summary.qc.layers and summary.qc.max_abs_gamma_minus_1 == max(l.max_abs_gamma_minus_1 for l in summary.qc.layers)
+    # BN re-estimation ran from the same QAT weights: same starting mAP, its own outcome and verdict.
+    assert summary.bn is not None and summary.bn.map50_95_before == summary.qc.map50_95_before
+    assert summary.bn.images == 16 and summary.stability_qat_bn is not None
     verdict = latest_metadata(instance, "yolo10n/stability_verdict", "ema|0")
     assert verdict["qat_status"] in {"completed-success", "completed-failed"}
 
@@ -59,6 +66,7 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
     messages = [record.event_log_entry.user_message for record in instance.get_records_for_run(result.run_id).records]
     assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)
     assert any("after QC mAP50-95" in m for m in messages)
+    assert any("after BN re-estimation mAP50-95" in m for m in messages)
 
 
 def kill_worker_when_it_logs(log_file: Path, text: str, timeout: float = 300.0) -> threading.Thread:

@@ -14,7 +14,7 @@ from dagster import (
 from qat_assets.core import layout
 from qat_assets.core.artifacts import read_sidecar, write_json_atomic
 from qat_assets.core.comparison import build_comparison
-from qat_assets.core.gate import GateDecision, decide_gate
+from qat_assets.core.gate import EVIDENCE_CHECK, GateDecision, decide_gate, evidence_check_outcome
 from qat_assets.core.plots import write_comparison_report
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, Settings
 from qat_assets.core.summary import RunSummary
@@ -59,6 +59,7 @@ def gate_decision(settings: Settings, summaries: list[RunSummary], references: d
     return decide_gate(
         summaries, seeds=list(settings.seeds), variants=VALIDATION_VARIANTS, min_seeds=settings.gate_min_seeds,
         fp_dataset_fingerprints={v: r["dataset_fingerprint"] for v, r in references.items()},
+        require_informative=settings.gate_require_informative,
     )
 
 
@@ -69,7 +70,10 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
     summaries = collect_summaries(settings)
     references = fp_references(settings)
     onnx_results = collect_onnx_results(settings)
-    result = build_comparison(summaries, references, onnx_results)
+    result = build_comparison(
+        summaries, references, onnx_results, identical_run_spread=settings.identical_run_spread,
+        identical_run_source="setting identical_run_spread",
+    )
     decision = gate_decision(settings, summaries, references)
     report = write_comparison_report(
         result, decision, summaries, {v: r.get("map50_95") for v, r in references.items()}, VALIDATION_VARIANTS,
@@ -86,6 +90,7 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
                 for v, p in report.plots.items()
             },
             "gate_preview": decision.headline(),
+            "evidence": MetadataValue.md("\n".join(f"- {line}" for line in result.evidence_lines()) or "- no runs"),
         }
     )
 
@@ -96,6 +101,10 @@ GATE_CHECK_SPECS = [
     AssetCheckSpec(
         "gate_passed", asset=GATE_KEY, blocking=True,
         description="The gate decision; blocks the yolo10m chain (downstream of gate) when it fails.",
+    ),
+    AssetCheckSpec(
+        EVIDENCE_CHECK, asset=GATE_KEY, blocking=False,
+        description="WARN when the evidence is uninformative: the baseline never collapsed",
     ),
 ]
 
@@ -110,8 +119,16 @@ def gate_passed_result(decision: GateDecision) -> AssetCheckResult:
     )
 
 
+def evidence_informative_result(decision: GateDecision) -> AssetCheckResult:
+    outcome = evidence_check_outcome(decision)
+    return AssetCheckResult(
+        check_name=EVIDENCE_CHECK, passed=outcome.passed, severity=AssetCheckSeverity.WARN,
+        description=outcome.description,
+    )
+
+
 def gate_check_results(decision: GateDecision) -> list[AssetCheckResult]:
-    return [gate_passed_result(decision)]
+    return [gate_passed_result(decision), evidence_informative_result(decision)]
 
 
 @asset(key=GATE_KEY, group_name="decision", deps=[comparison], kinds={"python"}, check_specs=GATE_CHECK_SPECS)
@@ -124,7 +141,7 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
     settings = experiment.settings()
     decision = gate_decision(settings, collect_summaries(settings), fp_references(settings))
     path = write_json_atomic(layout.gate_file(settings.artifact_root()), decision.to_dict())
-    for line in [decision.headline(), *decision.reasons]:
+    for line in [decision.headline(), *decision.reasons, *decision.evidence_lines()]:
         (context.log.info if decision.passed else context.log.warning)(line)
     return MaterializeResult(
         metadata={
@@ -135,6 +152,9 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
             "min_seeds": decision.min_seeds,
             "seeds": MetadataValue.json(list(settings.seeds)),
             "gate_json": MetadataValue.path(str(path)),
+            "evidence": MetadataValue.md("\n".join(f"- {line}" for line in decision.evidence_lines()) or "- none"),
+            "evidence_informative": decision.informative,
+            "require_informative": decision.require_informative,
         },
         check_results=gate_check_results(decision),
     )
