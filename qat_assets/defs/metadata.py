@@ -77,6 +77,10 @@ def pretrain_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "evaluation": MetadataValue.json(result["evaluation"]),
         "dataset_fingerprint": result["dataset_fingerprint"],
         "history": history_table(result["history"]),
+        # Older sidecars predate the plateau check and the recorded EMA schedule.
+        "plateau_check": result.get("plateau", {}).get("reason", "not recorded"),
+        "at_plateau": str(result.get("plateau", {}).get("at_plateau")),
+        "ema": MetadataValue.json(result.get("ema") or {}),
     }
 
 
