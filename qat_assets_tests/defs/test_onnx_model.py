@@ -4,6 +4,7 @@ import shutil
 
 import onnx
 import pytest
+import torch
 
 from qat_assets.core import layout
 from qat_assets.core.coco import SubsetResult
@@ -56,6 +57,10 @@ def test_an_ultralytics_trained_yolov10n_starts_the_chain_unchanged(storage, ins
     meta = latest_metadata(instance, "yolo10n/pretrained_checkpoint")
     assert meta["source"] == f"user-checkpoint:{weights / 'yolov10n.pt'}"
     assert meta["epochs_trained"] == 0 and meta["head"]["head"] == "kept"
+    # The chain starts from exactly the trainer's weights (so the figures below compare like with like).
+    ours = torch.load(layout.pretrained_dir(storage, "yolo10n") / "pretrained.pt", weights_only=True)["model"]
+    theirs = YOLO(str(weights / "yolov10n.pt")).model.float().state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     reference = YOLO(str(weights / "yolov10n.pt")).val(
         data=str(subset.dataset_yaml), device="cpu", workers=0, plots=False, verbose=False,
@@ -64,3 +69,4 @@ def test_an_ultralytics_trained_yolov10n_starts_the_chain_unchanged(storage, ins
     assert meta["mAP50-95(B)"] == pytest.approx(reference.box.map, abs=1e-6)
     assert meta["mAP50(B)"] == pytest.approx(reference.box.map50, abs=1e-6)
     assert meta["precision(B)"] == pytest.approx(reference.box.mp, abs=1e-6)
+    print(f"release checkpoint: ours mAP50-95 {meta['mAP50-95(B)']:.4f}, YOLO().val {reference.box.map:.4f}")
