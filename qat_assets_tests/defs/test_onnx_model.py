@@ -24,6 +24,8 @@ def test_onnx_model_materializes_with_a_4bit_qcdq_file_and_parity_figures(storag
     assert meta["parity_max_rel"] <= 1e-3 and meta["parity_max_abs"] >= 0
     assert abs(meta["map50_95_delta"]) <= 0.002 and meta["onnxruntime"] and "CPUExecutionProvider" in meta["providers"]
     assert meta["weight_tensors"]["int4"] > 50 and meta["weight_tensors"]["float"] == 1
+    assert meta["w4_bytes"] < 0.5 * meta["fp_bytes"] and meta["int4_bytes"] < meta["w4_bytes"]
+    assert meta["int4_max_rel_vs_qcdq"] <= 1e-6
 
     w4 = meta["w4_onnx"]
     runtime_session(w4)  # loads in onnxruntime
