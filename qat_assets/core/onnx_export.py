@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -63,12 +65,20 @@ def _write_with_metadata(destination: Path, graph: onnx.ModelProto, metadata: di
     save_graph(destination, graph)
 
 
+@contextmanager
+def exporter_output(destination: Path) -> Iterator[Path]:
+    """A scratch file beside `destination` for an exporter to write to, removed afterwards."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as scratch:
+        yield Path(scratch) / destination.name
+
+
 def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
     """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter."""
     from brevitas.export import export_onnx_qcdq
 
     deployable = deployable_copy(model, max_det)
-    with atomic_path(destination.with_suffix(".raw.onnx")) as raw:
+    with exporter_output(destination) as raw:
         export_onnx_qcdq(
             deployable, args=torch.zeros(1, 3, imgsz, imgsz), export_path=str(raw), opset_version=opset,
             dynamo=False,  # the TorchScript path keeps module scopes in node names (layer-by-layer parity)
@@ -83,7 +93,7 @@ def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: 
 def export_float(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
     """Plain ONNX of the floating-point model (the reference), through torch's exporter."""
     deployable = deployable_copy(model, max_det)
-    with atomic_path(destination.with_suffix(".raw.onnx")) as raw:
+    with exporter_output(destination) as raw:
         torch.onnx.export(
             deployable, (torch.zeros(1, 3, imgsz, imgsz),), str(raw), opset_version=opset, dynamo=False,
             do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES,

@@ -80,3 +80,14 @@ def test_int4_storage_packs_4bit_weights_and_runs_identically(exported, tmp_path
     (a,) = onnx_export.runtime_session(graph).run(None, images)
     (b,) = onnx_export.runtime_session(saved).run(None, images)
     assert onnx_export.relative_difference(a, b) < 1e-6
+
+
+def test_missed_goals_are_sentences_that_name_the_first_diverging_layer():
+    from qat_assets.core.export_stage import goal_failures
+
+    layer = {"layer": "model.6 (C2f)", "max_rel": 0.02}
+    assert goal_failures({"max_rel": 5e-7}, {"map50_95": 0.001, "map50": -0.0015}, None) == []
+    (parity,) = goal_failures({"max_rel": 0.03}, {"map50_95": 0.0, "map50": 0.0}, layer)
+    assert "3.00e-02" in parity and "model.6 (C2f)" in parity
+    (gap,) = goal_failures({"max_rel": 1e-6}, {"map50_95": -0.004, "map50": 0.0}, None)
+    assert "map50_95" in gap and "-0.0040" in gap and "after the head" in gap

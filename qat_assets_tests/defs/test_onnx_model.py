@@ -4,6 +4,7 @@ import shutil
 
 import onnx
 import pytest
+import torch
 
 from qat_assets.core import layout
 from qat_assets.core.coco import SubsetResult
@@ -23,6 +24,8 @@ def test_onnx_model_materializes_with_a_4bit_qcdq_file_and_parity_figures(storag
     assert meta["parity_max_rel"] <= 1e-3 and meta["parity_max_abs"] >= 0
     assert abs(meta["map50_95_delta"]) <= 0.002 and meta["onnxruntime"] and "CPUExecutionProvider" in meta["providers"]
     assert meta["weight_tensors"]["int4"] > 50 and meta["weight_tensors"]["float"] == 1
+    assert meta["w4_bytes"] < 0.5 * meta["fp_bytes"] and meta["int4_bytes"] < meta["w4_bytes"]
+    assert meta["int4_max_rel_vs_qcdq"] <= 1e-6
 
     w4 = meta["w4_onnx"]
     runtime_session(w4)  # loads in onnxruntime
@@ -56,6 +59,10 @@ def test_an_ultralytics_trained_yolov10n_starts_the_chain_unchanged(storage, ins
     meta = latest_metadata(instance, "yolo10n/pretrained_checkpoint")
     assert meta["source"] == f"user-checkpoint:{weights / 'yolov10n.pt'}"
     assert meta["epochs_trained"] == 0 and meta["head"]["head"] == "kept"
+    # The chain starts from exactly the trainer's weights (so the figures below compare like with like).
+    ours = torch.load(layout.pretrained_dir(storage, "yolo10n") / "pretrained.pt", weights_only=True)["model"]
+    theirs = YOLO(str(weights / "yolov10n.pt")).model.float().state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     reference = YOLO(str(weights / "yolov10n.pt")).val(
         data=str(subset.dataset_yaml), device="cpu", workers=0, plots=False, verbose=False,
@@ -64,3 +71,4 @@ def test_an_ultralytics_trained_yolov10n_starts_the_chain_unchanged(storage, ins
     assert meta["mAP50-95(B)"] == pytest.approx(reference.box.map, abs=1e-6)
     assert meta["mAP50(B)"] == pytest.approx(reference.box.map50, abs=1e-6)
     assert meta["precision(B)"] == pytest.approx(reference.box.mp, abs=1e-6)
+    print(f"release checkpoint: ours mAP50-95 {meta['mAP50-95(B)']:.4f}, YOLO().val {reference.box.map:.4f}")

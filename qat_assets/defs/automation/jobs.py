@@ -4,7 +4,7 @@ from dagster import AssetSelection, define_asset_job
 
 from qat_assets.core.settings import VALIDATION_VARIANTS
 
-PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict")
+PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict", "onnx_model")
 
 
 def stage_selection(variants: tuple[str, ...], stages: tuple[str, ...]) -> AssetSelection:
@@ -22,7 +22,7 @@ def build_jobs() -> dict:
         "validation_partition_job": define_asset_job(
             "validation_partition_job",
             selection=stage_selection(VALIDATION_VARIANTS, PARTITIONED_STAGES),
-            description="QAT, QC and the verdict of one method|seed partition, for yolo10n and yolo10s.",
+            description="QAT, QC, the verdict and the ONNX export of one method|seed partition, for yolo10n and yolo10s.",
         ),
         "decision_job": define_asset_job(
             "decision_job",

@@ -23,6 +23,7 @@ from qat_assets.defs.metadata import png_markdown
 from qat_assets.defs.resources import ExperimentSettings
 
 VERDICT_KEYS = [AssetKey([variant, "stability_verdict"]) for variant in VALIDATION_VARIANTS]
+ONNX_KEYS = [AssetKey([variant, "onnx_model"]) for variant in VALIDATION_VARIANTS]  # the report's ONNX mAP column
 
 
 def collect_summaries(settings: Settings) -> list[RunSummary]:
@@ -63,7 +64,7 @@ def gate_decision(settings: Settings, summaries: list[RunSummary], references: d
     )
 
 
-@asset(group_name="decision", deps=VERDICT_KEYS, kinds={"python"})
+@asset(group_name="decision", deps=VERDICT_KEYS + ONNX_KEYS, kinds={"python"})
 def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """baseline / baseline+QC / EMA / EMA+QC per variant and seed, means over seeds, plots and summary.md."""
     settings = experiment.settings()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
@@ -225,6 +226,8 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
         failures = [result["skipped"]] if result.get("skipped") else result["failures"]
         check = AssetCheckResult(
             check_name="onnx_matches_pytorch", passed=not failures,
+            # A diverged run has no model to deploy: reported, but not an export fault that blocks anything.
+            severity=AssetCheckSeverity.WARN if result.get("skipped") else AssetCheckSeverity.ERROR,
             description="; ".join(failures) if failures else "raw head outputs and mAP match PyTorch within the goals",
             metadata={k: result[k] for k in ("parity", "map_delta") if k in result},
         )
