@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-ladder", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-foundation", action="store_true", help="reuse the dataset and FP checkpoints")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the dagster-daemon started here is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     home = prepare_instance_home()
     settings = load_settings()
     print(f"qat-ladder: profile {settings.profile}, seeds {list(settings.seeds)}, instance {home}", flush=True)
