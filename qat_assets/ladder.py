@@ -103,8 +103,8 @@ def submit_partition_backfill(keys: list[str]) -> str:
 
 @contextmanager
 def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
-    """A `dagster-daemon` for this instance while the backfill runs: its run queue launches the queued
-    runs (each in its own process). Started here only when no daemon is already heartbeating.
+    """A `dagster-daemon` for this instance while the ladder runs: its run queue launches the backfill's
+    queued runs (each in its own process). Started here only when no daemon is already heartbeating.
 
     Yields a function that says why the queue stopped (None while it runs), so waiting never hangs.
     """
@@ -175,18 +175,20 @@ def main(argv: list[str] | None = None) -> int:
             if not result.success and not only_the_gate_check_failed(result):
                 failures.append(f"{label} (run {result.run_id})")
 
-        if not args.skip_foundation:
-            run_job("foundation", foundation_job)
-        if not failures:
-            backfill_id = submit_partition_backfill(keys)
-            print(f"\n=== backfill {backfill_id} of {PARTITION_JOB}: {len(keys)} partitions "
-                  f"(`dagster dev` lists it under Backfills)", flush=True)
-            with run_queue(home) as queue_stopped:
+        # The daemon starts first, so its start-up (a code server, the first queue check) overlaps the
+        # foundation; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
+        with run_queue(home) as queue_stopped:
+            if not args.skip_foundation:
+                run_job("foundation", foundation_job)
+            if not failures:
+                backfill_id = submit_partition_backfill(keys)
+                print(f"\n=== backfill {backfill_id} of {PARTITION_JOB}: {len(keys)} partitions "
+                      f"(`dagster dev` lists it under Backfills)", flush=True)
                 runs = wait_for_backfill(instance, backfill_id, len(keys), queue_stopped)
-            for run in runs:
-                heavy += worker_seconds(instance, run.run_id)
-                if run.status != DagsterRunStatus.SUCCESS:
-                    failures.append(f"QAT+QC+verdict {run.tags['dagster/partition']} (run {run.run_id})")
+                for run in runs:
+                    heavy += worker_seconds(instance, run.run_id)
+                    if run.status != DagsterRunStatus.SUCCESS:
+                        failures.append(f"QAT+QC+verdict {run.tags['dagster/partition']} (run {run.run_id})")
         run_job("comparison+gate", decision_job)
 
     total = time.time() - started
