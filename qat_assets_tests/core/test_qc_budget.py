@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.torch_utils import init_seeds
 
 from qat_assets.core.qc import (
     QCConfig,
@@ -80,6 +81,9 @@ def one_thread():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("profile", ["smoke", "embedded"])
 def test_qc_at_the_default_budget_recovers_half_of_an_injected_channel_error(tmp_path, profile):
+    # Every RNG (Python, NumPy, torch): the loaders' augmentation draws from all three, and tests that ran
+    # earlier in the session leave them anywhere.
+    init_seeds(0)
     settings = load_settings({"profile": profile}, environ={})
     data_yaml = write_tiny_yolo_set(tmp_path, settings.calibration_images, IMGSZ)
     clean = train_quantized_model(data_yaml)
@@ -96,7 +100,9 @@ def test_qc_at_the_default_budget_recovers_half_of_an_injected_channel_error(tmp
     assert damaged_loss > 1.1 * clean_loss, "the injected error must cost loss, or the test proves nothing"
 
     _, report = run_qc(damaged, data_yaml, config)
-    assert report["loss_before"] == pytest.approx(damaged_loss, rel=1e-3)
+    # QC starts from the damaged model. Its own loader shuffles, and the detection loss depends on which
+    # images share a batch, so the two means agree only to about a percent.
+    assert report["loss_before"] == pytest.approx(damaged_loss, rel=0.03)
     recovered = (damaged_loss - report["loss_after"]) / (damaged_loss - clean_loss)
     print(f"{profile}: clean {clean_loss:.4f}, damaged {damaged_loss:.4f}, after QC {report['loss_after']:.4f} "
           f"({recovered:.0%} recovered, {report['steps']} steps at lr {config.lr:g})")
