@@ -4,11 +4,12 @@ storage in Postgres, one materialization, one sensor tick, and the `gpu` pool st
 import shutil
 
 import pytest
-from dagster import AssetMaterialization, DagsterInstance, build_sensor_context, execute_job, reconstructable
+from dagster import DagsterInstance, build_sensor_context, execute_job, reconstructable
 
 from qat_assets.definitions import defs
 from qat_assets.ladder import foundation_job
-from qat_assets_tests.dagster_harness import key, latest_metadata
+from qat_assets_tests.dagster_harness import latest_metadata
+from qat_assets_tests.defs.test_sensors import report_gate
 from qat_assets_tests.execution.test_pools import step_intervals
 from qat_assets_tests.servers import REPO_ROOT, local_postgres
 
@@ -43,8 +44,9 @@ def test_runs_events_schedules_and_the_gpu_pool_live_in_postgres(storage, postgr
     assert latest_metadata(instance, "yolo10n/pretrained_checkpoint")["execution"]["launcher"] == "local"
     assert instance.get_run_by_id(result.run_id).is_success
 
-    # One sensor tick reads the gate's materialization back from Postgres and requests yolo10m.
-    instance.report_runless_asset_event(AssetMaterialization(key("gate"), metadata={"passed": True, "reasons": []}))
+    # One sensor tick reads the gate's materialization and its passing blocking check back from Postgres
+    # and requests yolo10m.
+    report_gate(instance, passed=True, reasons=[])
     sensor = defs.get_sensor_def("yolo10m_after_gate")
     tick = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
     assert [r.job_name for r in tick.run_requests] == ["yolo10m_pretrained_job"]
