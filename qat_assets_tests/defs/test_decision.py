@@ -103,3 +103,14 @@ def test_yolo10m_refuses_to_run_behind_a_failing_gate_and_gives_the_reasons(stor
     assert not result.success
     (message,) = step_failure_messages(result)
     assert "latest gate did not pass" in message and "yolo10n/stability_verdict ema|0 is missing" in message
+
+
+def test_comparison_reads_the_onnx_results_of_exported_partitions(storage):
+    from qat_assets.core.settings import load_settings
+    from qat_assets.defs.decision.assets import collect_onnx_results
+
+    settings = load_settings()
+    path = layout.run_dir(storage, "yolo10n", "onnx_model", "ema", 0) / "onnx_model.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"variant": "yolo10n", "method": "ema", "seed": 0, "source": "qc"}))
+    assert collect_onnx_results(settings) == [{"variant": "yolo10n", "method": "ema", "seed": 0, "source": "qc"}]

@@ -1,5 +1,7 @@
 """`comparison` (tables, plots, summary.md) and `gate` (the decision, with its blocking check)."""
 
+import json
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
