@@ -38,16 +38,8 @@ def run_id(summary: RunSummary) -> RunId:
     return (summary.variant, summary.partition_key)
 
 
-def method_label(method: str, with_qc: bool) -> str:
-    """`ema` for the QAT run alone, `ema+QC` for the same run after quantization correction."""
-    return f"{method}+QC" if with_qc else method
-
-
-def stability_of(summary: RunSummary, with_qc: bool) -> Stability:
-    return summary.stability_qat_qc if with_qc else summary.stability_qat
-
-
 def outcome_label(method: str, outcome: str) -> str:
+    """`ema` for the QAT run alone, `ema+QC` after quantization correction, `ema+BN` after BN re-estimation."""
     return {"qat": method, "qc": f"{method}+QC", "bn": f"{method}+BN"}[outcome]
 
 

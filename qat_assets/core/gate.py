@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from qat_assets.core.comparison import find_non_comparable, method_label, run_id, stability_of
+from qat_assets.core.comparison import find_non_comparable, outcome_label, outcome_stability, run_id
 from qat_assets.core.evidence import EvidenceVerdict, evidence_verdict
 from qat_assets.core.settings import VALIDATION_VARIANTS
 from qat_assets.core.summary import RunSummary
@@ -86,7 +86,8 @@ def decide_gate(
     runs of other variants cannot shift the reference. When a partition has several summaries, the most
     recently created one counts.
     """
-    label = method_label(method, with_qc)
+    outcome = "qc" if with_qc else "qat"
+    label = outcome_label(method, outcome)
     gated = [s for s in sorted(summaries, key=lambda s: s.created_at) if s.variant in variants]
     latest = {run_id(s): s for s in gated}
     non_comparable = find_non_comparable(list(latest.values()), fp_dataset_fingerprints=fp_dataset_fingerprints)
@@ -106,7 +107,7 @@ def decide_gate(
             if summary is None:
                 problems.append(f"{where} is missing")
                 continue
-            stability = stability_of(summary, with_qc)
+            stability = outcome_stability(summary, outcome)
             if stability.status == "incomplete":
                 problems.append(f"{where} ({label}) is incomplete: {stability.reason}")
             elif stability.status == "completed-failed":
@@ -116,7 +117,8 @@ def decide_gate(
             elif stability.status == "completed-success":
                 good.append(seed)
         evidence[variant] = evidence_verdict(variant, [
-            (stability_of(latest[variant, f"baseline|{seed}"], False), stability_of(latest[variant, f"ema|{seed}"], True))
+            (outcome_stability(latest[variant, f"baseline|{seed}"], "qat"),
+             outcome_stability(latest[variant, f"ema|{seed}"], "qc"))
             for seed in seeds
             if all((variant, f"{m}|{seed}") in latest and (variant, f"{m}|{seed}") not in non_comparable
                    for m in ("baseline", "ema"))

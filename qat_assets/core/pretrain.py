@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,7 +13,7 @@ from .artifacts import save_checkpoint
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model, read_user_checkpoint
 from .requests import PretrainRequest
-from .settings import PRETRAIN_FIELDS, Settings
+from .settings import PRETRAIN_FIELDS
 from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides
 
 CHECKPOINT_NAME = "pretrained.pt"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 from typing import Callable
 
 from .artifacts import save_checkpoint, write_json_atomic

@@ -1,4 +1,3 @@
-import json
 
 from qat_assets.core import layout
 from qat_assets_tests.coco_tree import coco_document, write_coco_tree

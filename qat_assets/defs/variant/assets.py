@@ -18,7 +18,6 @@ from dagster import (
     DataVersion,
     Failure,
     MaterializeResult,
-    MetadataValue,
     asset,
 )
 
