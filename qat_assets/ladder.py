@@ -25,6 +25,7 @@ from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
+from qat_assets.execution.warm_server import running_warm_server
 
 INSTANCE_YAML = """\
 # Written by qat-ladder. Heavy steps share the `gpu` pool: one at a time by default.
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # The daemon starts first, so its start-up (a code server, the first queue check) overlaps the
         # foundation; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
-        with run_queue(home) as queue_stopped:
+        # The warm worker server saves every heavy step its imports; it goes with the daemon.
+        with run_queue(home) as queue_stopped, running_warm_server(
+            settings.artifact_root(), home / "qat-ladder-warm-workers.log", wait=False
+        ):
             if not args.skip_foundation:
                 run_job("foundation", foundation_job)
             if not failures:

@@ -259,8 +259,12 @@ class WarmServer:
 
 
 @contextmanager
-def running_warm_server(storage: Path, log_file: Path) -> Iterator[Path]:
-    """A warm server for `storage` while the block runs; its socket path. One already serving is reused."""
+def running_warm_server(storage: Path, log_file: Path, wait: bool = True) -> Iterator[Path]:
+    """A warm server for `storage` while the block runs; its socket path. One already serving is reused.
+
+    `wait=False` does not wait for its imports: steps launched before it answers run cold (qat-ladder's
+    first heavy step comes after the dataset steps anyway).
+    """
     path = socket_path(storage)
     if ping(path) is not None:
         yield path
@@ -272,12 +276,11 @@ def running_warm_server(storage: Path, log_file: Path) -> Iterator[Path]:
         # A session of its own: a Ctrl-C in the terminal reaches the server only through its owner's cleanup.
         server = subprocess.Popen(
             [sys.executable, "-m", "qat_assets.execution.warm_server", str(storage)],
-            env={**os.environ, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env={**os.environ, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while ping(path) is None:
+        while wait and ping(path) is None:
             if server.poll() is not None:
                 raise RuntimeError(f"the warm worker server exited ({server.returncode}); see {log_file}")
             if time.monotonic() > deadline:
@@ -285,6 +288,9 @@ def running_warm_server(storage: Path, log_file: Path) -> Iterator[Path]:
             time.sleep(0.2)
         yield path
     finally:
+        if server.poll() is not None:
+            print(f"the warm worker server exited early ({server.returncode}): heavy steps after that ran cold; "
+                  f"see {log_file}", file=sys.stderr)
         server.terminate()
         server.wait(timeout=60)
 
