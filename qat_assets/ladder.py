@@ -33,6 +33,9 @@ INSTANCE_YAML = """\
 concurrency:
   pools:
     default_limit: 1
+# The run queue looks for runs to launch every second (default 5 s): a backfill's runs start sooner.
+run_queue:
+  dequeue_interval_seconds: 1
 telemetry:
   enabled: false
 """
