@@ -29,14 +29,9 @@ from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
 from qat_assets.execution.pipes_clients import launcher_kind
 from qat_assets.execution.ray_jobs import RayStep
 from qat_assets.execution.warm_client import ping, socket_path
+from qat_assets.execution.worker import WORKER_ENV
 
 LOG_TAIL_LINES = 25
-# PYTORCH_NVML_BASED_CUDA_CHECK: torch.cuda.is_available() asks NVML instead of initialising CUDA, which
-# would make the CUDA of the warm server's forked children unusable (warm_server.py); same for cold workers.
-WORKER_ENV = {
-    "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
-    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
-}
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

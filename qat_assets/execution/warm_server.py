@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qat_assets.execution.warm_client import ping, socket_path
+from qat_assets.execution.worker import WORKER_ENV
 
 # Read when the heavy modules are imported (Ultralytics' verbosity and offline mode, the matplotlib
 # backend, OpenMP/MKL thread counts at library load, the module search path): a child cannot change
@@ -270,13 +271,11 @@ def running_warm_server(storage: Path, log_file: Path, wait: bool = True) -> Ite
         yield path
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    from qat_assets.execution.launcher import WORKER_ENV
-
     with open(log_file, "a") as log:
         # A session of its own: a Ctrl-C in the terminal reaches the server only through its owner's cleanup.
         server = subprocess.Popen(
             [sys.executable, "-m", "qat_assets.execution.warm_server", str(storage)],
-            env={**os.environ, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -297,12 +296,20 @@ def running_warm_server(storage: Path, log_file: Path, wait: bool = True) -> Ite
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m qat_assets.execution.warm_server STORAGE")
+    if len(argv) > 1:
+        raise SystemExit("usage: python -m qat_assets.execution.warm_server [STORAGE (default: QAT_STORAGE or "
+                         "$DAGSTER_HOME/artifacts)]")
+    if argv:
+        storage = Path(argv[0])
+    else:
+        from qat_assets.core.settings import load_settings
+
+        storage = load_settings().artifact_root()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    os.environ.update(WORKER_ENV)  # what the launcher gives its workers, so their requests match
     before = dict(os.environ)
     preload()
-    WarmServer(socket_path(Path(argv[0])), ImportedEnvironment(before, dict(os.environ))).serve()
+    WarmServer(socket_path(storage), ImportedEnvironment(before, dict(os.environ))).serve()
     return 0
 
 

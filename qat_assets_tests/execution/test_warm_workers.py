@@ -12,7 +12,7 @@ import torch
 
 from qat_assets.core import layout
 from qat_assets.core.artifacts import load_checkpoint, sha256_file
-from qat_assets.execution.launcher import WORKER_ENV
+from qat_assets.execution.worker import WORKER_ENV
 from qat_assets.execution.warm_client import ping
 from qat_assets.execution.warm_server import running_warm_server
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
