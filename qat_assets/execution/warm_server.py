@@ -99,6 +99,9 @@ def run_child(request: dict, env: dict[str, str], fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(env)
+    if env.get("PYTHONUNBUFFERED"):  # read at interpreter start, so applied here: a killed worker's log keeps all
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(write_through=True)
     sys.argv = ["qat_assets.execution.worker", *request["argv"]]
     code = 1
     try:
