@@ -25,6 +25,7 @@ from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
+from qat_assets.execution.warm_server import running_warm_server
 
 INSTANCE_YAML = """\
 # Written by qat-ladder. Heavy steps share the `gpu` pool: one at a time by default.
@@ -32,6 +33,12 @@ INSTANCE_YAML = """\
 concurrency:
   pools:
     default_limit: 1
+    # One run more than the pool has free slots may launch and wait for a slot: the next partition's run
+    # starts and loads while a heavy step runs, instead of after its run ends.
+    op_granularity_run_buffer: 1
+# The run queue looks for runs to launch every second (default 5 s): a backfill's runs start sooner.
+run_queue:
+  dequeue_interval_seconds: 1
 telemetry:
   enabled: false
 """
@@ -60,14 +67,24 @@ def prepare_instance_home() -> Path:
     return home
 
 
-def worker_seconds(instance: DagsterInstance, run_id: str) -> float:
-    """Seconds the heavy workers reported for a run (training and evaluation, not orchestration)."""
-    total = 0.0
-    for record in instance.get_records_for_run(run_id).records:
-        materialization = record.event_log_entry.asset_materialization
-        if materialization is not None and "wall_time_s" in materialization.metadata:
-            total += float(materialization.metadata["wall_time_s"].value)
-    return total
+class HeavyTime:
+    """Seconds the heavy workers reported (training and evaluation, not orchestration), and how many of
+    those workers were forked from the warm worker server rather than started cold."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.warm = self.cold = 0
+
+    def add_run(self, instance: DagsterInstance, run_id: str) -> None:
+        for record in instance.get_records_for_run(run_id).records:
+            materialization = record.event_log_entry.asset_materialization
+            if materialization is None or "wall_time_s" not in materialization.metadata:
+                continue
+            self.seconds += float(materialization.metadata["wall_time_s"].value)
+            if materialization.metadata["execution"].value.get("warm_server"):
+                self.warm += 1
+            else:
+                self.cold += 1
 
 
 def only_the_gate_check_failed(result) -> bool:
@@ -158,18 +175,17 @@ def main(argv: list[str] | None = None) -> int:
 
     failures: list[str] = []
     started = time.time()
-    heavy = 0.0
+    heavy = HeavyTime()
     with DagsterInstance.get() as instance:
 
         def run_job(label: str, job) -> None:
-            nonlocal heavy
             print(f"\n=== {label}", flush=True)
             run_started = time.time()
             result = execute_job(
                 reconstructable(job), instance=instance, run_config=RUN_CONFIG, raise_on_error=False,
                 tags={LADDER_TAG: "true"},
             )
-            heavy += worker_seconds(instance, result.run_id)
+            heavy.add_run(instance, result.run_id)
             gate_result = not result.success and only_the_gate_check_failed(result)
             status = "ok" if result.success else "ok, the gate did not pass" if gate_result else "FAILED"
             print(f"=== {label}: {status} in {time.time() - run_started:.0f}s (run {result.run_id})", flush=True)
@@ -178,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # The daemon starts first, so its start-up (a code server, the first queue check) overlaps the
         # foundation; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
-        with run_queue(home) as queue_stopped:
+        # The warm worker server saves every heavy step its imports; it goes with the daemon.
+        with run_queue(home) as queue_stopped, running_warm_server(
+            settings.artifact_root(), home / "qat-ladder-warm-workers.log", wait=False
+        ):
             if not args.skip_foundation:
                 run_job("foundation", foundation_job)
             if not failures:
@@ -187,15 +206,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"(`dagster dev` lists it under Backfills)", flush=True)
                 runs = wait_for_backfill(instance, backfill_id, len(keys), queue_stopped)
                 for run in runs:
-                    heavy += worker_seconds(instance, run.run_id)
+                    heavy.add_run(instance, run.run_id)
                     if run.status != DagsterRunStatus.SUCCESS:
                         failures.append(f"QAT+QC+verdict {run.tags['dagster/partition']} (run {run.run_id})")
         run_job("comparison+gate", decision_job)
 
     total = time.time() - started
     print_outcome(settings.artifact_root())
-    print(f"\nwall time {total / 60:.1f} min, of which heavy workers {heavy / 60:.1f} min "
-          f"and Dagster/process overhead {(total - heavy) / 60:.1f} min")
+    overhead = total - heavy.seconds
+    print(f"\nwall time {total / 60:.1f} min, of which heavy workers {heavy.seconds / 60:.1f} min "
+          f"and Dagster/process overhead {overhead / 60:.1f} min ({overhead / total:.0%}); "
+          f"{heavy.warm} heavy steps forked from the warm worker server, {heavy.cold} started cold")
     print_evidence(settings.artifact_root())
     if failures:
         print("runs that failed (see `dagster dev -w workspace.yaml`):\n  " + "\n  ".join(failures))

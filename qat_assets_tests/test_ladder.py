@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
+from qat_assets.execution.warm_client import ping, socket_path
 from qat_assets.ladder import decision_job, only_the_gate_check_failed
 
 
@@ -25,6 +26,8 @@ def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed
     assert "QAT+QC+verdict baseline|0: FAILURE" in output and "QAT+QC+verdict ema|0: FAILURE" in output
     assert "full report:" in output  # the comparison table was printed
     assert "gate NOT PASSED" in output and "yolo10n/stability_verdict ema|0 is missing" in output
+    assert "0 heavy steps forked from the warm worker server, 0 started cold" in output
+    assert ping(socket_path(storage)) is None and not socket_path(storage).exists()  # its warm server stopped
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:

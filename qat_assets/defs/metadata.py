@@ -179,6 +179,7 @@ def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "op_counts": MetadataValue.json(result["op_counts"]),
         "evaluation": MetadataValue.json(result["evaluation"]),
         "wall_time_s": round(float(result["seconds"]), 1),
+        "execution": MetadataValue.json(result["execution"]),  # launcher, GPU / Ray job: where the step ran
     }
 
 

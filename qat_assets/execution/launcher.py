@@ -28,15 +28,26 @@ from qat_assets.core.settings import Settings
 from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
 from qat_assets.execution.pipes_clients import launcher_kind
 from qat_assets.execution.ray_jobs import RayStep
+from qat_assets.execution.warm_client import ping, socket_path
+from qat_assets.execution.worker import WORKER_ENV
 
 LOG_TAIL_LINES = 25
-WORKER_ENV = {"YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     if not path.is_file():
         return "(the worker wrote no log)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def worker_command(storage: Path, step: str, log_file: Path) -> tuple[list[str], Path | None]:
+    """The local worker's command line, and the warm server it forks from: the one serving `storage` when one
+    answers (warm_server.py; no 6-7 s of imports), else None and a cold `python -m qat_assets.execution.worker`."""
+    worker_argv = [step, "--log-file", str(log_file)]
+    server = socket_path(storage)
+    if ping(server) is not None:
+        return [sys.executable, "-m", "qat_assets.execution.warm_client", str(server), *worker_argv], server
+    return [sys.executable, "-m", "qat_assets.execution.worker", *worker_argv], None
 
 
 class HeavyStepLauncher(ConfigurableResource):
@@ -87,11 +98,13 @@ class HeavyStepLauncher(ConfigurableResource):
                 env["CUDA_VISIBLE_DEVICES"] = gpu_id
                 request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
                 context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
-            context.log.info(f"{step}: starting worker; its full log is {log_file}")
+            command, server = worker_command(settings.artifact_root(), step, log_file)
+            how = f"forked from the warm worker server at {server}" if server else "cold: no warm worker server runs"
+            context.log.info(f"{step}: starting worker ({how}); its full log is {log_file}")
             try:
                 invocation = self.pipes_client.run(
                     context=context,
-                    command=[sys.executable, "-m", "qat_assets.execution.worker", step, "--log-file", str(log_file)],
+                    command=command,
                     extras={"request": request.model_dump(mode="json")},
                     env=env,
                 )
@@ -102,7 +115,7 @@ class HeavyStepLauncher(ConfigurableResource):
                     f"{log_tail(log_file)}",
                     metadata={"worker_log": MetadataValue.path(str(log_file))},
                 ) from None
-        return invocation, {"launcher": "local", "gpu": gpu_id}
+        return invocation, {"launcher": "local", "gpu": gpu_id, "warm_server": str(server) if server else None}
 
     def _run_on_ray(
         self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path

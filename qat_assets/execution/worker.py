@@ -24,6 +24,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+# The environment every worker runs in, cold, warm (warm_server.py) or on Ray.
+# PYTORCH_NVML_BASED_CUDA_CHECK: torch.cuda.is_available() asks NVML instead of initialising CUDA, which
+# would make the CUDA of the warm server's forked children unusable (warm_server.py); so cold workers do the same.
+WORKER_ENV = {
+    "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
+    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+}
 EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError", "TrainingDiverged")
 
 
@@ -98,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request", type=Path, help="run outside Dagster: JSON request file")
     parser.add_argument("--result", type=Path, help="run outside Dagster: where to write the JSON result")
     args = parser.parse_args(argv)
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
 
     if args.request is not None:
         if args.log_file is None:

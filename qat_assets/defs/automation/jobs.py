@@ -1,9 +1,21 @@
-"""Asset jobs: the stages of the validation ladder, and the gated yolo10m runs."""
+"""Asset jobs: the stages of the validation ladder, and the gated yolo10m runs.
 
-from dagster import AssetSelection, define_asset_job
+Executors: a step of the partition and decision jobs is either light (verdict, comparison, gate: well
+under a second of work) or waits on a worker process that does the heavy work (warm_server.py), so those
+jobs run their steps in the run's own process, instead of paying a Python start and a code-location load
+(seconds each, tens of seconds on a loaded machine) per step. Pools still apply to in-process steps: with
+a `gpu` limit of N, N partition runs overlap, one heavy step each. The foundation job keeps one process per
+step so the FP starting points of yolo10n and yolo10s train side by side when the pool allows; its step
+processes fork from a server that loaded the code location once (multiprocessing's forkserver).
+"""
+
+from dagster import AssetSelection, define_asset_job, in_process_executor, multiprocess_executor
 
 from qat_assets.core.settings import VALIDATION_VARIANTS
 
+FORKSERVER_EXECUTOR = multiprocess_executor.configured(
+    {"start_method": {"forkserver": {"preload_modules": ["qat_assets.definitions"]}}}, name="forkserver_multiprocess"
+)
 PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict", "onnx_model")
 
 
@@ -18,21 +30,25 @@ def build_jobs() -> dict:
             selection=AssetSelection.assets("coco_subset", "calibration_subset")
             | stage_selection(VALIDATION_VARIANTS, ("pretrained_checkpoint",)),
             description="Dataset, calibration set and the yolo10n/yolo10s FP starting points.",
+            executor_def=FORKSERVER_EXECUTOR,
         ),
         "validation_partition_job": define_asset_job(
             "validation_partition_job",
             selection=stage_selection(VALIDATION_VARIANTS, PARTITIONED_STAGES),
             description="QAT, QC, the verdict and the ONNX export of one method|seed partition, for yolo10n and yolo10s.",
+            executor_def=in_process_executor,
         ),
         "decision_job": define_asset_job(
             "decision_job",
             selection=AssetSelection.assets("comparison", "gate"),
             description="Comparison, plots, summary.md and the gate.",
+            executor_def=in_process_executor,
         ),
         "yolo10m_pretrained_job": define_asset_job(
             "yolo10m_pretrained_job", selection=stage_selection(("yolo10m",), ("pretrained_checkpoint",)),
         ),
         "yolo10m_partition_job": define_asset_job(
             "yolo10m_partition_job", selection=stage_selection(("yolo10m",), PARTITIONED_STAGES),
+            executor_def=in_process_executor,
         ),
     }

@@ -1,0 +1,103 @@
+"""Heavy steps forked from the warm worker server: same results as a cold worker, same failures, and a cold
+fallback when no server runs. Each test starts its own server and stops it before it ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from qat_assets.core import layout
+from qat_assets.core.artifacts import load_checkpoint, sha256_file
+from qat_assets.execution.worker import WORKER_ENV
+from qat_assets.execution.warm_client import ping
+from qat_assets.execution.warm_server import running_warm_server
+from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
+from qat_assets_tests.defs.test_variant import kill_worker_when_it_logs
+from qat_assets_tests.execution.test_worker import pretrained, qat_request  # noqa: F401 (a fixture)
+
+
+def worker_env() -> dict:
+    return {**os.environ, **WORKER_ENV}
+
+
+def without_clocks_and_paths(result: dict) -> dict:
+    kept = {k: v for k, v in result.items() if k not in ("seconds", "checkpoint", "sha256")}
+    kept["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in result["history"]]
+    return kept
+
+
+def run_standalone(command: list[str], request: Path, out_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, "qat", "--request", str(request), "--log-file", str(out_dir / "qat_worker.log"),
+         "--result", str(out_dir / "result.json")],
+        env=worker_env(), capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_a_qat_step_forked_from_the_warm_server_equals_a_cold_one_bit_for_bit(pretrained, tmp_path):
+    root = pretrained[0]
+    results = {}
+    with running_warm_server(root, tmp_path / "server.log") as server:
+        for how, command in (
+            ("cold", [sys.executable, "-m", "qat_assets.execution.worker"]),
+            ("warm", [sys.executable, "-m", "qat_assets.execution.warm_client", str(server)]),
+        ):
+            out_dir = tmp_path / how
+            completed = run_standalone(command, qat_request(pretrained, out_dir), out_dir)
+            assert completed.returncode == 0, completed.stderr
+            results[how] = json.loads((out_dir / "result.json").read_text())
+    assert "running the worker cold" not in completed.stderr  # the last one, the warm one, was not refused
+    assert "exit status 0" in (tmp_path / "server.log").read_text()  # the server forked and reaped it
+    # Equal weights and results, all but the clocks, the paths and the file digests (torch.save names the
+    # archive after the atomic write's random temp file, so two cold runs' digests differ too).
+    cold, warm = (load_checkpoint(Path(results[how]["checkpoint"])) for how in ("cold", "warm"))
+    assert cold.keys() == warm.keys() == {"model", "ema"}
+    for part in cold:
+        assert all(torch.equal(cold[part][name], warm[part][name]) for name in cold[part])
+    assert without_clocks_and_paths(results["warm"]) == without_clocks_and_paths(results["cold"])
+    assert ping(server) is None and not server.exists()  # stopped with the block
+
+
+def test_a_request_the_server_cannot_run_like_a_cold_worker_runs_cold(pretrained, tmp_path):
+    root = pretrained[0]
+    out_dir = tmp_path / "qat"
+    request = qat_request(pretrained, out_dir)
+    with running_warm_server(root, tmp_path / "server.log") as server:
+        completed = subprocess.run(
+            [sys.executable, "-m", "qat_assets.execution.warm_client", str(server), "qat", "--request", str(request),
+             "--log-file", str(out_dir / "qat_worker.log"), "--result", str(out_dir / "result.json")],
+            env={**worker_env(), "OMP_NUM_THREADS": "7"}, capture_output=True, text=True, timeout=600,
+        )
+    assert "OMP_NUM_THREADS is '7' in the request" in completed.stderr and "running the worker cold" in completed.stderr
+    assert completed.returncode == 0 and json.loads((out_dir / "result.json").read_text())["sha256"]
+    assert "pid " not in (tmp_path / "server.log").read_text().split("listening on")[1]  # nothing was forked
+
+
+def test_a_partition_runs_through_the_warm_server_and_a_killed_warm_worker_fails_only_its_step(storage, instance, tmp_path):
+    with running_warm_server(storage, tmp_path / "server.log") as server:
+        assert run_assets(instance, ["coco_subset", "calibration_subset", "yolo10n/pretrained_checkpoint"]).success
+        result = run_assets(instance, ["yolo10n/qat_checkpoint"], "ema|0")
+        assert result.success, step_failure_messages(result)
+        qat = latest_metadata(instance, "yolo10n/qat_checkpoint", "ema|0")
+        assert qat["execution"]["warm_server"] == str(server)
+        assert qat["status"] == "2/2 epochs" and qat["sha256"] == sha256_file(Path(qat["checkpoint"]))
+        messages = [r.event_log_entry.user_message for r in instance.get_records_for_run(result.run_id).records]
+        assert any("qat: starting worker (forked from the warm worker server" in m for m in messages)
+        assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)  # progress through pipes
+
+        # The OOM killer takes a warm worker: its client ends the same way, so the step fails with code -9.
+        log_file = layout.run_dir(storage, "yolo10n", "qat_checkpoint", "baseline", 1) / "qat_worker.log"
+        watcher = kill_worker_when_it_logs(log_file, "fresh start")
+        killed = run_assets(instance, ["yolo10n/qat_checkpoint"], "baseline|1")
+        watcher.join(timeout=5)
+        assert not killed.success
+        (message,) = step_failure_messages(killed)
+        assert "the qat worker died" in message and "code -9" in message and "fresh start" in message
+        assert ping(server)["children"] == 0  # reaped; the server serves on
+    server_log = (tmp_path / "server.log").read_text()
+    assert f"exit status -{int(signal.SIGKILL)}" in server_log
+    assert ping(server) is None
