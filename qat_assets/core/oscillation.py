@@ -14,10 +14,13 @@ threshold 0.005). The default threshold of 3 x momentum needs several flips in q
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
-from qat_assets.core.quantize import quantized_modules
+from qat_assets.core.quantize import integer_codes, prepare_step_weights
 
 DEFAULT_MOMENTUM = 0.01
 DEFAULT_THRESHOLD = 3 * DEFAULT_MOMENTUM
@@ -56,13 +59,19 @@ class OscillationTracker:
         self._direction[name] = torch.where(change != 0, change, direction)
         self._previous[name] = current.clone()
 
-    @torch.no_grad()
     def update_model(self, model: nn.Module) -> None:
-        """Record one step of every quantized conv at `max_bit_width` bits or fewer (the others are skipped)."""
-        for name, module in quantized_modules(model):
-            quantized = module.quant_weight()
-            if float(quantized.bit_width) <= self.max_bit_width:
-                self.update(name, quantized.int())
+        """Record one step of every quantized conv at `max_bit_width` bits or fewer (the others are skipped).
+
+        Called after each optimizer step: the weights are quantized here once, and the model's next
+        forward reuses that result (`prepare_step_weights`) instead of quantizing them again.
+        """
+        self.update_quantized(prepare_step_weights(model))
+
+    def update_quantized(self, quantized: Mapping[str, QuantTensor]) -> None:
+        """Record one step from already fake-quantized weights, keyed by layer name."""
+        for name, weights in quantized.items():
+            if float(weights.bit_width) <= self.max_bit_width:
+                self.update(name, integer_codes(weights))
 
     def frequencies(self, name: str) -> torch.Tensor:
         return self._frequency[name]

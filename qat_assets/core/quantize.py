@@ -23,6 +23,7 @@ import torch
 from brevitas.inject.enum import ScalingImplType
 from brevitas.nn import QuantConv2d
 from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
+from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
 DFL_REASON = "fixed DFL integral, not trained"
@@ -115,9 +116,78 @@ def _conv_geometry(conv: nn.Conv2d) -> dict:
     )
 
 
+class StepQuantConv2d(QuantConv2d):
+    """Brevitas' QuantConv2d for weight-only quantization, whose fake-quantized weights can be reused within a step.
+
+    Two things differ from the parent, neither changes a number (tests compare outputs and gradients bit
+    for bit):
+    - `prepare_step_weights` quantizes every layer's weights once after an optimizer step (for the
+      oscillation tracker) and the next forward reuses that result, autograd graph included, instead of
+      quantizing the same weights again. The reuse is checked against the version counters of the
+      weights and quantizer parameters, so any change in between (a second optimizer step, a
+      `load_state_dict`) falls back to quantizing afresh; a prepared result is used at most once, because
+      its graph is freed by the backward pass it joins.
+    - With float input and no input/output/bias quantizer (W4A16), the forward is the conv of the input
+      with Brevitas' fake-quantized weights, called directly: Brevitas' generic layer path (input and
+      output proxies, QuantTensor dispatch of the conv) computes exactly that with more Python per call.
+      Anything else (export mode, a QuantTensor input, activation quantizers) takes Brevitas' own path.
+    """
+
+    _prepared: tuple[QuantTensor, tuple] | None = None
+
+    def _weight_versions(self) -> tuple:
+        return (self.training, torch.is_grad_enabled(), self.weight._version,
+                *(p._version for p in self.weight_quant.parameters()))
+
+    def prepare_quant_weight(self) -> QuantTensor:
+        """Quantize the weights now, for whoever needs them before the next forward, and keep them for it."""
+        quantized = self.quant_weight()
+        self._prepared = (quantized, self._weight_versions())
+        return quantized
+
+    def _take_quant_weight(self) -> QuantTensor:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[1] == self._weight_versions():
+            return prepared[0]
+        return self.quant_weight()
+
+    def _plain_float_forward(self, x) -> bool:
+        return not (self.export_mode or isinstance(x, QuantTensor) or self.return_quant_tensor
+                    or self.is_same_padded_strided
+                    or self.input_quant.is_quant_enabled or self.output_quant.is_quant_enabled
+                    or self.bias_quant.is_quant_enabled)
+
+    def forward(self, x):
+        if not self._plain_float_forward(x):
+            self._prepared = None
+            return super().forward(x)
+        return self._conv_forward(x, self._take_quant_weight().value, self.bias)
+
+    def __getstate__(self):
+        # A prepared result carries an autograd graph, which neither deep-copies nor pickles.
+        state = super().__getstate__()
+        state.pop("_prepared", None)
+        return state
+
+
+@torch.no_grad()
+def integer_codes(quantized: QuantTensor) -> torch.Tensor:
+    """int32 codes of a fake-quantized tensor: round(value / scale + zero point), as Brevitas' `int()` computes."""
+    return torch.round(quantized.value / quantized.scale + quantized.zero_point).to(torch.int32)
+
+
+@torch.enable_grad()  # the next training forward back-propagates through these
+def prepare_step_weights(model: nn.Module) -> dict[str, QuantTensor]:
+    """Every quantized conv's fake-quantized weights, computed once; a StepQuantConv2d's next forward reuses them."""
+    return {
+        name: module.prepare_quant_weight() if isinstance(module, StepQuantConv2d) else module.quant_weight()
+        for name, module in quantized_modules(model)
+    }
+
+
 def _quant_conv_like(conv: nn.Conv2d, bit_width: int, options: QuantOptions) -> QuantConv2d:
     quantizer = weight_quantizer(bit_width, options.learned_scales, options.per_channel_scales)
-    quant_conv = QuantConv2d(**_conv_geometry(conv), weight_quant=quantizer)
+    quant_conv = StepQuantConv2d(**_conv_geometry(conv), weight_quant=quantizer)
     with torch.no_grad():
         quant_conv.weight.copy_(conv.weight)
         if conv.bias is not None:
