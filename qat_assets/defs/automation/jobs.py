@@ -5,17 +5,16 @@ under a second of work) or waits on a worker process that does the heavy work (w
 jobs run their steps in the run's own process, instead of paying a Python start and a code-location load
 (seconds each, tens of seconds on a loaded machine) per step. Pools still apply to in-process steps: with
 a `gpu` limit of N, N partition runs overlap, one heavy step each. The foundation job keeps one process per
-step so the FP starting points of yolo10n and yolo10s train side by side when the pool allows; its step
-processes fork from a server that loaded the code location once (multiprocessing's forkserver).
+step so the FP starting points of yolo10n and yolo10s train side by side when the pool allows. Those
+step processes are spawned, not forked from multiprocessing's forkserver: a forkserver lives as long as
+the process that started it and hands its children the environment it was started with, so in a
+long-lived process (a test session, a notebook) later runs would see stale QAT_* and DAGSTER_PG_* values.
 """
 
 from dagster import AssetSelection, define_asset_job, in_process_executor, multiprocess_executor
 
 from qat_assets.core.settings import VALIDATION_VARIANTS
 
-FORKSERVER_EXECUTOR = multiprocess_executor.configured(
-    {"start_method": {"forkserver": {"preload_modules": ["qat_assets.definitions"]}}}, name="forkserver_multiprocess"
-)
 PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict", "onnx_model")
 
 
@@ -30,7 +29,7 @@ def build_jobs() -> dict:
             selection=AssetSelection.assets("coco_subset", "calibration_subset")
             | stage_selection(VALIDATION_VARIANTS, ("pretrained_checkpoint",)),
             description="Dataset, calibration set and the yolo10n/yolo10s FP starting points.",
-            executor_def=FORKSERVER_EXECUTOR,
+            executor_def=multiprocess_executor,
         ),
         "validation_partition_job": define_asset_job(
             "validation_partition_job",
