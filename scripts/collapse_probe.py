@@ -78,7 +78,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     subset = dataset(work, settings)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     if args.stage == "fp":
         out = work / "fp" / args.name
         result = run_pretrain(PretrainRequest(
@@ -90,6 +90,8 @@ def main() -> None:
             "stage": "fp", "name": args.name, "variant": args.variant, "overrides": args.set,
             "map50_95": result["metrics"]["map50_95"], "plateau": result["plateau"], "history": history,
             "minutes": (time.time() - started) / 60,
+            # CPU time of all threads: comparable between runs when other jobs share the cores.
+            "cpu_minutes": (time.process_time() - cpu_started) / 60,
         })
         return
     fp = work / "fp" / args.fp

@@ -55,6 +55,17 @@ class Settings(BaseModel):
         "auto", description="Ultralytics optimizer name; 'auto' (AdamW below 10k steps) ignores pretrain_lr"
     )
     pretrain_lrf: float = Field(0.01, gt=0, le=1, description="FP final LR as a fraction of pretrain_lr (Ultralytics lrf)")
+    pretrain_lr_hold_epochs: int = Field(
+        0, ge=0, description="FP epochs at the end held at the final LR (pretrain_lr x pretrain_lrf); 0 decays to the end"
+    )
+    pretrain_warmup_epochs: float = Field(3.0, ge=0, description="FP warmup epochs (Ultralytics warmup_epochs)")
+    pretrain_nominal_batch: int = Field(
+        64, gt=0, description="FP gradients accumulate over round(this / batch) batches per step (Ultralytics nbs)"
+    )
+    pretrain_mosaic: float = Field(1.0, ge=0, le=1, description="FP mosaic augmentation probability (Ultralytics mosaic)")
+    pretrain_close_mosaic: int = Field(
+        10, ge=0, description="FP epochs at the end trained without mosaic (Ultralytics close_mosaic)"
+    )
     cache_images: bool = Field(False, description="hold decoded training images in RAM (Ultralytics cache='ram')")
     plateau_epochs: int = Field(10, gt=0, description="FP plateau check: window of final epochs whose gain is measured")
     plateau_min_gain: float = Field(0.01, gt=0, description="FP plateau check: the window must add less than this mAP50-95")
@@ -141,6 +152,15 @@ class Settings(BaseModel):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _check_pretrain_lr_hold(self) -> "Settings":
+        if self.pretrain_lr_hold_epochs >= self.pretrain_epochs:
+            raise ValueError(
+                f"pretrain_lr_hold_epochs {self.pretrain_lr_hold_epochs} leaves no epoch of LR decay in "
+                f"{self.pretrain_epochs} pretrain_epochs; hold fewer epochs or train more"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_launcher(self) -> "Settings":
         if self.launcher == "ray" and not self.ray_address:
             raise ValueError("launcher 'ray' needs ray_address: set QAT_RAY_ADDRESS=http://HEAD_HOST:8265")
@@ -219,7 +239,10 @@ class Settings(BaseModel):
 
 # The settings each heavy stage's result depends on. Resuming or reusing a stage's state checks only
 # these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
-PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer")
+PRETRAIN_FIELDS = (
+    "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer", "pretrain_lr_hold_epochs", "pretrain_warmup_epochs",
+    "pretrain_nominal_batch", "pretrain_mosaic", "pretrain_close_mosaic",
+)
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
