@@ -60,7 +60,7 @@ def record(work: Path, row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("fp", "qat", "table"))
+    parser.add_argument("stage", choices=("fp", "qat", "table", "fp-table"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/collapse_probe"))
     parser.add_argument("--name", help="fp: name of the FP run folder")
     parser.add_argument("--variant", default="yolo10n")
@@ -73,12 +73,15 @@ def main() -> None:
     if args.stage == "table":
         print_table(args.work)
         return
+    if args.stage == "fp-table":
+        print_fp_table(args.work)
+        return
     overrides = {"device": "cpu", "storage": str(args.work), **parse_overrides(args.set)}
     settings = load_settings(overrides)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     subset = dataset(work, settings)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     if args.stage == "fp":
         out = work / "fp" / args.name
         result = run_pretrain(PretrainRequest(
@@ -90,6 +93,8 @@ def main() -> None:
             "stage": "fp", "name": args.name, "variant": args.variant, "overrides": args.set,
             "map50_95": result["metrics"]["map50_95"], "plateau": result["plateau"], "history": history,
             "minutes": (time.time() - started) / 60,
+            # CPU time of all threads: comparable between runs when other jobs share the cores.
+            "cpu_minutes": (time.process_time() - cpu_started) / 60,
         })
         return
     fp = work / "fp" / args.fp
@@ -130,6 +135,33 @@ def print_table(work: Path) -> None:
             f"| {row['variant']} | {' '.join(row['overrides'])} | {row['seed']} | {row['fp_map50_95']:.3f} | "
             f"{row['ptq']:.3f} | {row['best']:.3f} ({row['best_epoch']}) | {row['final']:.3f} | "
             f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} |"
+        )
+
+
+def print_fp_table(work: Path) -> None:
+    """The FP rows of WORK/results.jsonl as the markdown table of docs/fp_recipe.md.
+
+    s/epoch is the median wall time of an epoch (training and validation). A run that never left mAP 0
+    "passes" the gain test trivially, so it counts as at plateau only above 0.01 mAP50-95.
+    """
+    print("| name | variant | settings | epochs | s/epoch | min (CPU min) | final mAP50-95 | best | "
+          "10-epoch gain | at plateau |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["stage"] != "fp":
+            continue
+        fp_dir = work / "fp" / row["name"]
+        history = json.loads((fp_dir / "run" / "history.json").read_text()) if (fp_dir / "run" / "history.json").is_file() else []
+        seconds = sorted(h["seconds"] for h in history if h.get("seconds"))
+        per_epoch = f"{seconds[len(seconds) // 2]:.1f}" if seconds else "-"
+        plateau = row["plateau"]
+        passed = bool(plateau["at_plateau"]) and row["map50_95"] > 0.01
+        cpu = f" ({row['cpu_minutes']:.1f})" if "cpu_minutes" in row else ""
+        print(
+            f"| {row['name']} | {row['variant']} | {' '.join(row['overrides'])} | {len(row['history'])} | {per_epoch} | "
+            f"{row['minutes']:.1f}{cpu} | {row['map50_95']:.3f} | {max(row['history']):.3f} | "
+            f"{plateau['gain']:+.4f} | {'yes' if passed else 'no'} |"
         )
 
 

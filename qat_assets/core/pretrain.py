@@ -84,12 +84,14 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
             model.load_state_dict(state["ema"])
         else:
             batches_per_epoch = -(-request.train_images // settings.batch)
-            accumulate = max(round(64 / settings.batch), 1)  # Ultralytics' nominal batch size is 64
+            accumulate = max(round(settings.pretrain_nominal_batch / settings.batch), 1)  # as Ultralytics' nbs
             trainer = ResumableTrainer(
                 model=model,
                 overrides={
                     **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, seed=PRETRAIN_SEED),
                     "optimizer": settings.pretrain_optimizer, "lr0": settings.pretrain_lr, "lrf": settings.pretrain_lrf,
+                    "warmup_epochs": settings.pretrain_warmup_epochs, "nbs": settings.pretrain_nominal_batch,
+                    "mosaic": settings.pretrain_mosaic, "close_mosaic": settings.pretrain_close_mosaic,
                     "cache": "ram" if settings.cache_images else False,
                 },
                 run_dir=run_dir,
@@ -100,6 +102,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                 state_fingerprint=fingerprint,
                 resume_state=state,
                 history=history,
+                lr_hold_epochs=settings.pretrain_lr_hold_epochs,
             )
             trainer.train()
             history = trainer.history

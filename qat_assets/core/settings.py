@@ -55,6 +55,17 @@ class Settings(BaseModel):
         "auto", description="Ultralytics optimizer name; 'auto' (AdamW below 10k steps) ignores pretrain_lr"
     )
     pretrain_lrf: float = Field(0.01, gt=0, le=1, description="FP final LR as a fraction of pretrain_lr (Ultralytics lrf)")
+    pretrain_lr_hold_epochs: int = Field(
+        0, ge=0, description="FP epochs at the end held at the final LR (pretrain_lr x pretrain_lrf); 0 decays to the end"
+    )
+    pretrain_warmup_epochs: float = Field(3.0, ge=0, description="FP warmup epochs (Ultralytics warmup_epochs)")
+    pretrain_nominal_batch: int = Field(
+        64, gt=0, description="FP gradients accumulate over round(this / batch) batches per step (Ultralytics nbs)"
+    )
+    pretrain_mosaic: float = Field(1.0, ge=0, le=1, description="FP mosaic augmentation probability (Ultralytics mosaic)")
+    pretrain_close_mosaic: int = Field(
+        10, ge=0, description="FP epochs at the end trained without mosaic (Ultralytics close_mosaic)"
+    )
     cache_images: bool = Field(False, description="hold decoded training images in RAM (Ultralytics cache='ram')")
     plateau_epochs: int = Field(10, gt=0, description="FP plateau check: window of final epochs whose gain is measured")
     plateau_min_gain: float = Field(0.01, gt=0, description="FP plateau check: the window must add less than this mAP50-95")
@@ -141,6 +152,15 @@ class Settings(BaseModel):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _check_pretrain_lr_hold(self) -> "Settings":
+        if self.pretrain_lr_hold_epochs >= self.pretrain_epochs:
+            raise ValueError(
+                f"pretrain_lr_hold_epochs {self.pretrain_lr_hold_epochs} leaves no epoch of LR decay in "
+                f"{self.pretrain_epochs} pretrain_epochs; hold fewer epochs or train more"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_launcher(self) -> "Settings":
         if self.launcher == "ray" and not self.ray_address:
             raise ValueError("launcher 'ray' needs ray_address: set QAT_RAY_ADDRESS=http://HEAD_HOST:8265")
@@ -219,7 +239,10 @@ class Settings(BaseModel):
 
 # The settings each heavy stage's result depends on. Resuming or reusing a stage's state checks only
 # these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
-PRETRAIN_FIELDS = ("imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer")
+PRETRAIN_FIELDS = (
+    "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer", "pretrain_lr_hold_epochs", "pretrain_warmup_epochs",
+    "pretrain_nominal_batch", "pretrain_mosaic", "pretrain_close_mosaic",
+)
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
@@ -234,11 +257,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         imgsz=64, batch=8, workers=0, pretrain_epochs=1, pretrain_lr=0.01,
         qat_epochs=2, qat_lr=1e-4, qc_epochs=16, qc_lr=1e-3, qc_batch=8,
     ),
-    # The whole ladder on a 2-core CPU in about 20 minutes.
+    # The whole ladder on a 2-core CPU. The FP recipe (docs/fp_recipe.md) reaches its plateau in 30 epochs
+    # at 64 px: one AdamW step per batch of 8 (32 steps an epoch), LR decayed over 20 epochs and held at
+    # 2 % for the 10 the plateau check reads; no mosaic, whose 2x canvas would halve 64 px objects.
     "embedded": dict(
         train_images=256, val_images=64, calibration_images=64,
-        synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=128,
-        imgsz=128, batch=32, workers=2, pretrain_epochs=20, pretrain_lr=0.01,
+        synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=64,
+        imgsz=64, batch=8, workers=2, pretrain_epochs=30, pretrain_optimizer="AdamW", pretrain_lr=0.004,
+        pretrain_lrf=0.02, pretrain_lr_hold_epochs=10, pretrain_warmup_epochs=1, pretrain_nominal_batch=8,
+        pretrain_mosaic=0.0, cache_images=True,
         qat_epochs=4, qat_lr=1e-4, qc_epochs=8, qc_lr=3e-3, qc_batch=8,
     ),
     # Paper-like recipe on a GPU with real COCO (WACV'24: ~100 QAT epochs, Adam 1e-4, one QC epoch).

@@ -9,7 +9,9 @@ What the subclass changes, and why:
   forward);
 - a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
 - learned quantizer scales get no weight decay;
-- each finished epoch is reported through `on_epoch` as a plain dict.
+- each finished epoch is reported through `on_epoch` as a plain dict;
+- the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
+  LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def ema_schedule(
     }
 
 
+def linear_decay_then_hold(epochs: int, lrf: float, hold_epochs: int) -> Callable[[int], float]:
+    """LR factor of epoch x: Ultralytics' linear 1 -> lrf, over the first epochs - hold_epochs, then lrf."""
+    decay_epochs = epochs - hold_epochs
+    return lambda x: max(1 - x / decay_epochs, 0) * (1.0 - lrf) + lrf
+
+
 def trainer_overrides(
     settings: Settings, variant: str, data_yaml: Path, run_dir: Path, device: str, epochs: int, seed: int
 ) -> dict:
@@ -92,6 +100,7 @@ class ResumableTrainer(DetectionTrainer):
         after_optimizer_step: Callable[[torch.nn.Module], None] | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
         history: list[dict[str, Any]] | None = None,
+        lr_hold_epochs: int = 0,
     ):
         super().__init__(overrides={**overrides, "save": True, "val": True})
         self.model = model  # setup_model() keeps an nn.Module as it is
@@ -104,6 +113,7 @@ class ResumableTrainer(DetectionTrainer):
         self.after_optimizer_step = after_optimizer_step
         self.extra_state = extra_state or dict
         self.history = list(history or [])
+        self.lr_hold_epochs = lr_hold_epochs
         self._epoch_started = time.time()
         self.add_callback("on_pretrain_routine_end", lambda trainer: trainer._configure_ema_and_resume())
         self.add_callback("on_train_epoch_start", lambda trainer: setattr(trainer, "_epoch_started", time.time()))
@@ -126,6 +136,18 @@ class ResumableTrainer(DetectionTrainer):
             # YOLOv10's one-to-many/one-to-one loss mix decays once per epoch; replay it up to here.
             criterion.updates = self.start_epoch - 1
             criterion.update()
+
+    def _setup_scheduler(self) -> None:
+        super()._setup_scheduler()
+        if not self.lr_hold_epochs:
+            return
+        if self.args.cos_lr or self.lr_hold_epochs >= self.epochs:
+            raise ValueError(
+                f"lr_hold_epochs={self.lr_hold_epochs} needs the linear schedule (cos_lr off) and fewer hold epochs "
+                f"than the run's {self.epochs}"
+            )
+        self.lf = linear_decay_then_hold(self.epochs, self.args.lrf, self.lr_hold_epochs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
 
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)

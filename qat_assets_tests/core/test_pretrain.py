@@ -1,6 +1,12 @@
-"""The FP plateau check, against its definition."""
+"""The FP plateau check, against its definition; the FP LR schedule that lets a run show its plateau."""
 
-from qat_assets.core.pretrain import plateau_check
+import pytest
+
+from qat_assets.core.coco import convert_coco_subset
+from qat_assets.core.pretrain import plateau_check, run_pretrain
+from qat_assets.core.requests import PretrainRequest
+from qat_assets.core.settings import load_settings
+from qat_assets.core.synthetic import write_synthetic_coco
 
 
 def history(values):
@@ -22,3 +28,20 @@ def test_a_flat_but_noisy_tail_is_at_plateau():
 def test_a_history_no_longer_than_the_window_cannot_tell():
     check = plateau_check(history([0.1, 0.2, 0.3]), epochs=3, min_gain=0.01)
     assert check["gain"] is None and check["at_plateau"] is None and "needs more than 3" in check["reason"]
+
+
+def test_pretraining_holds_the_final_lr_over_the_last_epochs(tmp_path):
+    # Three smoke epochs, the last one held: the epochs run at lr0 x (1, 1 - (1 - lrf)/2, lrf), where
+    # Ultralytics' schedule alone would still be at lr0 x (1 + 2 lrf)/3 in the third.
+    settings = load_settings({"profile": "smoke", "storage": str(tmp_path), "pretrain_epochs": 3,
+                              "pretrain_lr_hold_epochs": 1, "pretrain_warmup_epochs": 0,
+                              "pretrain_optimizer": "SGD", "pretrain_lr": 0.01, "pretrain_lrf": 0.1}, environ={})
+    write_synthetic_coco(tmp_path / "coco", train_images=16, val_images=8, image_size=64, seed=0)
+    subset = convert_coco_subset(tmp_path / "coco", tmp_path / "subset", train_images=16, val_images=8, seed=0,
+                                 skip_bad_items=False)
+    result = run_pretrain(
+        PretrainRequest(variant="yolo10n", dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+                        names=subset.class_names, train_images=16, out_dir=tmp_path / "fp", settings=settings),
+        log=lambda message: None,
+    )
+    assert [h["lr"] for h in result["history"]] == pytest.approx([0.01, 0.01 * 0.55, 0.001])

@@ -6,8 +6,8 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from qat_assets.core.models import build_detection_model
 from qat_assets.core.quantize import QuantOptions, quantize_w4a16
-from qat_assets.core.settings import load_settings
-from qat_assets.core.trainer import ema_schedule
+from qat_assets.core.settings import SettingsError, load_settings
+from qat_assets.core.trainer import ema_schedule, linear_decay_then_hold
 
 
 def test_decay_zero_makes_the_ema_copy_equal_the_model_after_every_update():
@@ -51,3 +51,19 @@ def test_the_ema_schedule_scales_with_run_length_and_gives_back_the_paper_at_coc
     assert ema_schedule(0.0, None, 96, 8)["decay"] == 0.0
     fixed = ema_schedule(0.99, 50.0, 96, 8)
     assert fixed["tau"] == 50.0 and fixed["configured_decay"] == 0.99
+
+
+def test_the_lr_decays_linearly_to_lrf_then_holds_it():
+    factor = linear_decay_then_hold(epochs=30, lrf=0.1, hold_epochs=10)
+    assert factor(0) == 1.0
+    assert factor(10) == pytest.approx(1 - 0.5 * 0.9)  # half way through the 20 decay epochs
+    assert [factor(x) for x in (20, 25, 29)] == pytest.approx([0.1, 0.1, 0.1])
+    # No hold is Ultralytics' own linear schedule.
+    ultralytics = lambda x: max(1 - x / 30, 0) * (1.0 - 0.1) + 0.1  # noqa: E731
+    plain = linear_decay_then_hold(epochs=30, lrf=0.1, hold_epochs=0)
+    assert [plain(x) for x in range(30)] == pytest.approx([ultralytics(x) for x in range(30)])
+
+
+def test_a_hold_as_long_as_the_run_is_refused_by_name():
+    with pytest.raises(SettingsError, match="pretrain_lr_hold_epochs"):
+        load_settings({"profile": "smoke", "pretrain_epochs": 3, "pretrain_lr_hold_epochs": 3}, environ={})
