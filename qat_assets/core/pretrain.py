@@ -28,17 +28,26 @@ def plateau_check(history: list[dict], epochs: int, min_gain: float) -> dict:
     value, so one noisy validation neither hides nor fakes progress). At the plateau when gain < min_gain,
     i.e. training `epochs` more epochs is expected to add less than `min_gain`. Measured from the run's
     own history; a history shorter than `epochs` + 1 epochs cannot tell.
+
+    The check is only as strong as the LR the window trained at: a model flat at a tiny LR can still
+    learn at a larger one (QAT's, say). So the window's largest LR is recorded beside the gain
+    (`window_max_lr`, None for a history without LRs) and named in the reason.
     """
-    values = [h["map50_95"] for h in sorted(history, key=lambda h: h["epoch"]) if h["epoch"] > 0]
-    result = {"window_epochs": epochs, "min_gain": min_gain, "gain": None, "at_plateau": None}
+    trained = [h for h in sorted(history, key=lambda h: h["epoch"]) if h["epoch"] > 0]
+    values = [h["map50_95"] for h in trained]
+    result = {"window_epochs": epochs, "min_gain": min_gain, "gain": None, "at_plateau": None, "window_max_lr": None}
     if len(values) <= epochs:
         result["reason"] = f"only {len(values)} FP epochs in the history; the check needs more than {epochs}"
         return result
     gain = max(values[-epochs:]) - max(values[:-epochs])
-    result.update(gain=gain, at_plateau=gain < min_gain)
+    window_lrs = [h["lr"] for h in trained[-epochs:] if h.get("lr") is not None]
+    window_max_lr = max(window_lrs) if window_lrs else None
+    result.update(gain=gain, at_plateau=gain < min_gain, window_max_lr=window_max_lr)
     result["reason"] = (
         f"the last {epochs} epochs added {gain:+.4f} mAP50-95 "
-        f"({'below' if gain < min_gain else 'not below'} {min_gain}): {'at' if gain < min_gain else 'NOT at'} plateau"
+        f"({'below' if gain < min_gain else 'not below'} {min_gain})"
+        f"{f' at LR <= {window_max_lr:.2g}' if window_max_lr is not None else ''}: "
+        f"{'at' if gain < min_gain else 'NOT at'} plateau"
     )
     return result
 

@@ -80,6 +80,8 @@ def pretrain_metadata(result: dict[str, Any]) -> dict[str, Any]:
         # Older sidecars predate the plateau check and the recorded EMA schedule.
         "plateau_check": result.get("plateau", {}).get("reason", "not recorded"),
         "at_plateau": str(result.get("plateau", {}).get("at_plateau")),
+        # The LR the plateau was measured at: flat at a tiny LR does not mean flat at QAT's.
+        "plateau_window_max_lr": str(result.get("plateau", {}).get("window_max_lr")),
         "ema": MetadataValue.json(result.get("ema") or {}),
     }
 

@@ -20,6 +20,14 @@ def test_gain_is_best_of_the_window_minus_best_before_it():
     assert check["at_plateau"] is False and "NOT at plateau" in check["reason"]
 
 
+def test_the_window_records_the_largest_lr_it_trained_at():
+    lrs = [1e-2, 5e-3, 1e-3, 2e-4, 2e-4]
+    records = [{**h, "lr": lr} for h, lr in zip(history([0.2, 0.5, 0.6, 0.6, 0.6])[1:], lrs)]
+    check = plateau_check([{"epoch": 0, "map50_95": 0.0}, *records], epochs=3, min_gain=0.01)
+    assert check["window_max_lr"] == 1e-3 and "at LR <= 0.001" in check["reason"]
+    assert plateau_check(history([0.2, 0.5, 0.6, 0.6]), epochs=3, min_gain=0.01)["window_max_lr"] is None
+
+
 def test_a_flat_but_noisy_tail_is_at_plateau():
     check = plateau_check(history([0.20, 0.70, 0.69, 0.705, 0.698]), epochs=3, min_gain=0.01)
     assert abs(check["gain"] - 0.005) < 1e-12 and check["at_plateau"] is True
