@@ -11,7 +11,7 @@ def qat_sidecar(settings, **changes) -> dict:
     history = [{"epoch": 0, "map50_95": 0.1, "map50": 0.2, "precision": 0.3, "recall": 0.4},
                {"epoch": 1, "map50_95": 0.2, "map50": 0.3, "precision": 0.4, "recall": 0.5},
                {"epoch": 2, "map50_95": 0.37919, "map50": 0.61283, "precision": 0.7, "recall": 0.6}]
-    return {"history": history, "planned_epochs": 2, "diverged_at_epoch": None,
+    return {"history": history, "planned_epochs": 2, "diverged_at_epoch": None, "device": "cpu",
             "evaluation": evaluation_settings(settings.imgsz, settings.batch), **changes}
 
 
@@ -28,3 +28,8 @@ def test_evaluates_again_when_settings_differ_or_the_run_did_not_finish():
     assert qat_final_evaluation(qat_sidecar(settings, planned_epochs=3), settings) is None
     assert qat_final_evaluation(qat_sidecar(settings, diverged_at_epoch=2), settings) is None
     assert qat_final_evaluation(qat_sidecar(settings, history=[{"epoch": 0, "map50_95": 0.1}]), settings) is None
+
+
+def test_evaluates_again_after_qat_on_a_gpu_whose_validation_ran_under_amp():
+    settings = load_settings({"profile": "smoke"}, environ={})
+    assert qat_final_evaluation(qat_sidecar(settings, device="cuda:0"), settings) is None
