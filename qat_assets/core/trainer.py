@@ -20,7 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -69,6 +69,15 @@ def linear_decay_then_hold(epochs: int, lrf: float, hold_epochs: int) -> Callabl
     """LR factor of epoch x: Ultralytics' linear 1 -> lrf, over the first epochs - hold_epochs, then lrf."""
     decay_epochs = epochs - hold_epochs
     return lambda x: max(1 - x / decay_epochs, 0) * (1.0 - lrf) + lrf
+
+
+def gradients_diverged(parameters: Iterable[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> bool:
+    """A non-finite gradient, as divergence. Not under AMP: there a non-finite scaled gradient is GradScaler's
+    signal to skip that step and lower its scale (routine in the first steps), and a diverged run still shows
+    as a non-finite loss."""
+    if scaler.is_enabled():
+        return False
+    return not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
 
 
 def trainer_overrides(
@@ -167,7 +176,7 @@ class ResumableTrainer(DetectionTrainer):
     def optimizer_step(self) -> None:
         # Before the step, so a non-finite loss or gradient never reaches the weights or the EMA.
         self._check_loss_finite()
-        if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
+        if gradients_diverged(self.model.parameters(), self.scaler):
             raise TrainingDiverged(self.epoch + 1, "a gradient")
         super().optimizer_step()
         if self.after_optimizer_step is None:

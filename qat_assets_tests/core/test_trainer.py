@@ -7,7 +7,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 from qat_assets.core.models import build_detection_model
 from qat_assets.core.quantize import QuantOptions, quantize_w4a16
 from qat_assets.core.settings import SettingsError, load_settings
-from qat_assets.core.trainer import ema_schedule, linear_decay_then_hold
+from qat_assets.core.trainer import ema_schedule, gradients_diverged, linear_decay_then_hold
 
 
 def test_decay_zero_makes_the_ema_copy_equal_the_model_after_every_update():
@@ -67,3 +67,12 @@ def test_the_lr_decays_linearly_to_lrf_then_holds_it():
 def test_a_hold_as_long_as_the_run_is_refused_by_name():
     with pytest.raises(SettingsError, match="pretrain_lr_hold_epochs"):
         load_settings({"profile": "smoke", "pretrain_epochs": 3, "pretrain_lr_hold_epochs": 3}, environ={})
+
+
+def test_a_non_finite_gradient_is_divergence_except_under_amp_where_gradscaler_skips_the_step():
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert gradients_diverged([weight], torch.amp.GradScaler("cpu", enabled=False))
+    assert not gradients_diverged([weight], torch.amp.GradScaler("cpu", enabled=True))
+    weight.grad = torch.zeros(3)
+    assert not gradients_diverged([weight], torch.amp.GradScaler("cpu", enabled=False))
