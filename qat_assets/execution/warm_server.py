@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import io
 import json
 import os
 import selectors
@@ -100,8 +101,12 @@ def run_child(request: dict, env: dict[str, str], fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(env)
     if env.get("PYTHONUNBUFFERED"):  # read at interpreter start, so applied here: a killed worker's log keeps all
-        for stream in (sys.stdout, sys.stderr):
-            stream.reconfigure(write_through=True)
+        # As `python -u` does: text written straight to the file descriptor, no binary buffer below it
+        # (reconfigure(write_through=True) would still leave the server's BufferedWriter in between).
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=sys.stdout.encoding,
+                                      errors=sys.stdout.errors, write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=sys.stderr.encoding,
+                                      errors="backslashreplace", write_through=True)
     sys.argv = ["qat_assets.execution.worker", *request["argv"]]
     code = 1
     try:
@@ -187,8 +192,13 @@ class WarmServer:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            self.close_in_child(conn)
-            run_child(request, self.imported.of_child(request["env"]), fds)
+            # Never return into the server loop: its cleanup would signal the other children and unlink the
+            # live server's socket.
+            try:
+                self.close_in_child(conn)
+                run_child(request, self.imported.of_child(request["env"]), fds)
+            finally:
+                os._exit(1)
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
@@ -249,6 +259,7 @@ class WarmServer:
         self.listener.close()
         for other in self.children.values():
             other.close()
+        self.children.clear()
         conn.close()
 
     def close(self) -> None:
