@@ -136,8 +136,13 @@ class StepQuantConv2d(QuantConv2d):
     _prepared: tuple[QuantTensor, tuple] | None = None
 
     def _weight_versions(self) -> tuple:
-        return (self.training, torch.is_grad_enabled(), self.weight._version,
-                *(p._version for p in self.weight_quant.parameters()))
+        # `_version` counts in-place changes; `.to()`/`.half()` swap the storage without bumping it, hence
+        # the pointer, device and dtype. Autocast state too: a result prepared outside autocast is not reused
+        # inside it.
+        weight = self.weight
+        return (self.training, torch.is_grad_enabled(), torch.is_autocast_enabled(weight.device.type),
+                weight._version, weight.data_ptr(), weight.device, weight.dtype,
+                *((p._version, p.data_ptr()) for p in self.weight_quant.parameters()))
 
     def prepare_quant_weight(self) -> QuantTensor:
         """Quantize the weights now, for whoever needs them before the next forward, and keep them for it."""

@@ -112,7 +112,19 @@ def test_a_prepared_result_is_not_reused_once_the_weights_changed():
     # Used at most once: the next forward quantizes again (the first one's graph is gone after its backward).
     conv.prepare_quant_weight()
     conv(x).sum().backward()
+    assert conv._prepared is None
     conv(x).sum().backward()
+
+
+def test_a_prepared_result_is_not_reused_after_a_dtype_change_or_inside_autocast():
+    model = quantized_model(QuantOptions()).train()
+    _, conv = next((n, m) for n, m in quantized_modules(model) if m.in_channels > 3)
+    prepared = conv.prepare_quant_weight()
+    conv.double()  # swaps the storage without bumping the version counter
+    assert conv._take_quant_weight() is not prepared
+    prepared = conv.prepare_quant_weight()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv._take_quant_weight() is not prepared
 
 
 def test_a_model_with_prepared_weights_deep_copies():
