@@ -78,7 +78,9 @@ class HeavyStepLauncher(ConfigurableResource):
         messages = invocation.get_custom_messages()
         if not messages:
             raise Failure(description=f"the {step} worker exited without a result; see {log_file}")
-        result = messages[-1]
+        result = dict(messages[-1])
+        # Where the worker really ran: a warm server may refuse a request, which the client then runs cold.
+        execution = {**execution, **result.pop("worker_origin", {})}
         if "error" in result:
             raise Failure(
                 description=f"{step} failed: {result['error']}",
@@ -99,7 +101,7 @@ class HeavyStepLauncher(ConfigurableResource):
                 request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
                 context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
             command, server = worker_command(settings.artifact_root(), step, log_file)
-            how = f"forked from the warm worker server at {server}" if server else "cold: no warm worker server runs"
+            how = f"asking the warm worker server at {server} to fork it" if server else "cold: no warm worker server runs"
             context.log.info(f"{step}: starting worker ({how}); its full log is {log_file}")
             try:
                 invocation = self.pipes_client.run(
@@ -115,7 +117,7 @@ class HeavyStepLauncher(ConfigurableResource):
                     f"{log_tail(log_file)}",
                     metadata={"worker_log": MetadataValue.path(str(log_file))},
                 ) from None
-        return invocation, {"launcher": "local", "gpu": gpu_id, "warm_server": str(server) if server else None}
+        return invocation, {"launcher": "local", "gpu": gpu_id}
 
     def _run_on_ray(
         self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qat_assets.execution.warm_client import ping, socket_path
-from qat_assets.execution.worker import WORKER_ENV
+from qat_assets.execution.worker import FORKED_FROM_ENV, WORKER_ENV
 
 # Read when the heavy modules are imported (Ultralytics' verbosity and offline mode, the matplotlib
 # backend, OpenMP/MKL thread counts at library load, the module search path): a child cannot change
@@ -196,7 +196,7 @@ class WarmServer:
             # live server's socket.
             try:
                 self.close_in_child(conn)
-                run_child(request, self.imported.of_child(request["env"]), fds)
+                run_child(request, {**self.imported.of_child(request["env"]), FORKED_FROM_ENV: str(self.path)}, fds)
             finally:
                 os._exit(1)
         for fd in fds:

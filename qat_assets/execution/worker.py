@@ -31,6 +31,9 @@ WORKER_ENV = {
     "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
     "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
 }
+# Set by the warm server in the children it forks (its socket path): how a worker knows it ran warm. The
+# launcher cannot know beforehand, since a server may refuse a request and the client then runs it cold.
+FORKED_FROM_ENV = "WARM_WORKER_SERVER"
 EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError", "TrainingDiverged")
 
 
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
         )
         result = execute(args.step, pipes.extras["request"], log)
-        pipes.report_custom_message(json.loads(json.dumps(result, default=str)))
+        origin = {"warm_server": os.environ.get(FORKED_FROM_ENV)}
+        pipes.report_custom_message(json.loads(json.dumps({**result, "worker_origin": origin}, default=str)))
     return 0
 
 

@@ -86,7 +86,7 @@ def test_a_partition_runs_through_the_warm_server_and_a_killed_warm_worker_fails
         assert qat["execution"]["warm_server"] == str(server)
         assert qat["status"] == "2/2 epochs" and qat["sha256"] == sha256_file(Path(qat["checkpoint"]))
         messages = [r.event_log_entry.user_message for r in instance.get_records_for_run(result.run_id).records]
-        assert any("qat: starting worker (forked from the warm worker server" in m for m in messages)
+        assert any("qat: starting worker (asking the warm worker server at" in m for m in messages)
         assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)  # progress through pipes
 
         # The OOM killer takes a warm worker: its client ends the same way, so the step fails with code -9.
