@@ -305,7 +305,11 @@ def running_warm_server(storage: Path, log_file: Path, wait: bool = True) -> Ite
             print(f"the warm worker server exited early ({server.returncode}): heavy steps after that ran cold; "
                   f"see {log_file}", file=sys.stderr)
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # never leave a server (and its children) behind
+            server.kill()
+            server.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
