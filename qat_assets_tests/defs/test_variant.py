@@ -93,13 +93,19 @@ def kill_worker_when_it_logs(log_file: Path, text: str, timeout: float = 300.0) 
     return thread
 
 
-def test_a_killed_worker_fails_its_step_with_exit_status_and_log_tail(storage, instance):
-    assert run_assets(instance, ["coco_subset", "calibration_subset", "yolo10n/pretrained_checkpoint"]).success
+def failure_of_a_killed_qat_worker(storage, instance) -> str:
+    """Run yolo10n's QAT (baseline|1), SIGKILL its worker once training has started; the step's failure message."""
     log_file = layout.run_dir(storage, "yolo10n", "qat_checkpoint", "baseline", 1) / "qat_worker.log"
     watcher = kill_worker_when_it_logs(log_file, "fresh start")
     result = run_assets(instance, ["yolo10n/qat_checkpoint"], "baseline|1")
     watcher.join(timeout=5)
     assert not result.success
     (message,) = step_failure_messages(result)
+    return message
+
+
+def test_a_killed_worker_fails_its_step_with_exit_status_and_log_tail(storage, instance):
+    assert run_assets(instance, ["coco_subset", "calibration_subset", "yolo10n/pretrained_checkpoint"]).success
+    message = failure_of_a_killed_qat_worker(storage, instance)
     assert "the qat worker died" in message and "code -9" in message
     assert "fresh start" in message  # the last lines of its log

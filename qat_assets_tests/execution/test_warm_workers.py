@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from qat_assets.core import layout
 from qat_assets.core.artifacts import load_checkpoint, sha256_file
 from qat_assets.execution.worker import WORKER_ENV
 from qat_assets.execution.warm_client import ping
 from qat_assets.execution.warm_server import running_warm_server
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
-from qat_assets_tests.defs.test_variant import kill_worker_when_it_logs
+from qat_assets_tests.defs.test_variant import failure_of_a_killed_qat_worker
 from qat_assets_tests.execution.test_worker import pretrained, qat_request  # noqa: F401 (a fixture)
 
 
@@ -90,12 +89,7 @@ def test_a_partition_runs_through_the_warm_server_and_a_killed_warm_worker_fails
         assert any("yolo10n ema|0 epoch 1: mAP50-95" in m for m in messages)  # progress through pipes
 
         # The OOM killer takes a warm worker: its client ends the same way, so the step fails with code -9.
-        log_file = layout.run_dir(storage, "yolo10n", "qat_checkpoint", "baseline", 1) / "qat_worker.log"
-        watcher = kill_worker_when_it_logs(log_file, "fresh start")
-        killed = run_assets(instance, ["yolo10n/qat_checkpoint"], "baseline|1")
-        watcher.join(timeout=5)
-        assert not killed.success
-        (message,) = step_failure_messages(killed)
+        message = failure_of_a_killed_qat_worker(storage, instance)
         assert "the qat worker died" in message and "code -9" in message and "fresh start" in message
         assert ping(server)["children"] == 0  # reaped; the server serves on
     server_log = (tmp_path / "server.log").read_text()
