@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
-from qat_assets.core.quantize import integer_codes, prepare_step_weights
+from qat_assets.core.flat_weight_quant import StepWeights
+from qat_assets.core.quantize import prepare_step_weights
 
 DEFAULT_MOMENTUM = 0.01
 DEFAULT_THRESHOLD = 3 * DEFAULT_MOMENTUM
@@ -67,11 +67,11 @@ class OscillationTracker:
         """
         self.update_quantized(prepare_step_weights(model))
 
-    def update_quantized(self, quantized: Mapping[str, QuantTensor]) -> None:
-        """Record one step from already fake-quantized weights, keyed by layer name."""
+    def update_quantized(self, quantized: Mapping[str, StepWeights]) -> None:
+        """Record one step from already fake-quantized weights and their integer codes, keyed by layer name."""
         for name, weights in quantized.items():
-            if float(weights.bit_width) <= self.max_bit_width:
-                self.update(name, integer_codes(weights))
+            if float(weights.quantized.bit_width) <= self.max_bit_width:
+                self.update(name, weights.codes)
 
     def frequencies(self, name: str) -> torch.Tensor:
         return self._frequency[name]

@@ -26,6 +26,8 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
+from qat_assets.core.flat_weight_quant import StepWeights, flat_quantizable, group_key, quantize_flat
+
 DFL_REASON = "fixed DFL integral, not trained"
 FIRST_CONV_REASON = "first conv kept at 8 bit"
 HEAD_OUTPUT_REASON = "detection-head output conv kept at 8 bit"
@@ -122,7 +124,7 @@ class StepQuantConv2d(QuantConv2d):
     Two things differ from the parent, neither changes a number (tests compare outputs and gradients bit
     for bit):
     - `prepare_step_weights` quantizes every layer's weights once after an optimizer step (for the
-      oscillation tracker) and the next forward reuses that result, autograd graph included, instead of
+      oscillation tracker; all layers in one pass, flat_weight_quant.py) and the next forward reuses that result, autograd graph included, instead of
       quantizing the same weights again. The reuse is checked against the version counters of the
       weights and quantizer parameters, so any change in between (a second optimizer step, a
       `load_state_dict`) falls back to quantizing afresh; a prepared result is used at most once, because
@@ -144,9 +146,11 @@ class StepQuantConv2d(QuantConv2d):
                 weight._version, weight.data_ptr(), weight.device, weight.dtype,
                 *((p._version, p.data_ptr()) for p in self.weight_quant.parameters()))
 
-    def prepare_quant_weight(self) -> QuantTensor:
-        """Quantize the weights now, for whoever needs them before the next forward, and keep them for it."""
-        quantized = self.quant_weight()
+    def prepare_quant_weight(self, quantized: QuantTensor | None = None) -> QuantTensor:
+        """Quantize the weights now (or take `quantized`, computed by `quantize_flat` with other layers'), for
+        whoever needs them before the next forward, and keep them for it."""
+        if quantized is None:
+            quantized = self.quant_weight()
         self._prepared = (quantized, self._weight_versions())
         return quantized
 
@@ -182,12 +186,25 @@ def integer_codes(quantized: QuantTensor) -> torch.Tensor:
 
 
 @torch.enable_grad()  # the next training forward back-propagates through these
-def prepare_step_weights(model: nn.Module) -> dict[str, QuantTensor]:
-    """Every quantized conv's fake-quantized weights, computed once; a StepQuantConv2d's next forward reuses them."""
-    return {
-        name: module.prepare_quant_weight() if isinstance(module, StepQuantConv2d) else module.quant_weight()
-        for name, module in quantized_modules(model)
-    }
+def prepare_step_weights(model: nn.Module) -> dict[str, StepWeights]:
+    """Every quantized conv's fake-quantized weights and integer codes, computed once; a StepQuantConv2d's next
+    forward reuses them. Layers whose quantizer `quantize_flat` replays are quantized together, per `group_key`;
+    the others by Brevitas, one by one."""
+    modules = quantized_modules(model)
+    groups: dict[tuple, list[tuple[str, StepQuantConv2d]]] = {}
+    for name, module in modules:
+        if isinstance(module, StepQuantConv2d) and flat_quantizable(module):
+            groups.setdefault(group_key(module), []).append((name, module))
+    prepared: dict[str, StepWeights] = {}
+    for members in groups.values():
+        for (name, module), weights in zip(members, quantize_flat([module for _, module in members])):
+            module.prepare_quant_weight(weights.quantized)
+            prepared[name] = weights
+    for name, module in modules:
+        if name not in prepared:
+            quantized = module.prepare_quant_weight() if isinstance(module, StepQuantConv2d) else module.quant_weight()
+            prepared[name] = StepWeights(quantized, integer_codes(quantized))
+    return {name: prepared[name] for name, _ in modules}
 
 
 def _quant_conv_like(conv: nn.Conv2d, bit_width: int, options: QuantOptions) -> QuantConv2d:

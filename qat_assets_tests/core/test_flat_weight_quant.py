@@ -1,0 +1,98 @@
+"""One-pass fake quantization of many convs (flat_weight_quant.py) against Brevitas' layer-by-layer `quant_weight()`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ultralytics.nn.tasks import DetectionModel
+
+from qat_assets.core.flat_weight_quant import flat_quantizable, group_key, quantize_flat
+from qat_assets.core.quantize import QuantOptions, prepare_step_weights, quantize_w4a16, quantized_modules
+
+
+def quantized_model(options: QuantOptions) -> DetectionModel:
+    torch.manual_seed(0)
+    model = DetectionModel("yolov10n.yaml", nc=3, verbose=False).train()
+    quantize_w4a16(model, options)
+    return model
+
+
+def groups(model: DetectionModel) -> list[list]:
+    members: dict[tuple, list] = {}
+    for _, module in quantized_modules(model):
+        members.setdefault(group_key(module), []).append(module)
+    return list(members.values())
+
+
+def values_and_gradients(modules, quantize) -> tuple[list, list, list]:
+    """Quantized weights, and the gradients of their weights and scale parameters under a fixed random upstream."""
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    quantized = quantize(modules)
+    generator = torch.Generator().manual_seed(1)
+    loss = sum((q.value * torch.randn(q.value.shape, generator=generator)).sum() for q in quantized)
+    loss.backward()
+    return ([q.value.detach() for q in quantized], [m.weight.grad.clone() for m in modules],
+            [m.weight_quant.tensor_quant.scaling_impl.value.grad.clone() for m in modules])
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_values_and_gradients_are_bit_identical_to_brevitas_layer_by_layer(per_channel):
+    model = quantized_model(QuantOptions(per_channel_scales=per_channel))
+    with torch.no_grad():  # shrink some scales so the clamp at the integer range bites
+        for index, (_, module) in enumerate(quantized_modules(model)):
+            if index % 3 == 0:
+                module.weight_quant.tensor_quant.scaling_impl.value.mul_(0.4)
+    checked = 0
+    for members in groups(model):
+        assert all(flat_quantizable(m) for m in members)
+        flat = values_and_gradients(members, lambda ms: [w.quantized for w in quantize_flat(ms)])
+        layer_by_layer = values_and_gradients(members, lambda ms: [m.quant_weight() for m in ms])
+        for kind, ours, brevitas in zip(("value", "weight grad", "scale grad"), flat, layer_by_layer):
+            for layer, (a, b) in enumerate(zip(ours, brevitas, strict=True)):
+                assert torch.equal(a, b), f"{kind} of layer {layer} differs"
+        checked += len(members)
+    assert checked == len(quantized_modules(model))
+    # Both ends of the range were reached, so the clamp's mask was exercised.
+    codes = torch.cat([w.codes.flatten() for members in groups(model) for w in quantize_flat(members)])
+    assert codes.min() == -127 and codes.max() == 127  # the 8-bit layers
+    assert ((codes == 7) | (codes == -7)).sum() > 0
+
+
+def test_codes_and_values_follow_the_equation_on_known_weights():
+    """q = clamp(round(w / s), -7, 7) and value = q * s, with s = learned scale / 7 (narrow-range 4 bit)."""
+    model = quantized_model(QuantOptions())
+    module = next(m for _, m in quantized_modules(model) if m.weight.shape[1:] == (16, 3, 3))
+    with torch.no_grad():
+        module.weight_quant.tensor_quant.scaling_impl.value.fill_(0.7)  # s = 0.1 in every channel
+        module.weight.zero_()
+        module.weight[0, 0, 0, :] = torch.tensor([0.04, 0.26, -0.31])
+        module.weight[1, 0, 0, :] = torch.tensor([2.0, -5.0, 0.69])
+    (weights,) = quantize_flat([module])
+    assert weights.codes[0, 0, 0].tolist() == [0.0, 3.0, -3.0]
+    assert weights.codes[1, 0, 0].tolist() == [7.0, -7.0, 7.0]  # the first two clamp at the narrow range
+    torch.testing.assert_close(weights.quantized.value, weights.codes * 0.1)
+    # The clamped weights get no gradient; the others get the upstream gradient straight through.
+    weights.quantized.value[1, 0, 0].sum().backward()
+    assert module.weight.grad[1, 0, 0].tolist() == pytest.approx([0.0, 0.0, 1.0])
+
+
+def test_the_qat_step_quantizes_every_layer_in_one_pass_per_group_and_the_forward_reuses_it():
+    model = quantized_model(QuantOptions())
+    prepared = prepare_step_weights(model)
+    by_group = {}
+    for name, module in quantized_modules(model):
+        by_group.setdefault(group_key(module), []).append(prepared[name].quantized.value)
+        assert module._prepared[0] is prepared[name].quantized
+    for values in by_group.values():  # views of one flat tensor per group
+        assert len({v._base.data_ptr() for v in values}) == 1
+    assert len(by_group) == 2  # the 4-bit body and the 8-bit first and head-output convs
+
+
+def test_statistics_scales_are_quantized_by_brevitas_layer_by_layer():
+    model = quantized_model(QuantOptions(learned_scales=False))
+    assert not any(flat_quantizable(m) for _, m in quantized_modules(model))
+    prepared = prepare_step_weights(model)
+    for name, module in quantized_modules(model):
+        assert torch.equal(prepared[name].quantized.value, module.quant_weight().value)
+        assert torch.equal(prepared[name].codes, module.quant_weight().int())
