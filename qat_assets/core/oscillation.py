@@ -14,7 +14,7 @@ threshold 0.005). The default threshold of 3 x momentum needs several flips in q
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,26 +38,48 @@ class OscillationTracker:
         self._previous: dict[str, torch.Tensor] = {}  # last integer values
         self._direction: dict[str, torch.Tensor] = {}  # sign of the last non-zero change (0 before any)
         self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
+        # The layers last updated together, and the flat buffers their entries above are views of.
+        self._flat_names: tuple[str, ...] = ()
+        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def update(self, name: str, integer_weights: torch.Tensor) -> None:
         """Record one step of one layer. The first call for a layer only sets its reference values."""
-        current = integer_weights.detach().to(torch.int32)
-        previous = self._previous.get(name)
-        if previous is None:
-            self._previous[name] = current.clone()
-            self._direction[name] = torch.zeros_like(current, dtype=torch.int8)
-            self._frequency[name] = torch.zeros(current.shape, dtype=torch.float32, device=current.device)
-            return
-        if previous.device != current.device:  # state resumed from a CPU-mapped checkpoint
-            for table in (self._previous, self._direction, self._frequency):
-                table[name] = table[name].to(current.device)
-            previous = self._previous[name]
+        self.update_layers([(name, integer_weights)])
+
+    def update_layers(self, layers: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Record one step of several layers at once, with a few operations over all their weights.
+
+        The first call for a set of layers only sets their reference values. Each layer's state is a view of
+        one flat buffer per set, updated in place, so `frequencies`, `per_layer` and `state_dict` see it.
+        """
+        names = tuple(name for name, _ in layers)
+        current = torch.cat([codes.detach().reshape(-1) for _, codes in layers]).to(torch.int32)
+        if self._flat_names != names:
+            if not all(name in self._previous for name in names):
+                if any(name in self._previous for name in names):
+                    raise ValueError(f"oscillation state exists for some of {list(names)} but not all; "
+                                     "track a layer always alone or always with the same others")
+                self._bind_flat(layers, current.clone(), torch.zeros_like(current, dtype=torch.int8),
+                                torch.zeros(current.shape, dtype=torch.float32, device=current.device))
+                return
+            # Tracked before in another grouping, or resumed from a state dict (possibly CPU-mapped).
+            self._bind_flat(layers, *(torch.cat([table[name].reshape(-1) for name in names]).to(current.device)
+                                      for table in (self._previous, self._direction, self._frequency)))
+        previous, direction, frequency = self._flat
         change = torch.sign(current - previous).to(torch.int8)
-        direction = self._direction[name]
-        oscillated = (change != 0) & (direction != 0) & (change != direction)
-        self._frequency[name].mul_(1.0 - self.momentum).add_(oscillated.float(), alpha=self.momentum)
-        self._direction[name] = torch.where(change != 0, change, direction)
-        self._previous[name] = current.clone()
+        oscillated = (change * direction) < 0  # both non-zero and opposite: changes are -1, 0 or +1
+        frequency.mul_(1.0 - self.momentum).add_(oscillated.float(), alpha=self.momentum)
+        direction.copy_(torch.where(change != 0, change, direction))
+        previous.copy_(current)
+
+    def _bind_flat(self, layers: Sequence[tuple[str, torch.Tensor]], previous: torch.Tensor, direction: torch.Tensor,
+                   frequency: torch.Tensor) -> None:
+        self._flat_names = tuple(name for name, _ in layers)
+        self._flat = (previous, direction, frequency)
+        sizes = [codes.numel() for _, codes in layers]
+        for table, flat in zip((self._previous, self._direction, self._frequency), self._flat):
+            for (name, codes), part in zip(layers, flat.split(sizes)):
+                table[name] = part.view(codes.shape)
 
     def update_model(self, model: nn.Module) -> None:
         """Record one step of every quantized conv at `max_bit_width` bits or fewer (the others are skipped).
@@ -69,9 +91,8 @@ class OscillationTracker:
 
     def update_quantized(self, quantized: Mapping[str, StepWeights]) -> None:
         """Record one step from already fake-quantized weights and their integer codes, keyed by layer name."""
-        for name, weights in quantized.items():
-            if float(weights.quantized.bit_width) <= self.max_bit_width:
-                self.update(name, weights.codes)
+        self.update_layers([(name, weights.codes) for name, weights in quantized.items()
+                            if float(weights.quantized.bit_width) <= self.max_bit_width])
 
     def frequencies(self, name: str) -> torch.Tensor:
         return self._frequency[name]
@@ -99,6 +120,7 @@ class OscillationTracker:
         self.momentum = float(state["momentum"])
         self.threshold = float(state["threshold"])
         self._previous, self._direction, self._frequency = {}, {}, {}
+        self._flat_names, self._flat = (), None
         tables = {"previous": self._previous, "direction": self._direction, "frequency": self._frequency}
         for key, value in state.items():
             kind, _, name = key.partition("/")

@@ -79,6 +79,32 @@ def test_state_dict_resume_continues_exactly(tmp_path):
     assert torch.equal(resumed.frequencies("layer"), uninterrupted.frequencies("layer"))
 
 
+def test_layers_updated_together_match_layers_updated_one_by_one_and_resume_exactly(tmp_path):
+    """update_layers (one pass over all layers, the QAT step's path) against per-layer updates, across a resume."""
+    generator = torch.Generator().manual_seed(0)
+    steps = [{"a": torch.randint(-7, 8, (3, 2, 2), generator=generator),
+              "b": torch.randint(-7, 8, (5,), generator=generator)} for _ in range(12)]
+    one_by_one = OscillationTracker(momentum=0.2, threshold=0.3)
+    together = OscillationTracker(momentum=0.2, threshold=0.3)
+    for codes in steps[:6]:
+        for name, layer_codes in codes.items():
+            one_by_one.update(name, layer_codes)
+        together.update_layers(list(codes.items()))
+    torch.save(together.state_dict(), tmp_path / "tracker.pt")
+    resumed = OscillationTracker()
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
+    for codes in steps[6:]:
+        for name, layer_codes in codes.items():
+            one_by_one.update(name, layer_codes)
+        resumed.update_layers(list(codes.items()))
+    for name in ("a", "b"):
+        assert resumed.frequencies(name).shape == steps[0][name].shape
+        assert torch.equal(resumed.frequencies(name), one_by_one.frequencies(name))
+    assert resumed.per_layer() == one_by_one.per_layer() and resumed.oscillating_fraction() > 0
+    with pytest.raises(ValueError, match="some of"):
+        resumed.update_layers([("a", steps[0]["a"]), ("new", steps[0]["b"])])
+
+
 def test_update_model_tracks_only_4_bit_layers_and_sees_flipping_weights():
     torch.manual_seed(0)
     model = DetectionModel("yolov10n.yaml", nc=3, verbose=False)
