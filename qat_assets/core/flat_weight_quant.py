@@ -81,8 +81,14 @@ class _FlatIntFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weights, row_scales, row_lengths, rows, low, high):
-        scales = torch.repeat_interleave(row_scales, row_lengths, output_size=weights.numel())
+    def forward(ctx, weights, row_scales, rows, low, high):
+        # Each row's scale written over its weights in place (no index tensor, unlike repeat_interleave).
+        scales = torch.empty_like(weights)
+        start = 0
+        for scale, (count, length) in zip(row_scales.split([count for count, _ in rows]), rows):
+            end = start + count * length
+            scales[start:end].view(count, length).copy_(scale.view(count, 1).expand(count, length))
+            start = end
         ratios = weights / scales
         rounded = torch.round(ratios)
         codes = torch.clamp(rounded, low, high)
@@ -103,7 +109,7 @@ class _FlatIntFakeQuant(torch.autograd.Function):
             sums.append(from_rescale[start:end].view(count, length).sum(1)
                         + from_division[start:end].view(count, length).sum(1))
             start = end
-        return grad_ratio / scales, torch.cat(sums), None, None, None, None
+        return grad_ratio / scales, torch.cat(sums), None, None, None
 
 
 def quantize_flat(modules: Sequence[QuantConv2d]) -> list[StepWeights]:
@@ -119,12 +125,9 @@ def quantize_flat(modules: Sequence[QuantConv2d]) -> list[StepWeights]:
         stats_scaling.restrict_clamp_scaling(torch.cat([p.reshape(-1) for p in parameters])) / threshold
     )
     rows = [(p.numel(), m.weight.numel() // p.numel()) for p, m in zip(parameters, modules)]
-    row_lengths = torch.tensor([length for count, length in rows], device=row_scales.device).repeat_interleave(
-        torch.tensor([count for count, length in rows], device=row_scales.device)
-    )
     weights = torch.cat([m.weight.reshape(-1) for m in modules])
     low, high = float(first.int_quant.min_int(bit_width)), float(first.int_quant.max_int(bit_width))
-    values, codes = _FlatIntFakeQuant.apply(weights, row_scales, row_lengths, rows, low, high)
+    values, codes = _FlatIntFakeQuant.apply(weights, row_scales, rows, low, high)
     zero_point = first.zero_point_impl(weights, row_scales, bit_width)
     sizes = [m.weight.numel() for m in modules]
     return [
