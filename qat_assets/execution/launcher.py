@@ -79,7 +79,8 @@ class HeavyStepLauncher(ConfigurableResource):
         if not messages:
             raise Failure(description=f"the {step} worker exited without a result; see {log_file}")
         result = dict(messages[-1])
-        # Where the worker really ran: a warm server may refuse a request, which the client then runs cold.
+        # Where the worker really ran (a warm server may refuse a request, which the client then runs cold) and
+        # on how many torch threads.
         execution = {**execution, **result.pop("worker_origin", {})}
         if "error" in result:
             raise Failure(
