@@ -4,7 +4,7 @@ sets how many of the cores each CPU worker takes."""
 from dagster import DagsterEventType, execute_job, instance_for_test, reconstructable
 
 from qat_assets.execution import heavy_step_slots
-from qat_assets.ladder import INSTANCE_YAML, foundation_job
+from qat_assets.ladder import foundation_job
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
 
 HEAVY_STEPS = ("yolo10n__pretrained_checkpoint", "yolo10s__pretrained_checkpoint")
@@ -21,10 +21,6 @@ def step_intervals(instance, run_id):
         elif entry.dagster_event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
             ends[entry.step_key] = entry.timestamp
     return [(starts[s], ends[s]) for s in HEAVY_STEPS]
-
-
-def test_the_shipped_instance_config_limits_the_gpu_pool_to_one():
-    assert "default_limit: 1" in INSTANCE_YAML
 
 
 def test_two_heavy_steps_of_one_run_never_overlap(storage):
