@@ -25,14 +25,18 @@ from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
+from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
 from qat_assets.execution.warm_server import running_warm_server
 
 INSTANCE_YAML = """\
-# Written by qat-ladder. Heavy steps share the `gpu` pool: one at a time by default.
-# With N GPUs, raise default_limit to N and set QAT_GPU_IDS (README, "Several GPUs").
+# Written by qat-ladder. Heavy steps share the `gpu` pool: default_limit of them run at once, chosen for
+# this machine when this file was written: the number of GPUs in QAT_GPU_IDS; else 1 if CUDA sees a GPU
+# (the steps would share it); else, CPU only, 2 with 2 cores or more (two steps on one thread each get
+# more done than one on two), each worker taking cores // default_limit torch threads. Edit default_limit
+# to change it: qat-ladder never rewrites this file. With N GPUs: N, and QAT_GPU_IDS (README, "Several GPUs").
 concurrency:
   pools:
-    default_limit: 1
+    default_limit: {default_limit}
     # No op_granularity_run_buffer: a run launched before a slot is free would wait for it in a busy
     # loop (Dagster 1.13's pending-claim check never sleeps; measured 0.5-0.9 of a core per waiting run,
     # taken from the heavy step on a 2-core machine). Held in the run queue, it costs nothing.
@@ -58,12 +62,12 @@ def decision_job():
 
 
 def prepare_instance_home() -> Path:
-    """DAGSTER_HOME (default ./.dagster_home), with the pool limit configured on first use."""
+    """DAGSTER_HOME (default ./.dagster_home), with this machine's pool limit configured on first use."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").absolute())))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.is_file():
-        config.write_text(INSTANCE_YAML)
+        config.write_text(INSTANCE_YAML.format(default_limit=default_heavy_step_slots()))
     return home
 
 

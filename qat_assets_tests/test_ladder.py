@@ -8,7 +8,7 @@ from pathlib import Path
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from qat_assets.execution.warm_client import ping, socket_path
-from qat_assets.ladder import decision_job, only_the_gate_check_failed
+from qat_assets.ladder import decision_job, only_the_gate_check_failed, prepare_instance_home
 
 
 def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed_runs(storage, tmp_path, monkeypatch):
@@ -42,3 +42,17 @@ def test_a_gate_that_does_not_pass_is_a_result_not_a_failed_ladder(storage, inst
     result = execute_job(reconstructable(decision_job), instance=instance, raise_on_error=False)
     assert not result.success  # the blocking check failed the gate's step
     assert only_the_gate_check_failed(result)
+
+
+def test_the_first_ladder_writes_this_machines_pool_limit_and_never_rewrites_it(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("QAT_GPU_IDS", "0,1,2")
+    assert prepare_instance_home() == home
+    with DagsterInstance.get() as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 3
+
+    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 5\n")  # edited by hand
+    monkeypatch.delenv("QAT_GPU_IDS")
+    prepare_instance_home()
+    assert (home / "dagster.yaml").read_text() == "concurrency:\n  pools:\n    default_limit: 5\n"

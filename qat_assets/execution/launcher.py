@@ -26,10 +26,11 @@ from pydantic import BaseModel
 
 from qat_assets.core.settings import Settings
 from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
+from qat_assets.execution.heavy_step_slots import cpu_threads_per_step
 from qat_assets.execution.pipes_clients import launcher_kind
 from qat_assets.execution.ray_jobs import RayStep
 from qat_assets.execution.warm_client import ping, socket_path
-from qat_assets.execution.worker import WORKER_ENV
+from qat_assets.execution.worker import WORKER_ENV, WORKER_THREADS_ENV
 
 LOG_TAIL_LINES = 25
 
@@ -79,7 +80,8 @@ class HeavyStepLauncher(ConfigurableResource):
         if not messages:
             raise Failure(description=f"the {step} worker exited without a result; see {log_file}")
         result = dict(messages[-1])
-        # Where the worker really ran: a warm server may refuse a request, which the client then runs cold.
+        # Where the worker really ran (a warm server may refuse a request, which the client then runs cold) and
+        # on how many torch threads.
         execution = {**execution, **result.pop("worker_origin", {})}
         if "error" in result:
             raise Failure(
@@ -100,6 +102,10 @@ class HeavyStepLauncher(ConfigurableResource):
                 env["CUDA_VISIBLE_DEVICES"] = gpu_id
                 request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
                 context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
+            elif not settings.device.startswith("cuda"):
+                threads, why = self._cpu_share(context)
+                env[WORKER_THREADS_ENV] = str(threads)
+                context.log.info(f"{step}: worker gets {threads} of {os.cpu_count()} CPU cores: {why}")
             command, server = worker_command(settings.artifact_root(), step, log_file)
             how = f"asking the warm worker server at {server} to fork it" if server else "cold: no warm worker server runs"
             context.log.info(f"{step}: starting worker ({how}); its full log is {log_file}")
@@ -118,6 +124,16 @@ class HeavyStepLauncher(ConfigurableResource):
                     metadata={"worker_log": MetadataValue.path(str(log_file))},
                 ) from None
         return invocation, {"launcher": "local", "gpu": gpu_id}
+
+    @staticmethod
+    def _cpu_share(context: AssetExecutionContext) -> tuple[int, str]:
+        """torch threads for a CPU worker: its share of the cores among the heavy steps that the step's pool
+        lets run at once (heavy_step_slots.py); and that limit, in words for the step log."""
+        pool = context.op_def.pool
+        limit = context.instance.event_log_storage.get_concurrency_info(pool).limit if pool else None
+        if not limit:
+            return cpu_threads_per_step(None), f"pool {pool!r} has no limit, counted as one heavy step at a time"
+        return cpu_threads_per_step(limit), f"{limit} heavy steps may run at once (pool {pool!r})"
 
     def _run_on_ray(
         self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path

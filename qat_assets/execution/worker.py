@@ -31,10 +31,30 @@ WORKER_ENV = {
     "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
     "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
 }
+# The torch threads a local CPU worker may use, set by the launcher (its share of the cores, heavy_step_slots.py).
+WORKER_THREADS_ENV = "QAT_WORKER_THREADS"
 # Set by the warm server in the children it forks (its socket path): how a worker knows it ran warm. The
 # launcher cannot know beforehand, since a server may refuse a request and the client then runs it cold.
 FORKED_FROM_ENV = "WARM_WORKER_SERVER"
 EXPECTED_ERRORS = ("DatasetError", "CheckpointError", "ArtifactError", "ValidationError", "TrainingDiverged")
+
+
+def use_worker_threads() -> None:
+    """Run torch on QAT_WORKER_THREADS intra-op threads, when set; before any torch op.
+
+    Ultralytics' select_device() resets torch to its own count (cores - 1, at most 8) whenever a trainer or
+    validator starts on the CPU, so its count is set to the same number.
+    """
+    value = os.environ.get(WORKER_THREADS_ENV)
+    if value is None:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{WORKER_THREADS_ENV}={value!r} must be a whole number of threads, at least 1")
+    import torch
+    from ultralytics.utils import torch_utils
+
+    torch.set_num_threads(int(value))
+    torch_utils.NUM_THREADS = int(value)
 
 
 def step_runner(step: str) -> tuple[type, Callable[[Any, Callable[[str], None]], dict]]:
@@ -83,6 +103,7 @@ def unseen_inputs(request: Any) -> list[str]:
 
 def execute(step: str, payload: dict, log: Callable[[str], None]) -> dict:
     """Run the step; expected failures come back as {"error": message} instead of raising."""
+    use_worker_threads()
     request_model, run = step_runner(step)
     try:
         request = request_model.model_validate(payload)
@@ -146,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
         )
         result = execute(args.step, pipes.extras["request"], log)
-        origin = {"warm_server": os.environ.get(FORKED_FROM_ENV)}
+        import torch  # loaded by the step already
+
+        # What the step ran with, after Ultralytics had its say (use_worker_threads).
+        origin = {"warm_server": os.environ.get(FORKED_FROM_ENV), "cpu_threads": torch.get_num_threads()}
         pipes.report_custom_message(json.loads(json.dumps({**result, "worker_origin": origin}, default=str)))
     return 0
 

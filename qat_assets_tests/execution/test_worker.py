@@ -153,3 +153,27 @@ def test_inputs_this_machine_cannot_see_are_one_error_naming_the_shared_storage(
     assert result["error_type"] == "InputsNotVisible"
     assert "pretrained_checkpoint=/mnt/only-on-the-head/pretrained.pt" in result["error"]
     assert "QAT_STORAGE must be a path every node mounts" in result["error"]
+
+
+def test_qat_worker_threads_outlast_ultralytics_device_selection():
+    # Ultralytics' select_device resets torch to cores - 1 threads on the CPU; torch's own default is all
+    # cores. 3 is neither on this 2-core machine, so only the worker's setting can give it.
+    code = (
+        "from qat_assets.execution.worker import use_worker_threads; use_worker_threads(); "
+        "import torch; from ultralytics.utils.torch_utils import select_device; select_device('cpu'); "
+        "print(torch.get_num_threads())"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "QAT_WORKER_THREADS": "3"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split()[-1] == "3"
+
+
+def test_a_bad_thread_count_is_an_error_naming_it(monkeypatch):
+    from qat_assets.execution.worker import use_worker_threads
+
+    monkeypatch.setenv("QAT_WORKER_THREADS", "0")
+    with pytest.raises(ValueError, match="QAT_WORKER_THREADS='0' must be a whole number of threads, at least 1"):
+        use_worker_threads()

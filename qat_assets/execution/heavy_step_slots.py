@@ -1,0 +1,38 @@
+"""How many heavy steps this machine runs at once, and how many CPU threads each local CPU worker gets then.
+
+The `gpu` pool's limit is the number of heavy steps that run at once. On a machine without a GPU, two
+steps with one torch thread each get more done than one step with two: on this repository's 2-core CPU
+(`benchmarks/bench_qat.py --imgsz 64 --batch 8`) an FP training step takes 139 ms with 2 threads and 153 ms
+with 1, a QAT step 300 ms and 343 ms. The second thread buys 10-14 %; a second step nearly doubles the
+throughput (one step at a time, the ladder's heavy steps used 115 % of the 2 cores on average).
+"""
+
+from __future__ import annotations
+
+import os
+
+from qat_assets.execution.gpu_slots import parse_gpu_ids
+
+
+def default_heavy_step_slots() -> int:
+    """The `gpu` pool limit for this machine: one heavy step per GPU listed in QAT_GPU_IDS; 1 when CUDA
+    sees a GPU but QAT_GPU_IDS lists none (the steps would share it); without a GPU, 2 when the machine
+    has at least 2 cores (see the module docstring), else 1.
+
+    Imports torch to count CUDA devices: call it where torch may be loaded (qat-ladder does, once, when it
+    writes a new dagster.yaml), not while the code location loads.
+    """
+    gpu_ids = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", ""))
+    if gpu_ids:
+        return len(gpu_ids)
+    import torch
+
+    if torch.cuda.device_count() > 0:
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def cpu_threads_per_step(concurrent_steps: int | None) -> int:
+    """torch threads for a CPU worker when up to `concurrent_steps` heavy steps run at once: its share of
+    the cores, at least 1. An unknown (None) or zero limit counts as one step at a time."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrent_steps or 1))
