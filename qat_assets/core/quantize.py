@@ -136,6 +136,7 @@ class StepQuantConv2d(QuantConv2d):
     """
 
     _prepared: tuple[QuantTensor, tuple] | None = None
+    _parameter_holders: tuple[nn.Module, list[nn.Module]] | None = None
 
     def _weight_versions(self) -> tuple:
         # `_version` counts in-place changes; `.to()`/`.half()` swap the storage without bumping it, hence
@@ -144,7 +145,17 @@ class StepQuantConv2d(QuantConv2d):
         weight = self.weight
         return (self.training, torch.is_grad_enabled(), torch.is_autocast_enabled(weight.device.type),
                 weight._version, weight.data_ptr(), weight.device, weight.dtype,
-                *((p._version, p.data_ptr()) for p in self.weight_quant.parameters()))
+                *((p._version, p.data_ptr()) for p in self._quantizer_parameters()))
+
+    def _quantizer_parameters(self) -> list[torch.Tensor]:
+        # Walking the quantizer's ~25 submodules for their parameters cost ~0.1 ms per layer, twice per step:
+        # the modules that hold parameters are remembered, their parameters read afresh. A rebuilt quantizer
+        # (Brevitas' init_tensor_quant) is a new tensor_quant object and is walked again.
+        tensor_quant = self.weight_quant.tensor_quant
+        if self._parameter_holders is None or self._parameter_holders[0] is not tensor_quant:
+            holders = [module for module in self.weight_quant.modules() if module._parameters]
+            self._parameter_holders = (tensor_quant, holders)
+        return [p for module in self._parameter_holders[1] for p in module._parameters.values() if p is not None]
 
     def prepare_quant_weight(self, quantized: QuantTensor | None = None) -> QuantTensor:
         """Quantize the weights now (or take `quantized`, computed by `quantize_flat` with other layers'), for
@@ -173,9 +184,11 @@ class StepQuantConv2d(QuantConv2d):
         return self._conv_forward(x, self._take_quant_weight().value, self.bias)
 
     def __getstate__(self):
-        # A prepared result carries an autograd graph, which neither deep-copies nor pickles.
+        # A prepared result carries an autograd graph, which neither deep-copies nor pickles; the quantizer's
+        # parameter holders are found again in the copy.
         state = super().__getstate__()
         state.pop("_prepared", None)
+        state.pop("_parameter_holders", None)
         return state
 
 
