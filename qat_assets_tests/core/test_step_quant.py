@@ -139,7 +139,6 @@ def test_a_prepared_result_is_not_reused_after_a_quantizer_parameter_is_replaced
     """The quantizer's parameter holders are remembered between steps; their parameters are read afresh."""
     model = quantized_model(QuantOptions()).train()
     _, conv = next((n, m) for n, m in quantized_modules(model) if m.in_channels > 3)
-    conv.prepare_quant_weight()
     prepared = conv.prepare_quant_weight()
     scaling = conv.weight_quant.tensor_quant.scaling_impl
     scaling.value = torch.nn.Parameter(scaling.value.detach() * 2)  # e.g. a user swapping in their own scales
