@@ -14,6 +14,7 @@ from dagster import PipesClient, PipesClientCompletedInvocation, PipesSubprocess
 from dagster_ray import PipesRayJobClient, PipesRayJobMessageReader
 
 from qat_assets.core.settings import Settings
+from qat_assets.execution.pipes_messages import CompleteLineMessageReader
 
 
 class RayJobPipesClient(PipesRayJobClient):
@@ -33,7 +34,8 @@ def pipes_client_for(settings: Settings) -> PipesClient:
     if settings.launcher == "ray":
         # forward_termination: a terminated Dagster step stops its Ray job, so no GPU is held by an orphan.
         return RayJobPipesClient(address=settings.ray_address, forward_termination=True, poll_interval=1.0)
-    return PipesSubprocessClient()
+    # Dagster's own file reader can parse half a message (pipes_messages.py).
+    return PipesSubprocessClient(message_reader=CompleteLineMessageReader())
 
 
 def launcher_kind(client: PipesClient) -> str:
