@@ -72,11 +72,13 @@ def prepare_instance_home() -> Path:
 
 
 class HeavyTime:
-    """Seconds the heavy workers reported (training and evaluation, not orchestration), and how many of
-    those workers were forked from the warm worker server rather than started cold."""
+    """When the heavy workers ran (training and evaluation, not orchestration), from the seconds each reported
+    and the time its materialization was logged; and how many were forked from the warm worker server
+    rather than started cold. Several run at once when the pool allows, so their seconds add up to more
+    than the time they covered."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.intervals: list[tuple[float, float]] = []
         self.warm = self.cold = 0
 
     def add_run(self, instance: DagsterInstance, run_id: str) -> None:
@@ -84,11 +86,35 @@ class HeavyTime:
             materialization = record.event_log_entry.asset_materialization
             if materialization is None or "wall_time_s" not in materialization.metadata:
                 continue
-            self.seconds += float(materialization.metadata["wall_time_s"].value)
+            end = record.event_log_entry.timestamp
+            self.intervals.append((end - float(materialization.metadata["wall_time_s"].value), end))
             if materialization.metadata["execution"].value.get("warm_server"):
                 self.warm += 1
             else:
                 self.cold += 1
+
+    @property
+    def worker_seconds(self) -> float:
+        return sum(end - start for start, end in self.intervals)
+
+    @property
+    def covered_seconds(self) -> float:
+        """How long at least one heavy worker was running: the length of the union of their intervals."""
+        covered, reached = 0.0, float("-inf")
+        for start, end in sorted(self.intervals):
+            if end > reached:
+                covered += end - max(start, reached)
+                reached = end
+        return covered
+
+    def summary(self, wall_seconds: float) -> str:
+        covered = self.covered_seconds
+        idle = wall_seconds - covered
+        at_once = f", {self.worker_seconds / covered:.1f} at once on average while any ran" if covered else ""
+        return (f"wall time {wall_seconds / 60:.1f} min: heavy workers ran {self.worker_seconds / 60:.1f} worker-min"
+                f"{at_once}; no heavy worker ran for {idle / 60:.1f} min ({idle / wall_seconds:.0%}), the Dagster "
+                f"and process overhead; {self.warm} heavy steps forked from the warm worker server, "
+                f"{self.cold} started cold")
 
 
 def only_the_gate_check_failed(result) -> bool:
@@ -217,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.time() - started
     print_outcome(settings.artifact_root())
-    overhead = total - heavy.seconds
-    print(f"\nwall time {total / 60:.1f} min, of which heavy workers {heavy.seconds / 60:.1f} min "
-          f"and Dagster/process overhead {overhead / 60:.1f} min ({overhead / total:.0%}); "
-          f"{heavy.warm} heavy steps forked from the warm worker server, {heavy.cold} started cold")
+    print("\n" + heavy.summary(total))
     print_evidence(settings.artifact_root())
     if failures:
         print("runs that failed (see `dagster dev -w workspace.yaml`):\n  " + "\n  ".join(failures))

@@ -8,7 +8,7 @@ from pathlib import Path
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from qat_assets.execution.warm_client import ping, socket_path
-from qat_assets.ladder import decision_job, only_the_gate_check_failed, prepare_instance_home
+from qat_assets.ladder import HeavyTime, decision_job, only_the_gate_check_failed, prepare_instance_home
 
 
 def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed_runs(storage, tmp_path, monkeypatch):
@@ -56,3 +56,13 @@ def test_the_first_ladder_writes_this_machines_pool_limit_and_never_rewrites_it(
     monkeypatch.delenv("QAT_GPU_IDS")
     prepare_instance_home()
     assert (home / "dagster.yaml").read_text() == "concurrency:\n  pools:\n    default_limit: 5\n"
+
+
+def test_overhead_is_the_time_no_heavy_worker_ran_when_several_run_at_once():
+    heavy = HeavyTime()
+    heavy.intervals = [(100.0, 160.0), (130.0, 190.0), (250.0, 280.0)]  # two overlap, then a gap, then one
+    assert heavy.worker_seconds == 150.0
+    assert heavy.covered_seconds == 120.0
+    summary = heavy.summary(wall_seconds=240.0)
+    assert "heavy workers ran 2.5 worker-min, 1.2 at once on average while any ran" in summary
+    assert "no heavy worker ran for 2.0 min (50%)" in summary
