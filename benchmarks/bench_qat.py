@@ -6,7 +6,7 @@ runs it; QC's batch differs from QAT's, so QC is compared per image. All trainin
 interleaved in one loop (then the two evaluations in another) and medians are reported, which keeps the
 ratios meaningful on a machine shared with other jobs. Each ratio is printed with its two absolute times.
 
-    YOLO_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/bench_qat.py --imgsz 128 --batch 32 --qc-batch 8
+    YOLO_OFFLINE=1 .venv/bin/python benchmarks/bench_qat.py --imgsz 64 --batch 8 --qc-batch 8 --steps 15
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--qc-batch", type=int, default=8, help="QC batch (the embedded profile's)")
     parser.add_argument("--steps", type=int, default=7, help="timed repeats per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the ladder's CPU workers run two at a time on one thread each (2 cores)")
     parser.add_argument("--statistics-scales", action="store_true", help="max-abs scales instead of learned ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
