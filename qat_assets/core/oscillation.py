@@ -38,9 +38,8 @@ class OscillationTracker:
         self._previous: dict[str, torch.Tensor] = {}  # last integer values (int16, int32 above 8 bits)
         self._direction: dict[str, torch.Tensor] = {}  # sign of the last non-zero change (0 before any)
         self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
-        # The layers last updated together, and the flat buffers their entries above are views of.
-        self._flat_names: tuple[str, ...] = ()
-        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Per set of layers updated together: the flat buffers their entries above are views of.
+        self._flat: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def update(self, name: str, integer_weights: torch.Tensor) -> None:
         """Record one step of one layer. The first call for a layer only sets its reference values."""
@@ -52,12 +51,14 @@ class OscillationTracker:
         The first call for a set of layers only sets their reference values. Each layer's state is a view of
         one flat buffer per set, updated in place, so `frequencies`, `per_layer` and `state_dict` see it.
         """
+        if not layers:  # nothing at or below max_bit_width (e.g. an 8-bit run)
+            return
         names = tuple(name for name, _ in layers)
         # Narrow integers: most of the cost here is memory traffic. Codes of up to 8 bits, and their
         # differences, fit int16.
         dtype = torch.int16 if self.max_bit_width <= 8 else torch.int32
         current = torch.cat([codes.detach().reshape(-1) for _, codes in layers]).to(dtype)
-        if self._flat_names != names:
+        if names not in self._flat:
             if not all(name in self._previous for name in names):
                 if any(name in self._previous for name in names):
                     raise ValueError(f"oscillation state exists for some of {list(names)} but not all; "
@@ -71,7 +72,7 @@ class OscillationTracker:
                 for table, table_dtype in ((self._previous, dtype), (self._direction, torch.int8),
                                            (self._frequency, torch.float32))
             ))
-        previous, direction, frequency = self._flat
+        previous, direction, frequency = self._flat[names]
         # int8 arithmetic instead of comparisons and torch.where, which are several times slower on the CPU.
         change = torch.sign(current - previous).to(torch.int8)  # -1, 0 or +1
         oscillated = (change * direction).neg_().clamp_min_(0)  # 1 where both are non-zero and opposite
@@ -81,10 +82,13 @@ class OscillationTracker:
 
     def _bind_flat(self, layers: Sequence[tuple[str, torch.Tensor]], previous: torch.Tensor, direction: torch.Tensor,
                    frequency: torch.Tensor) -> None:
-        self._flat_names = tuple(name for name, _ in layers)
-        self._flat = (previous, direction, frequency)
+        names = tuple(name for name, _ in layers)
+        # A layer's state lives in one set's buffers only: sets sharing a layer with this one are dropped.
+        for other in [other for other in self._flat if set(other) & set(names)]:
+            del self._flat[other]
+        self._flat[names] = (previous, direction, frequency)
         sizes = [codes.numel() for _, codes in layers]
-        for table, flat in zip((self._previous, self._direction, self._frequency), self._flat):
+        for table, flat in zip((self._previous, self._direction, self._frequency), self._flat[names]):
             for (name, codes), part in zip(layers, flat.split(sizes)):
                 table[name] = part.view(codes.shape)
 
@@ -127,7 +131,7 @@ class OscillationTracker:
         self.momentum = float(state["momentum"])
         self.threshold = float(state["threshold"])
         self._previous, self._direction, self._frequency = {}, {}, {}
-        self._flat_names, self._flat = (), None
+        self._flat = {}
         tables = {"previous": self._previous, "direction": self._direction, "frequency": self._frequency}
         for key, value in state.items():
             kind, _, name = key.partition("/")

@@ -131,3 +131,13 @@ def test_settings_refuse_a_threshold_below_twice_the_momentum():
     assert load_settings({"profile": "smoke"}, environ={}).oscillation_threshold == 0.03
     with pytest.raises(SettingsError, match="at least 2x oscillation_momentum"):
         load_settings({"profile": "smoke", "oscillation_threshold": 0.005}, environ={})
+
+
+def test_a_run_with_no_layer_at_or_below_the_tracked_bit_width_tracks_nothing():
+    torch.manual_seed(0)
+    model = DetectionModel("yolov10n.yaml", nc=3, verbose=False)
+    quantize_w4a16(model, QuantOptions(weight_bit_width=8))
+    tracker = OscillationTracker()  # tracks 4 bits or fewer
+    tracker.update_model(model)
+    tracker.update_model(model)
+    assert tracker.per_layer() == {} and tracker.oscillating_fraction() == 0.0
