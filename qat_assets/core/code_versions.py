@@ -1,5 +1,5 @@
 """Code versions of the heavy steps: a sha256 over the source of the step's module and every core
-module it imports, followed transitively through `from .x import` lines.
+module it imports, followed transitively through `from .x import` and `from qat_assets.core.x import` lines.
 
 Derived rather than hand-bumped, so a change to QAT, QC or the trainer can never be forgotten: the
 Dagster UI then marks the step's materializations stale. The files are read, not imported, so this
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 CORE_DIR = Path(__file__).parent
-_RELATIVE_IMPORT = re.compile(r"^\s*from \.(\w+) import", re.MULTILINE)
+_CORE_IMPORT = re.compile(r"^\s*from (?:\.|qat_assets\.core\.)(\w+) import", re.MULTILINE)
 
 
 def core_modules_used_by(module: str) -> list[str]:
@@ -25,7 +25,7 @@ def core_modules_used_by(module: str) -> list[str]:
         if name in seen:
             continue
         seen.add(name)
-        pending.extend(_RELATIVE_IMPORT.findall((CORE_DIR / f"{name}.py").read_text(encoding="utf-8")))
+        pending.extend(_CORE_IMPORT.findall((CORE_DIR / f"{name}.py").read_text(encoding="utf-8")))
     return sorted(seen)
 
 
