@@ -15,9 +15,9 @@ straight-through, the clamp masks, the scale collects the gradients of its divis
 multiplication, each summed over its channel like broadcasting's reduction). Values and gradients are
 bit-identical to `module.quant_weight()` (qat_assets_tests/core/test_flat_weight_quant.py).
 
-Only the configuration this project builds is taken (`flat_quantizable`): round-to-nearest integers,
-zero zero-point, learned scales (Brevitas' ParameterFromStats scaling, once initialised). Anything else is
-quantized by Brevitas layer by layer.
+Only the configuration this project builds is taken (`flat_quantizable`): round-to-nearest integers, a
+constant bit width, zero zero-point, learned float scales per conv or per output channel (Brevitas'
+ParameterFromStats scaling, once initialised). Anything else is quantized by Brevitas layer by layer.
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+from brevitas.core.bit_width import BitWidthConst
 from brevitas.core.function_wrapper import Identity, RoundSte, TensorClamp
 from brevitas.core.quant import RescalingIntQuant
 from brevitas.core.quant.delay import _NoDelay  # Brevitas' "no delay" marker; the delayed-quantization variant is not replayed
-from brevitas.core.scaling import ParameterFromStatsFromParameterScaling
+from brevitas.core.restrict_val import FloatRestrictValue
+from brevitas.core.scaling import IntScaling, ParameterFromStatsFromParameterScaling
 from brevitas.core.zero_point import ZeroZeroPoint
 from brevitas.nn import QuantConv2d
 from brevitas.quant_tensor import IntQuantTensor, QuantTensor
+from torch.autograd.function import once_differentiable
 
 
 class StepWeights(NamedTuple):
@@ -48,26 +51,37 @@ def flat_quantizable(module: QuantConv2d) -> bool:
     if not (proxy.is_quant_enabled and not proxy.export_mode and isinstance(tensor_quant, RescalingIntQuant)):
         return False
     int_quant, scaling = tensor_quant.int_quant, tensor_quant.scaling_impl
+    if not isinstance(scaling, ParameterFromStatsFromParameterScaling):
+        return False
+    scale, weight = scaling.value, module.weight
     return (
         type(int_quant.float_to_int_impl) is RoundSte
         and type(int_quant.tensor_clamp_impl) is TensorClamp
         and type(int_quant.input_view_impl) is Identity
         and type(int_quant.delay_wrapper.delay_impl) is _NoDelay
         and type(tensor_quant.zero_point_impl) is ZeroZeroPoint
-        and isinstance(scaling, ParameterFromStatsFromParameterScaling)
+        # A constant bit width (a learned one would need the clamp's gradient to it) and float scales.
+        and type(tensor_quant.msb_clamp_bit_width_impl) is BitWidthConst
+        and type(tensor_quant.int_scaling_impl) is IntScaling
+        and type(scaling.stats_scaling_impl.restrict_clamp_scaling.restrict_value_impl) is FloatRestrictValue
         and scaling.init_done
         and not scaling.local_loss_mode
         and not tensor_quant.observer_only
+        # One scale per conv, or one per output channel laid out along dim 0.
+        and (scale.numel() == 1 or tuple(scale.shape) == (weight.shape[0],) + (1,) * (weight.dim() - 1))
+        and scale.dtype == weight.dtype
     )
 
 
 def group_key(module: QuantConv2d) -> tuple:
-    """Layers that can be quantized in one pass: same bit width, signedness, range, scale floor, device, dtype."""
+    """Layers that can be quantized in one pass: the same quantizer modules (types, bit width, signedness, range,
+    scale floor), on the same device and dtype. `quantize_flat` applies the first layer's scale chain to all."""
     tensor_quant = module.weight_quant.tensor_quant
     clamp = tensor_quant.scaling_impl.stats_scaling_impl.restrict_clamp_scaling.clamp_ste
     return (
+        tuple(type(submodule) for submodule in tensor_quant.modules()),
         float(tensor_quant.msb_clamp_bit_width_impl()), tensor_quant.int_quant.signed,
-        tensor_quant.int_quant.narrow_range, getattr(clamp, "min_val", None), type(clamp),
+        tensor_quant.int_quant.narrow_range, getattr(clamp, "min_val", None),
         module.weight.device, module.weight.dtype,
     )
 
@@ -98,6 +112,7 @@ class _FlatIntFakeQuant(torch.autograd.Function):
         return codes * scales, codes
 
     @staticmethod
+    @once_differentiable  # a double backward through this would silently miss terms
     def backward(ctx, grad_out, _grad_codes):
         scales, ratios, codes, inside = ctx.saved_tensors
         grad_ratio = torch.where(inside, grad_out * scales, 0.0)

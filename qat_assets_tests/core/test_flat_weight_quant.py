@@ -96,3 +96,20 @@ def test_statistics_scales_are_quantized_by_brevitas_layer_by_layer():
     for name, module in quantized_modules(model):
         assert torch.equal(prepared[name].quantized.value, module.quant_weight().value)
         assert torch.equal(prepared[name].codes, module.quant_weight().int())
+
+
+def test_quantizers_the_replay_does_not_cover_are_left_to_brevitas():
+    from brevitas.inject.enum import BitWidthImplType, RestrictValueType
+    from brevitas.nn import QuantConv2d
+
+    from qat_assets.core.quantize import weight_quantizer
+
+    base = weight_quantizer(4, learned_scales=True)
+    for quantizer in (base.let(bit_width_impl_type=BitWidthImplType.PARAMETER),
+                      base.let(restrict_scaling_type=RestrictValueType.POWER_OF_TWO)):
+        conv = QuantConv2d(8, 8, 3, weight_quant=quantizer)
+        conv.quant_weight()  # initialises the learned scale
+        assert not flat_quantizable(conv)
+    plain = QuantConv2d(8, 8, 3, weight_quant=base)
+    plain.quant_weight()
+    assert flat_quantizable(plain)
