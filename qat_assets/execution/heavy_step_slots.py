@@ -14,6 +14,11 @@ import os
 from qat_assets.execution.gpu_slots import parse_gpu_ids
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or taskset's share), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_heavy_step_slots() -> int:
     """The `gpu` pool limit for this machine: one heavy step per GPU listed in QAT_GPU_IDS; 1 when CUDA
     sees a GPU but QAT_GPU_IDS lists none (the steps would share it); without a GPU, 2 when the machine
@@ -29,10 +34,10 @@ def default_heavy_step_slots() -> int:
 
     if torch.cuda.device_count() > 0:
         return 1
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    return 2 if available_cores() >= 2 else 1
 
 
 def cpu_threads_per_step(concurrent_steps: int | None) -> int:
     """torch threads for a CPU worker when up to `concurrent_steps` heavy steps run at once: its share of
     the cores, at least 1. An unknown (None) or zero limit counts as one step at a time."""
-    return max(1, (os.cpu_count() or 1) // max(1, concurrent_steps or 1))
+    return max(1, available_cores() // max(1, concurrent_steps or 1))

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from qat_assets.core.settings import Settings
 from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
-from qat_assets.execution.heavy_step_slots import cpu_threads_per_step
+from qat_assets.execution.heavy_step_slots import available_cores, cpu_threads_per_step
 from qat_assets.execution.pipes_clients import launcher_kind
 from qat_assets.execution.ray_jobs import RayStep
 from qat_assets.execution.warm_client import ping, socket_path
@@ -105,7 +105,7 @@ class HeavyStepLauncher(ConfigurableResource):
             elif not settings.device.startswith("cuda"):
                 threads, why = self._cpu_share(context)
                 env[WORKER_THREADS_ENV] = str(threads)
-                context.log.info(f"{step}: worker gets {threads} of {os.cpu_count()} CPU cores: {why}")
+                context.log.info(f"{step}: worker gets {threads} of {available_cores()} CPU cores: {why}")
             command, server = worker_command(settings.artifact_root(), step, log_file)
             how = f"asking the warm worker server at {server} to fork it" if server else "cold: no warm worker server runs"
             context.log.info(f"{step}: starting worker ({how}); its full log is {log_file}")
@@ -130,7 +130,8 @@ class HeavyStepLauncher(ConfigurableResource):
         """torch threads for a CPU worker: its share of the cores among the heavy steps that the step's pool
         lets run at once (heavy_step_slots.py); and that limit, in words for the step log."""
         pool = context.op_def.pool
-        limit = context.instance.event_log_storage.get_concurrency_info(pool).limit if pool else None
+        storage = context.instance.event_log_storage
+        limit = storage.get_concurrency_info(pool).limit if pool and storage.supports_global_concurrency_limits else None
         if not limit:
             return cpu_threads_per_step(None), f"pool {pool!r} has no limit, counted as one heavy step at a time"
         return cpu_threads_per_step(limit), f"{limit} heavy steps may run at once (pool {pool!r})"

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from qat_assets.execution.heavy_step_slots import cpu_threads_per_step, default_heavy_step_slots
+from qat_assets.execution.heavy_step_slots import available_cores, cpu_threads_per_step, default_heavy_step_slots
 
 
 @pytest.fixture
@@ -12,7 +12,7 @@ def machine(monkeypatch):
     monkeypatch.delenv("QAT_GPU_IDS", raising=False)
 
     def make(cores: int, cuda_devices: int = 0) -> None:
-        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
         monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
 
     return make
@@ -43,8 +43,14 @@ def test_bad_gpu_ids_are_an_error_naming_them(monkeypatch):
 
 
 def test_a_cpu_worker_gets_its_share_of_the_cores_and_at_least_one(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     assert cpu_threads_per_step(2) == 3
     assert cpu_threads_per_step(4) == 1
     assert cpu_threads_per_step(8) == 1
     assert cpu_threads_per_step(None) == cpu_threads_per_step(0) == 6  # no limit: one step at a time
+
+
+def test_cores_are_the_ones_this_process_may_use_not_the_hosts(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # e.g. a 2-CPU container on a 64-core host
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7})
+    assert available_cores() == 2 and cpu_threads_per_step(2) == 1

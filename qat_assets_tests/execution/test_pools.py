@@ -35,7 +35,7 @@ def test_two_heavy_steps_of_one_run_never_overlap(storage):
 def test_a_cpu_worker_gets_its_share_of_the_cores_among_the_steps_the_pool_lets_run(storage, instance, monkeypatch):
     # Six cores, two steps at once: 3 threads, which neither torch (all 2 cores here) nor Ultralytics
     # (cores - 1) would pick by themselves.
-    monkeypatch.setattr(heavy_step_slots.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(heavy_step_slots.os, "sched_getaffinity", lambda pid: set(range(6)))
     instance.event_log_storage.set_concurrency_slots("gpu", 2)
     result = run_assets(instance, ["coco_subset", "yolo10n/pretrained_checkpoint"])
     assert result.success, step_failure_messages(result)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from qat_assets.core.artifacts import load_checkpoint, sha256_file
+from qat_assets.execution.heavy_step_slots import available_cores
 from qat_assets.execution.worker import WORKER_ENV
 from qat_assets.execution.warm_client import ping
 from qat_assets.execution.warm_server import running_warm_server
@@ -84,7 +85,7 @@ def test_a_partition_runs_through_the_warm_server_and_a_killed_warm_worker_fails
         qat = latest_metadata(instance, "yolo10n/qat_checkpoint", "ema|0")
         assert qat["execution"]["warm_server"] == str(server)
         # The forked child ran on the threads the launcher gave it: the instance sets no pool limit, so all cores.
-        assert qat["execution"]["cpu_threads"] == os.cpu_count()
+        assert qat["execution"]["cpu_threads"] == available_cores()
         assert qat["status"] == "2/2 epochs" and qat["sha256"] == sha256_file(Path(qat["checkpoint"]))
         messages = [r.event_log_entry.user_message for r in instance.get_records_for_run(result.run_id).records]
         assert any("qat: starting worker (asking the warm worker server at" in m for m in messages)
