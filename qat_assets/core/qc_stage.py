@@ -63,7 +63,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     bn = run_bn_reestimation(model, before, request, device, evaluate, lambda m: log(f"{label}: {m}"))
     config = QCConfig(
         batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
-        workers=0, optimizer=settings.qc_optimizer,
+        workers=0, optimizer=settings.qc_optimizer, seed=request.seed,
     )
     model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"))
     after = evaluate(model)

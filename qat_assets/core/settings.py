@@ -262,7 +262,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 2 % for the 10 the plateau check reads; no mosaic, whose 2x canvas would halve 64 px objects.
     # No data-loader processes: 64 px images cached in RAM cost little to load, and with two heavy steps at
     # once on 2 cores their loaders competed with training (ladder 18.6 min against 19.2; FP and QAT
-    # identical, QC within 0.004).
+    # bit-identical).
     "embedded": dict(
         train_images=256, val_images=64, calibration_images=64,
         synthetic_train_images=256, synthetic_val_images=64, synthetic_image_size=64,

@@ -234,3 +234,13 @@ def test_folding_into_a_conv_scale_keeps_codes_that_sit_on_a_rounding_boundary()
         fold_corrections(model, {"0": (gamma, beta)})
         assert torch.equal(conv.quant_weight().int(), codes)
         assert torch.allclose(conv.quant_weight().scale.flatten(), (scale.flatten() * gamma))
+
+
+def test_qc_gives_the_same_result_whatever_the_process_torch_seed(model, calibration_yaml):
+    """Ultralytics seeds the calibration loader's shuffle from torch's seed; QC sets it from its own."""
+    reports = []
+    for process_seed in (123, 456):
+        torch.manual_seed(process_seed)
+        reports.append(run_qc(copy.deepcopy(model), calibration_yaml, config(epochs=2, seed=7))[1])
+    assert reports[0]["loss_before"] == reports[1]["loss_before"]
+    assert reports[0]["loss_after"] == reports[1]["loss_after"]
