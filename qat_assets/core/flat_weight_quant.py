@@ -41,7 +41,9 @@ class StepWeights(NamedTuple):
     """One layer's fake-quantized weights for this optimizer step, and their integer values."""
 
     quantized: QuantTensor  # what `module.quant_weight()` returns, autograd graph included
-    codes: torch.Tensor  # round(value / scale + zero point), detached; any dtype that holds integers exactly
+    # round(value / scale + zero point), detached; any dtype that holds integers exactly. From `quantize_flat`,
+    # a view of its workspace: read it before the next `quantize_flat` of the same layers.
+    codes: torch.Tensor
 
 
 def flat_quantizable(module: QuantConv2d) -> bool:
@@ -86,49 +88,96 @@ def group_key(module: QuantConv2d) -> tuple:
     )
 
 
+class FlatQuantWorkspace:
+    """The buffers one group's `quantize_flat` writes its intermediates into, kept from one step to the next.
+
+    Why: on the CPU every new tensor of a group's size (10.6 MB for yolov10n's 4-bit convs) is fresh memory
+    from the OS, and writing it page-faults. An elementwise op into a new tensor took about twice as long as
+    the same op into an existing one, and a dozen such ops per step were most of QAT's cost over FP
+    (benchmarks/bench_qat.py). Reuse is safe under autograd's version counters: a backward through a step
+    whose saved buffers a later `quantize_flat` overwrote fails with PyTorch's "modified by an inplace
+    operation" error instead of using the new values. The integer codes handed out (`StepWeights.codes`) are
+    views of `codes`: valid until the next `quantize_flat` with this workspace.
+    """
+
+    def __init__(self) -> None:
+        self.scratch = self.scales = self.ratios = self.codes = self.outside = None
+
+    def fit(self, like: torch.Tensor, numel: int) -> None:
+        """(Re)allocate the buffers for `numel` elements of `like`'s device and dtype, unless they fit already."""
+        current = self.scratch
+        if current is None or current.numel() != numel or current.device != like.device or current.dtype != like.dtype:
+            self.scratch, self.scales, self.ratios, self.codes = (
+                torch.empty(numel, device=like.device, dtype=like.dtype) for _ in range(4)
+            )
+            self.outside = torch.empty(numel, device=like.device, dtype=torch.bool)
+
+
 class _FlatIntFakeQuant(torch.autograd.Function):
-    """q = clamp(round(w / s), lo, hi); out = q * s, on flat weights with one scale per row of `rows`.
+    """q = clamp(round(w / s), lo, hi); out = q * s, over the concatenated weights `*weights`, one scale per row
+    of `rows`. The integer codes q are left in `workspace.codes`.
 
     The backward computes what autograd computes through Brevitas' ops, in the same order: the clamp and
     straight-through round pass G = mask * (g * s) to w / s, so dw = G / s; the scale gets g * q from the
-    rescale and -G * ((w / s) / s) from the division, each summed over its row, then added.
+    rescale and -G * ((w / s) / s) from the division, each summed over its row, then added (here as a
+    difference of sums, which is exact: negation commutes with rounding).
+    Only the output and the weights' gradient are new tensors; every intermediate is a workspace buffer.
     """
 
     @staticmethod
-    def forward(ctx, weights, row_scales, rows, low, high):
+    def forward(ctx, row_scales, rows, low, high, workspace, *weights):
+        workspace.fit(weights[0], sum(count * length for count, length in rows))
+        scratch, scales, ratios, codes, outside = (
+            workspace.scratch, workspace.scales, workspace.ratios, workspace.codes, workspace.outside
+        )
+        torch.cat([weight.reshape(-1) for weight in weights], out=scratch)
         # Each row's scale written over its weights in place (no index tensor, unlike repeat_interleave).
-        scales = torch.empty_like(weights)
         start = 0
         for scale, (count, length) in zip(row_scales.split([count for count, _ in rows]), rows):
             end = start + count * length
             scales[start:end].view(count, length).copy_(scale.view(count, 1).expand(count, length))
             start = end
-        ratios = weights / scales
-        rounded = torch.round(ratios)
-        codes = torch.clamp(rounded, low, high)
-        ctx.save_for_backward(scales, ratios, codes, codes == rounded)
-        ctx.rows = rows
-        ctx.mark_non_differentiable(codes)
-        return codes * scales, codes
+        torch.div(scratch, scales, out=ratios)
+        torch.round(ratios, out=scratch)  # the weights are no longer needed: scratch holds round(w / s)
+        torch.clamp(scratch, low, high, out=codes)
+        torch.ne(codes, scratch, out=outside)  # where the clamp changed the rounded value
+        ctx.save_for_backward(scales, ratios, codes, outside)
+        ctx.rows, ctx.workspace, ctx.sizes = rows, workspace, [weight.numel() for weight in weights]
+        ctx.shapes = [weight.shape for weight in weights]
+        return codes * scales
 
     @staticmethod
     @once_differentiable  # a double backward through this would silently miss terms
-    def backward(ctx, grad_out, _grad_codes):
-        scales, ratios, codes, inside = ctx.saved_tensors
-        grad_ratio = torch.where(inside, grad_out * scales, 0.0)
-        from_rescale = grad_out * codes
-        from_division = -grad_ratio * (ratios / scales)
-        sums, start = [], 0
-        for count, length in ctx.rows:
-            end = start + count * length
-            sums.append(from_rescale[start:end].view(count, length).sum(1)
-                        + from_division[start:end].view(count, length).sum(1))
-            start = end
-        return grad_ratio / scales, torch.cat(sums), None, None, None
+    def backward(ctx, grad_out):
+        scales, ratios, codes, outside = ctx.saved_tensors
+        scratch = ctx.workspace.scratch
+        grad_ratio = (grad_out * scales).masked_fill_(outside, 0.0)
+        from_rescale = torch.mul(grad_out, codes, out=scratch)
+        rescale_sums = _row_sums(from_rescale, ctx.rows)
+        division_terms = torch.div(ratios, scales, out=scratch).mul_(grad_ratio)
+        division_sums = _row_sums(division_terms, ctx.rows)
+        grad_weights = grad_ratio.div_(scales)
+        return (
+            torch.cat(rescale_sums) - torch.cat(division_sums), None, None, None, None,
+            *(part.view(shape) for part, shape in zip(grad_weights.split(ctx.sizes), ctx.shapes)),
+        )
 
 
-def quantize_flat(modules: Sequence[QuantConv2d]) -> list[StepWeights]:
-    """The fake-quantized weights of `modules` (one `group_key`, all `flat_quantizable`), in one pass."""
+def _row_sums(values: torch.Tensor, rows: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    sums, start = [], 0
+    for count, length in rows:
+        end = start + count * length
+        sums.append(values[start:end].view(count, length).sum(1))
+        start = end
+    return sums
+
+
+def quantize_flat(modules: Sequence[QuantConv2d], workspace: FlatQuantWorkspace | None = None) -> list[StepWeights]:
+    """The fake-quantized weights of `modules` (one `group_key`, all `flat_quantizable`), in one pass.
+
+    With a `workspace` kept from the last call for the same group, the intermediates reuse its buffers.
+    """
+    workspace = FlatQuantWorkspace() if workspace is None else workspace
     first = modules[0].weight_quant.tensor_quant
     bit_width = first.msb_clamp_bit_width_impl()
     scaling = first.scaling_impl
@@ -140,10 +189,9 @@ def quantize_flat(modules: Sequence[QuantConv2d]) -> list[StepWeights]:
         stats_scaling.restrict_clamp_scaling(torch.cat([p.reshape(-1) for p in parameters])) / threshold
     )
     rows = [(p.numel(), m.weight.numel() // p.numel()) for p, m in zip(parameters, modules)]
-    weights = torch.cat([m.weight.reshape(-1) for m in modules])
     low, high = float(first.int_quant.min_int(bit_width)), float(first.int_quant.max_int(bit_width))
-    values, codes = _FlatIntFakeQuant.apply(weights, row_scales, rows, low, high)
-    zero_point = first.zero_point_impl(weights, row_scales, bit_width)
+    values = _FlatIntFakeQuant.apply(row_scales, rows, low, high, workspace, *(m.weight for m in modules))
+    zero_point = first.zero_point_impl(values, row_scales, bit_width)
     sizes = [m.weight.numel() for m in modules]
     return [
         StepWeights(
@@ -153,6 +201,6 @@ def quantize_flat(modules: Sequence[QuantConv2d]) -> list[StepWeights]:
         )
         for m, p, value, scale, layer_codes in zip(
             modules, parameters, values.split(sizes), row_scales.split([p.numel() for p in parameters]),
-            codes.split(sizes),
+            workspace.codes.split(sizes),
         )
     ]

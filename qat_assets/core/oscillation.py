@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from qat_assets.core.flat_weight_quant import StepWeights
+from qat_assets.core.flat_weight_quant import FlatQuantWorkspace, StepWeights
 from qat_assets.core.quantize import prepare_step_weights
 
 DEFAULT_MOMENTUM = 0.01
@@ -40,6 +40,8 @@ class OscillationTracker:
         self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
         # Per set of layers updated together: the flat buffers their entries above are views of.
         self._flat: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # The buffers `update_model`'s weight quantization reuses from step to step (not state: not saved).
+        self._workspaces: dict[tuple, FlatQuantWorkspace] = {}
 
     def update(self, name: str, integer_weights: torch.Tensor) -> None:
         """Record one step of one layer. The first call for a layer only sets its reference values."""
@@ -98,7 +100,7 @@ class OscillationTracker:
         Called after each optimizer step: the weights are quantized here once, and the model's next
         forward reuses that result (`prepare_step_weights`) instead of quantizing them again.
         """
-        self.update_quantized(prepare_step_weights(model))
+        self.update_quantized(prepare_step_weights(model, self._workspaces))
 
     def update_quantized(self, quantized: Mapping[str, StepWeights]) -> None:
         """Record one step from already fake-quantized weights and their integer codes, keyed by layer name."""

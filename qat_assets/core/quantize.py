@@ -26,7 +26,7 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
-from qat_assets.core.flat_weight_quant import StepWeights, flat_quantizable, group_key, quantize_flat
+from qat_assets.core.flat_weight_quant import FlatQuantWorkspace, StepWeights, flat_quantizable, group_key, quantize_flat
 
 DFL_REASON = "fixed DFL integral, not trained"
 FIRST_CONV_REASON = "first conv kept at 8 bit"
@@ -199,18 +199,24 @@ def integer_codes(quantized: QuantTensor) -> torch.Tensor:
 
 
 @torch.enable_grad()  # the next training forward back-propagates through these
-def prepare_step_weights(model: nn.Module) -> dict[str, StepWeights]:
+def prepare_step_weights(
+    model: nn.Module, workspaces: dict[tuple, FlatQuantWorkspace] | None = None
+) -> dict[str, StepWeights]:
     """Every quantized conv's fake-quantized weights and integer codes, computed once; a StepQuantConv2d's next
     forward reuses them. Layers whose quantizer `quantize_flat` replays are quantized together, per `group_key`;
-    the others by Brevitas, one by one."""
+    the others by Brevitas, one by one. Pass the same `workspaces` dict every step to reuse each group's
+    buffers (`FlatQuantWorkspace`); the codes are then valid until the next call."""
     modules = quantized_modules(model)
     groups: dict[tuple, list[tuple[str, StepQuantConv2d]]] = {}
     for name, module in modules:
         if isinstance(module, StepQuantConv2d) and flat_quantizable(module):
             groups.setdefault(group_key(module), []).append((name, module))
     prepared: dict[str, StepWeights] = {}
-    for members in groups.values():
-        for (name, module), weights in zip(members, quantize_flat([module for _, module in members])):
+    for key, members in groups.items():
+        workspace = None if workspaces is None else workspaces.setdefault(
+            (key, tuple(name for name, _ in members)), FlatQuantWorkspace()
+        )
+        for (name, module), weights in zip(members, quantize_flat([module for _, module in members], workspace)):
             module.prepare_quant_weight(weights.quantized)
             prepared[name] = weights
     for name, module in modules:

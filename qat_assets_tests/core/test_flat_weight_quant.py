@@ -6,7 +6,7 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
 
-from qat_assets.core.flat_weight_quant import flat_quantizable, group_key, quantize_flat
+from qat_assets.core.flat_weight_quant import FlatQuantWorkspace, flat_quantizable, group_key, quantize_flat
 from qat_assets.core.quantize import QuantOptions, prepare_step_weights, quantize_w4a16, quantized_modules
 
 
@@ -87,6 +87,24 @@ def test_the_qat_step_quantizes_every_layer_in_one_pass_per_group_and_the_forwar
     for values in by_group.values():  # views of one flat tensor per group
         assert len({v._base.data_ptr() for v in values}) == 1
     assert len(by_group) == 2  # the 4-bit body and the 8-bit first and head-output convs
+
+
+def test_a_workspace_is_reused_across_steps_with_the_same_numbers_and_a_stale_backward_fails_loudly():
+    model = quantized_model(QuantOptions())
+    members = groups(model)[0]
+    workspace = FlatQuantWorkspace()
+    first = values_and_gradients(members, lambda ms: [w.quantized for w in quantize_flat(ms, workspace)])
+    buffers = [workspace.scratch.data_ptr(), workspace.ratios.data_ptr(), workspace.codes.data_ptr()]
+    second = values_and_gradients(members, lambda ms: [w.quantized for w in quantize_flat(ms, workspace)])
+    fresh = values_and_gradients(members, lambda ms: [w.quantized for w in quantize_flat(ms)])
+    assert [workspace.scratch.data_ptr(), workspace.ratios.data_ptr(), workspace.codes.data_ptr()] == buffers
+    for ours, again, alone in zip(first, second, fresh):
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(ours, again, alone))
+    # A second quantization overwrites the buffers the first one's backward needs: PyTorch says so.
+    stale = quantize_flat(members, workspace)
+    quantize_flat(members, workspace)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(w.quantized.value.sum() for w in stale).backward()
 
 
 def test_statistics_scales_are_quantized_by_brevitas_layer_by_layer():
