@@ -1,10 +1,11 @@
 """`qat-ladder`: the whole yolo10n/yolo10s validation ladder against the persistent instance.
 
-Three steps, all visible in `dagster dev -w workspace.yaml` afterwards: the foundation job (dataset,
-calibration set, FP checkpoints); a Dagster backfill of `validation_partition_job` over every
-method|seed partition (QAT, QC, verdict for both variants), submitted with `dagster job backfill`
-and launched by the instance's run queue, so the `gpu` pool bounds heavy steps across its runs; then
-the comparison and the gate. Ends by printing the comparison and the gate decision.
+Everything it runs is visible in `dagster dev -w workspace.yaml` afterwards: the dataset job; per
+variant, a run of its FP start and, as soon as that start is there, a Dagster backfill of its partition
+job over every method|seed partition (QAT, QC, verdict, ONNX). The FP runs and the backfills' runs go
+through the instance's run queue, so the `gpu` pool bounds heavy steps across all of them, and the
+yolo10n partitions fill the slot its short FP start leaves while yolo10s' trains. Then the comparison and
+the gate; it ends by printing the comparison and the gate decision.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +24,7 @@ from typing import Callable, Iterator
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from qat_assets.core import layout
-from qat_assets.core.settings import METHODS, load_settings
+from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
 from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
@@ -47,7 +49,6 @@ telemetry:
   enabled: false
 """
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-PARTITION_JOB = "validation_partition_job"
 LADDER_TAG = "qat-ladder"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 POLL_SECONDS = 2.0
@@ -55,6 +56,10 @@ POLL_SECONDS = 2.0
 
 def foundation_job():
     return defs.resolve_job_def("foundation_job")
+
+
+def dataset_job():
+    return defs.resolve_job_def("dataset_job")
 
 
 def decision_job():
@@ -136,16 +141,26 @@ def dagster_cli(*args: str) -> str:
     return completed.stdout
 
 
-def submit_partition_backfill(keys: list[str]) -> str:
-    """Submit a backfill of the partition job over `keys`; its id. The instance queues one run per key."""
+def submit_partition_backfill(variant: str, keys: list[str]) -> str:
+    """Submit a backfill of `variant`'s partition job over `keys`; its id. The instance queues one run per key."""
     output = dagster_cli(
-        "job", "backfill", "-j", PARTITION_JOB, "--partitions", ",".join(keys), "--noprompt",
+        "job", "backfill", "-j", f"{variant}_partition_job", "--partitions", ",".join(keys), "--noprompt",
         "--tags", json.dumps({LADDER_TAG: "true"}),
     )
     match = re.search(r"Launched backfill job `([^`]+)`", output)
     if match is None:
         raise RuntimeError(f"`dagster job backfill` printed no backfill id:\n{output}")
     return match.group(1)
+
+
+def submit_pretrained_run(variant: str) -> str:
+    """Queue a run of `variant`'s FP start; its run id."""
+    run_id = str(uuid.uuid4())
+    dagster_cli(
+        "job", "launch", "-j", f"{variant}_pretrained_job", "--run-id", run_id,
+        "--tags", json.dumps({LADDER_TAG: "true"}), "--config-json", json.dumps(RUN_CONFIG),
+    )
+    return run_id
 
 
 @contextmanager
@@ -169,26 +184,55 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
             daemon.wait(timeout=60)
 
 
-def wait_for_backfill(
-    instance: DagsterInstance, backfill_id: str, expected_runs: int, queue_stopped: Callable[[], str | None]
-) -> list:
-    """Poll the backfill's runs until all finished, printing each as it ends; the finished runs."""
-    reported: set[str] = set()
+def run_variants(
+    instance: DagsterInstance, variants: tuple[str, ...], keys: list[str], with_fp: bool,
+    queue_stopped: Callable[[], str | None],
+) -> tuple[list, list[str]]:
+    """Per variant, its FP run (when `with_fp`), then a backfill of its partitions once that run succeeded.
+
+    Polls until every run finished, printing each as it ends; the finished runs, and what failed.
+    """
+    fp_runs = {variant: submit_pretrained_run(variant) for variant in variants} if with_fp else {}
+    backfills: dict[str, str] = {}
+    finished, failures, reported = [], [], set()
+
+    def start_partitions(variant: str) -> None:
+        backfills[variant] = submit_partition_backfill(variant, keys)
+        print(f"\n=== backfill {backfills[variant]} of {variant}_partition_job: {len(keys)} partitions "
+              f"(`dagster dev` lists it under Backfills)", flush=True)
+
+    for variant in variants:
+        if variant not in fp_runs:
+            start_partitions(variant)
+    expected = len(fp_runs) + len(variants) * len(keys)
     while True:
-        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+        runs = [run for run_id in fp_runs.values() if (run := instance.get_run_by_id(run_id)) is not None]
+        for backfill_id in backfills.values():
+            runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         for run in runs:
-            if run.status in FINISHED and run.run_id not in reported:
-                reported.add(run.run_id)
-                record = instance.get_run_record_by_id(run.run_id)
-                seconds = (record.end_time or 0) - (record.start_time or record.end_time or 0)
-                status = "ok" if run.status == DagsterRunStatus.SUCCESS else run.status.value
-                print(f"=== [{len(reported)}/{expected_runs}] QAT+QC+verdict {run.tags['dagster/partition']}: "
-                      f"{status} in {seconds:.0f}s (run {run.run_id})", flush=True)
-        if len(runs) >= expected_runs and all(run.status in FINISHED for run in runs):
-            return runs
+            if run.status not in FINISHED or run.run_id in reported:
+                continue
+            reported.add(run.run_id)
+            finished.append(run)
+            record = instance.get_run_record_by_id(run.run_id)
+            seconds = (record.end_time or 0) - (record.start_time or record.end_time or 0)
+            status = "ok" if run.status == DagsterRunStatus.SUCCESS else run.status.value
+            partition = run.tags.get("dagster/partition")
+            label = f"{run.job_name} {partition}" if partition else run.job_name
+            print(f"=== [{len(reported)}/{expected}] {label}: {status} in {seconds:.0f}s (run {run.run_id})",
+                  flush=True)
+            if run.status != DagsterRunStatus.SUCCESS:
+                failures.append(f"{label} (run {run.run_id})")
+            elif partition is None:  # an FP start is there: its variant's partitions can run
+                start_partitions(next(v for v, run_id in fp_runs.items() if run_id == run.run_id))
+        waiting_fp = [run_id for run_id in fp_runs.values() if run_id not in reported]
+        if not waiting_fp and all(run.status in FINISHED for run in runs) and len(runs) >= len(fp_runs) + len(
+            backfills
+        ) * len(keys):
+            return finished, failures
         stopped = queue_stopped()
         if stopped:
-            raise RuntimeError(f"backfill {backfill_id} cannot finish: {stopped}")
+            raise RuntimeError(f"the ladder's runs cannot finish: {stopped}")
         time.sleep(POLL_SECONDS)
 
 
@@ -223,22 +267,20 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{label} (run {result.run_id})")
 
         # The daemon starts first, so its start-up (a code server, the first queue check) overlaps the
-        # foundation; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
+        # dataset job; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
         # The warm worker server saves every heavy step its imports; it goes with the daemon.
         with run_queue(home) as queue_stopped, running_warm_server(
             settings.artifact_root(), home / "qat-ladder-warm-workers.log", wait=False
         ):
             if not args.skip_foundation:
-                run_job("foundation", foundation_job)
+                run_job("dataset", dataset_job)
             if not failures:
-                backfill_id = submit_partition_backfill(keys)
-                print(f"\n=== backfill {backfill_id} of {PARTITION_JOB}: {len(keys)} partitions "
-                      f"(`dagster dev` lists it under Backfills)", flush=True)
-                runs = wait_for_backfill(instance, backfill_id, len(keys), queue_stopped)
+                runs, run_failures = run_variants(
+                    instance, VALIDATION_VARIANTS, keys, not args.skip_foundation, queue_stopped
+                )
                 for run in runs:
                     heavy.add_run(instance, run.run_id)
-                    if run.status != DagsterRunStatus.SUCCESS:
-                        failures.append(f"QAT+QC+verdict {run.tags['dagster/partition']} (run {run.run_id})")
+                failures += run_failures
         run_job("comparison+gate", decision_job)
 
     total = time.time() - started

@@ -11,7 +11,9 @@ from qat_assets.execution.warm_client import ping, socket_path
 from qat_assets.ladder import HeavyTime, decision_job, only_the_gate_check_failed, prepare_instance_home
 
 
-def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed_runs(storage, tmp_path, monkeypatch):
+def test_the_ladder_submits_a_backfill_per_variant_the_instance_lists_and_reports_its_failed_runs(
+    storage, tmp_path, monkeypatch
+):
     # Without the foundation the partition runs fail fast (no coco_subset): the backfill's mechanics, the
     # exit status and the printed outcome are what is tested here, not training (see defs/test_variant.py).
     home = tmp_path / "home"
@@ -22,8 +24,9 @@ def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed
     )
     output = completed.stdout
     assert completed.returncode == 1, output + completed.stderr
-    assert "=== backfill" in output and "2 partitions" in output
-    assert "QAT+QC+verdict baseline|0: FAILURE" in output and "QAT+QC+verdict ema|0: FAILURE" in output
+    for variant in ("yolo10n", "yolo10s"):
+        assert f"of {variant}_partition_job: 2 partitions" in output
+        assert f"{variant}_partition_job baseline|0: FAILURE" in output and f"{variant}_partition_job ema|0: FAILURE" in output
     assert "full report:" in output  # the comparison table was printed
     assert "gate NOT PASSED" in output and "yolo10n/stability_verdict ema|0 is missing" in output
     assert "0 heavy steps forked from the warm worker server, 0 started cold" in output
@@ -31,11 +34,33 @@ def test_the_ladder_submits_a_backfill_the_instance_lists_and_reports_its_failed
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:
-        (backfill,) = instance.get_backfills()
-        runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill.backfill_id}))
-        assert sorted(run.tags["dagster/partition"] for run in runs) == ["baseline|0", "ema|0"]
-        assert {run.job_name for run in runs} == {"validation_partition_job"}
-        assert all(run.status == DagsterRunStatus.FAILURE for run in runs)
+        backfills = instance.get_backfills()
+        assert len(backfills) == 2
+        for backfill in backfills:
+            runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill.backfill_id}))
+            assert sorted(run.tags["dagster/partition"] for run in runs) == ["baseline|0", "ema|0"]
+            assert len({run.job_name for run in runs}) == 1
+            assert all(run.status == DagsterRunStatus.FAILURE for run in runs)
+        assert {run.job_name for run in instance.get_runs()} >= {"yolo10n_partition_job", "yolo10s_partition_job"}
+
+
+def test_each_variants_partitions_wait_for_its_own_fp_run_and_a_failed_one_starts_none(storage, tmp_path):
+    # Corrupt user checkpoints make both FP runs fail at once, after the dataset job succeeded: what is tested
+    # is the ladder's path through queued FP runs, not training.
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in ("yolov10n.pt", "yolov10s.pt"):
+        (checkpoints / name).write_bytes(b"not a checkpoint")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "QAT_SEEDS": "0", "QAT_PROFILE": "smoke",
+           "QAT_CHECKPOINT_DIR": str(checkpoints)}
+    ladder = Path(sys.executable).parent / "qat-ladder"
+    completed = subprocess.run([str(ladder)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    output = completed.stdout
+    assert completed.returncode == 1, output + completed.stderr
+    assert "=== dataset: ok" in output
+    assert "yolo10n_pretrained_job: FAILURE" in output and "yolo10s_pretrained_job: FAILURE" in output
+    assert "=== backfill" not in output and "_partition_job" not in output
+    assert "gate NOT PASSED" in output
 
 
 def test_a_gate_that_does_not_pass_is_a_result_not_a_failed_ladder(storage, instance):

@@ -1,8 +1,8 @@
 """Asset jobs: the stages of the validation ladder, and the gated yolo10m runs.
 
-Executors: a step of the partition and decision jobs is either light (verdict, comparison, gate: well
-under a second of work) or waits on a worker process that does the heavy work (warm_server.py), so those
-jobs run their steps in the run's own process, instead of paying a Python start and a code-location load
+Executors: a step of the dataset, per-variant, partition and decision jobs is either light (dataset,
+verdict, comparison, gate: seconds at most) or waits on a worker process that does the heavy work
+(warm_server.py), so those jobs run their steps in the run's own process, instead of paying a Python start and a code-location load
 (seconds each, tens of seconds on a loaded machine) per step. Pools still apply to in-process steps: with
 a `gpu` limit of N, N partition runs overlap, one heavy step each. The foundation job keeps one process per
 step so the FP starting points of yolo10n and yolo10s train side by side when the pool allows. Those
@@ -13,7 +13,7 @@ long-lived process (a test session, a notebook) later runs would see stale QAT_*
 
 from dagster import AssetSelection, define_asset_job, in_process_executor, multiprocess_executor
 
-from qat_assets.core.settings import VALIDATION_VARIANTS
+from qat_assets.core.settings import VALIDATION_VARIANTS, VARIANTS
 
 PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict", "onnx_model")
 
@@ -43,11 +43,25 @@ def build_jobs() -> dict:
             description="Comparison, plots, summary.md and the gate.",
             executor_def=in_process_executor,
         ),
-        "yolo10m_pretrained_job": define_asset_job(
-            "yolo10m_pretrained_job", selection=stage_selection(("yolo10m",), ("pretrained_checkpoint",)),
-        ),
-        "yolo10m_partition_job": define_asset_job(
-            "yolo10m_partition_job", selection=stage_selection(("yolo10m",), PARTITIONED_STAGES),
-            executor_def=in_process_executor,
+        # One variant's FP start and one variant's partitions: qat-ladder runs each variant's partitions as
+        # soon as its own FP start is there, and the sensor runs yolo10m's after the gate.
+        **{
+            job.name: job
+            for variant in VARIANTS
+            for job in (
+                define_asset_job(
+                    f"{variant}_pretrained_job", selection=stage_selection((variant,), ("pretrained_checkpoint",)),
+                    description=f"The {variant} FP starting point.", executor_def=in_process_executor,
+                ),
+                define_asset_job(
+                    f"{variant}_partition_job", selection=stage_selection((variant,), PARTITIONED_STAGES),
+                    description=f"QAT, QC, the verdict and the ONNX export of one {variant} method|seed partition.",
+                    executor_def=in_process_executor,
+                ),
+            )
+        },
+        "dataset_job": define_asset_job(
+            "dataset_job", selection=AssetSelection.assets("coco_subset", "calibration_subset"),
+            description="The dataset and the calibration set.", executor_def=in_process_executor,
         ),
     }
