@@ -40,8 +40,10 @@ class OscillationTracker:
         self._frequency: dict[str, torch.Tensor] = {}  # EMA of oscillation events
         # Per set of layers updated together: the flat buffers their entries above are views of.
         self._flat: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        # The buffers `update_model`'s weight quantization reuses from step to step (not state: not saved).
+        # Buffers reused from step to step (not state: not saved): `update_model`'s weight quantization's, and
+        # the per-set scratch tensors of `update_layers`.
         self._workspaces: dict[tuple, FlatQuantWorkspace] = {}
+        self._scratch: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = {}
 
     def update(self, name: str, integer_weights: torch.Tensor) -> None:
         """Record one step of one layer. The first call for a layer only sets its reference values."""
@@ -59,7 +61,12 @@ class OscillationTracker:
         # Narrow integers: most of the cost here is memory traffic. Codes of up to 8 bits, and their
         # differences, fit int16.
         dtype = torch.int16 if self.max_bit_width <= 8 else torch.int32
-        current = torch.cat([codes.detach().reshape(-1) for _, codes in layers]).to(dtype)
+        current, difference, change, work = self._step_buffers(names, sum(c.numel() for _, c in layers), dtype,
+                                                               layers[0][1].device)
+        start = 0
+        for _, codes in layers:  # copied straight into the narrow type: no float concatenation
+            current[start:start + codes.numel()].copy_(codes.detach().reshape(-1))
+            start += codes.numel()
         if names not in self._flat:
             if not all(name in self._previous for name in names):
                 if any(name in self._previous for name in names):
@@ -75,12 +82,25 @@ class OscillationTracker:
                                            (self._frequency, torch.float32))
             ))
         previous, direction, frequency = self._flat[names]
-        # int8 arithmetic instead of comparisons and torch.where, which are several times slower on the CPU.
-        change = torch.sign(current - previous).to(torch.int8)  # -1, 0 or +1
-        oscillated = (change * direction).neg_().clamp_min_(0)  # 1 where both are non-zero and opposite
+        # int8 arithmetic instead of comparisons and torch.where, which are several times slower on the CPU;
+        # every result goes into a buffer kept from the last step (a new tensor page-faults on the CPU).
+        change.copy_(torch.sub(current, previous, out=difference).sign_())  # -1, 0 or +1
+        oscillated = torch.mul(change, direction, out=work).neg_().clamp_min_(0)  # 1 where both non-zero, opposite
         frequency.mul_(1.0 - self.momentum).add_(oscillated, alpha=self.momentum)
-        direction.copy_(torch.addcmul(change, direction, 1 - change.abs()))  # the change where there is one
+        keep = torch.abs(change, out=work).neg_().add_(1)  # 1 where there is no change
+        direction.mul_(keep).add_(change)  # the change where there is one, else the last direction
         previous.copy_(current)
+
+    def _step_buffers(self, names: tuple[str, ...], numel: int, dtype: torch.dtype, device: torch.device) -> tuple:
+        """Scratch tensors for one step of the set `names`: current codes and their difference (`dtype`), the
+        change and a work tensor (int8); kept for the next step."""
+        buffers = self._scratch.get(names)
+        if buffers is None or buffers[0].numel() != numel or buffers[0].dtype != dtype or buffers[0].device != device:
+            buffers = (torch.empty(numel, dtype=dtype, device=device), torch.empty(numel, dtype=dtype, device=device),
+                       torch.empty(numel, dtype=torch.int8, device=device),
+                       torch.empty(numel, dtype=torch.int8, device=device))
+            self._scratch[names] = buffers
+        return buffers
 
     def _bind_flat(self, layers: Sequence[tuple[str, torch.Tensor]], previous: torch.Tensor, direction: torch.Tensor,
                    frequency: torch.Tensor) -> None:
@@ -88,6 +108,7 @@ class OscillationTracker:
         # A layer's state lives in one set's buffers only: sets sharing a layer with this one are dropped.
         for other in [other for other in self._flat if set(other) & set(names)]:
             del self._flat[other]
+            self._scratch.pop(other, None)
         self._flat[names] = (previous, direction, frequency)
         sizes = [codes.numel() for _, codes in layers]
         for table, flat in zip((self._previous, self._direction, self._frequency), self._flat[names]):
@@ -133,7 +154,7 @@ class OscillationTracker:
         self.momentum = float(state["momentum"])
         self.threshold = float(state["threshold"])
         self._previous, self._direction, self._frequency = {}, {}, {}
-        self._flat = {}
+        self._flat, self._scratch = {}, {}
         tables = {"previous": self._previous, "direction": self._direction, "frequency": self._frequency}
         for key, value in state.items():
             kind, _, name = key.partition("/")
