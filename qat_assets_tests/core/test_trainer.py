@@ -76,3 +76,10 @@ def test_a_non_finite_gradient_is_divergence_except_under_amp_where_gradscaler_s
     assert not gradients_diverged([weight], torch.amp.GradScaler("cpu", enabled=True))
     weight.grad = torch.zeros(3)
     assert not gradients_diverged([weight], torch.amp.GradScaler("cpu", enabled=False))
+    # Among several: a NaN anywhere is divergence; huge finite gradients and parameters without one are not.
+    others = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    others[0].grad, others[1].grad = torch.tensor([3e38, -3e38]), torch.tensor([0.5, 0.25])
+    assert not gradients_diverged([weight, *others], torch.amp.GradScaler("cpu", enabled=False))
+    others[1].grad[1] = float("nan")
+    assert gradients_diverged([weight, *others], torch.amp.GradScaler("cpu", enabled=False))
+    assert not gradients_diverged([others[2]], torch.amp.GradScaler("cpu", enabled=False))
