@@ -279,13 +279,15 @@ def freeze_quantized_weights(model: nn.Module) -> nn.Module:
     Same outputs, none of the per-forward quantizer work: for evaluation and QC, where weights do not change.
     Plain convs also survive Ultralytics' conv+BN fusing, which would silently drop a QuantConv2d's quantizer.
     """
-    frozen = copy.deepcopy(model)
-    for name, module in quantized_modules(frozen):
+    # The plain convs stand in for the quantized ones during the copy itself (deepcopy's memo), so the Brevitas
+    # quantizers, most of the time of a QAT model's deep copy, are never copied: this runs at every validation.
+    memo: dict[int, nn.Module] = {}
+    for _, module in quantized_modules(model):
         conv = nn.Conv2d(**_conv_geometry(module))
         conv.weight.copy_(module.quant_weight().value)
         if module.bias is not None:
             conv.bias.copy_(module.bias)
         conv.requires_grad_(module.weight.requires_grad)
         conv.train(module.training)
-        _replace_module(frozen, name, conv)
-    return frozen
+        memo[id(module)] = conv
+    return copy.deepcopy(model, memo)

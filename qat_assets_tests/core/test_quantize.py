@@ -178,6 +178,7 @@ def test_frozen_copy_has_plain_convs_and_identical_outputs(float_and_quantized, 
     assert quantized_modules(frozen) == []
     assert not any(isinstance(module, QuantConv2d) for module in frozen.modules())
     assert quantized_modules(quantized)  # the original keeps its quantizers
+    assert not {t.data_ptr() for t in frozen.state_dict().values()} & {t.data_ptr() for t in quantized.state_dict().values()}
     difference = (head_tensors(frozen, images) - head_tensors(quantized, images)).abs().max()
     assert difference < 1e-5
 
