@@ -49,8 +49,8 @@ def synthetic_batch(batch: int, imgsz: int, boxes_per_image: int = 4, nc: int = 
     }
 
 
-def build_model(nc: int) -> DetectionModel:
-    model = DetectionModel("yolov10n.yaml", nc=nc, verbose=False)
+def build_model(nc: int, model_yaml: str = "yolov10n.yaml") -> DetectionModel:
+    model = DetectionModel(model_yaml, nc=nc, verbose=False)
     model.args = get_cfg()  # the loss reads its box/cls/dfl gains from here, as in DetectionTrainer
     return model
 
@@ -142,6 +142,7 @@ def ratio_line(label: str, numerator: float, denominator: float, names: tuple[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="yolov10n", choices=["yolov10n", "yolov10s", "yolov10m"])
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32, help="QAT/FP training batch (the embedded profile's)")
     parser.add_argument("--qc-batch", type=int, default=8, help="QC batch (the embedded profile's)")
@@ -154,7 +155,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    float_model = build_model(nc=3)
+    float_model = build_model(nc=3, model_yaml=f"{args.model}.yaml")
     quant_model = copy.deepcopy(float_model)
     report = quantize_w4a16(quant_model, QuantOptions(learned_scales=not args.statistics_scales))
     batch = synthetic_batch(args.batch, args.imgsz)
@@ -180,7 +181,7 @@ def main() -> None:
         args.steps,
     )
 
-    print(f"yolov10n nc=3 imgsz={args.imgsz} batch={args.batch} qc_batch={args.qc_batch} threads={args.threads}, "
+    print(f"{args.model} nc=3 imgsz={args.imgsz} batch={args.batch} qc_batch={args.qc_batch} threads={args.threads}, "
           f"median of {args.steps} interleaved repeats after {args.warmup} warm-up; convs {report.counts()}, "
           f"{'statistics' if args.statistics_scales else 'learned'} scales; no data loading")
     print(ratio_line("QAT step / FP step", train["qat"], train["fp"], ("QAT+tracker", "FP"), "<= 1.10"))
