@@ -10,6 +10,7 @@ the gate; it ends by printing the comparison and the gate decision.
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -205,7 +206,10 @@ def run_variants(
         if variant not in fp_runs:
             start_partitions(variant)
     expected = len(fp_runs) + len(variants) * len(keys)
+    log_cursors: dict[str, str | None] = dict.fromkeys(fp_runs.values())
     while True:
+        for variant, run_id in fp_runs.items():  # the FP starts are the long silent stretch: show their epochs
+            log_cursors[run_id] = print_run_messages(instance, run_id, log_cursors[run_id], f"{variant} FP")
         runs = [run for run_id in fp_runs.values() if (run := instance.get_run_by_id(run_id)) is not None]
         for backfill_id in backfills.values():
             runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
@@ -234,6 +238,16 @@ def run_variants(
         if stopped:
             raise RuntimeError(f"the ladder's runs cannot finish: {stopped}")
         time.sleep(POLL_SECONDS)
+
+
+def print_run_messages(instance: DagsterInstance, run_id: str, cursor: str | None, label: str) -> str | None:
+    """Print the INFO and higher messages the run's steps logged since `cursor` (its progress lines); the new cursor."""
+    connection = instance.get_records_for_run(run_id, cursor=cursor)
+    for record in connection.records:
+        entry = record.event_log_entry
+        if entry.dagster_event is None and entry.level >= logging.INFO and entry.step_key:
+            print(f"  [{label}] {entry.user_message}", flush=True)
+    return connection.cursor if connection.records else cursor
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ def test_each_variants_partitions_wait_for_its_own_fp_run_and_a_failed_one_start
     assert completed.returncode == 1, output + completed.stderr
     assert "=== dataset: ok" in output
     assert "yolo10n_pretrained_job: FAILURE" in output and "yolo10s_pretrained_job: FAILURE" in output
+    assert "[yolo10n FP] pretrain: starting worker" in output  # the FP runs' messages, as they come
     assert "=== backfill" not in output and "_partition_job" not in output
     assert "gate NOT PASSED" in output
 
