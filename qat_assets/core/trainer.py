@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.nn.utils import get_total_norm
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
@@ -78,10 +77,11 @@ def gradients_diverged(parameters: Iterable[torch.nn.Parameter], scaler: torch.a
     as a non-finite loss."""
     if scaler.is_enabled():
         return False
-    gradients = [p.grad for p in parameters if p.grad is not None]
-    # The largest |gradient| is NaN or inf exactly when some gradient is. Batched, with one host sync: a
-    # check per parameter took 5 % of a yolov10s QAT step on the CPU.
-    return bool(gradients) and not bool(torch.isfinite(get_total_norm(gradients, float("inf"))))
+    # Each gradient's largest |value| is NaN or inf exactly when one of its values is; it needs no temporary of
+    # the gradient's size, and one host sync for all. `isfinite(grad).all()` per parameter allocated a mask of
+    # each gradient's size and synced once per parameter: 5 % of a yolov10s QAT step on the CPU.
+    largest = [torch.linalg.vector_norm(p.grad, float("inf")) for p in parameters if p.grad is not None]
+    return bool(largest) and not bool(torch.isfinite(torch.stack(largest)).all())
 
 
 def trainer_overrides(
