@@ -142,7 +142,7 @@ class _FlatIntFakeQuant(torch.autograd.Function):
         torch.clamp(scratch, low, high, out=codes)
         torch.ne(codes, scratch, out=outside)  # where the clamp changed the rounded value
         ctx.save_for_backward(scales, ratios, codes, outside)
-        ctx.rows, ctx.workspace, ctx.sizes = rows, workspace, [weight.numel() for weight in weights]
+        ctx.rows, ctx.scratch, ctx.sizes = rows, scratch, [weight.numel() for weight in weights]
         ctx.shapes = [weight.shape for weight in weights]
         return codes * scales
 
@@ -150,7 +150,7 @@ class _FlatIntFakeQuant(torch.autograd.Function):
     @once_differentiable  # a double backward through this would silently miss terms
     def backward(ctx, grad_out):
         scales, ratios, codes, outside = ctx.saved_tensors
-        scratch = ctx.workspace.scratch
+        scratch = ctx.scratch  # this step's, even if the workspace was refitted to other layers since
         grad_ratio = (grad_out * scales).masked_fill_(outside, 0.0)
         from_rescale = torch.mul(grad_out, codes, out=scratch)
         rescale_sums = _row_sums(from_rescale, ctx.rows)

@@ -61,6 +61,10 @@ class OscillationTracker:
         # Narrow integers: most of the cost here is memory traffic. Codes of up to 8 bits, and their
         # differences, fit int16.
         dtype = torch.int16 if self.max_bit_width <= 8 else torch.int32
+        tracked = [name in self._previous for name in names]
+        if names not in self._flat and any(tracked) and not all(tracked):
+            raise ValueError(f"oscillation state exists for some of {list(names)} but not all; "
+                             "track a layer always alone or always with the same others")
         current, difference, change, work = self._step_buffers(names, sum(c.numel() for _, c in layers), dtype,
                                                                layers[0][1].device)
         start = 0
@@ -68,10 +72,7 @@ class OscillationTracker:
             current[start:start + codes.numel()].copy_(codes.detach().reshape(-1))
             start += codes.numel()
         if names not in self._flat:
-            if not all(name in self._previous for name in names):
-                if any(name in self._previous for name in names):
-                    raise ValueError(f"oscillation state exists for some of {list(names)} but not all; "
-                                     "track a layer always alone or always with the same others")
+            if not any(tracked):
                 self._bind_flat(layers, current.clone(), torch.zeros_like(current, dtype=torch.int8),
                                 torch.zeros(current.shape, dtype=torch.float32, device=current.device))
                 return

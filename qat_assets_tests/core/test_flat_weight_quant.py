@@ -100,6 +100,12 @@ def test_a_workspace_is_reused_across_steps_with_the_same_numbers_and_a_stale_ba
     assert [workspace.scratch.data_ptr(), workspace.ratios.data_ptr(), workspace.codes.data_ptr()] == buffers
     for ours, again, alone in zip(first, second, fresh):
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(ours, again, alone))
+    # The weights' gradients are a fresh tensor, never a workspace buffer the next step overwrites.
+    for module in members:
+        module.zero_grad(set_to_none=True)
+    sum(w.quantized.value.sum() for w in quantize_flat(members, workspace)).backward()
+    kept = {t.untyped_storage().data_ptr() for t in (workspace.scratch, workspace.scales, workspace.ratios, workspace.codes)}
+    assert not {m.weight.grad.untyped_storage().data_ptr() for m in members} & kept
     # A second quantization overwrites the buffers the first one's backward needs: PyTorch says so.
     stale = quantize_flat(members, workspace)
     quantize_flat(members, workspace)
