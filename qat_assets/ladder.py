@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
+# Dagster exports no public name for the status `DagsterInstance.get_backfill(...).status` holds.
+from dagster._core.execution.backfill import BulkActionStatus
 
 from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, load_settings
@@ -52,6 +54,8 @@ telemetry:
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 LADDER_TAG = "qat-ladder"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+# A backfill in these states may still create runs.
+BACKFILL_CREATING_RUNS = {BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING, BulkActionStatus.FAILING}
 POLL_SECONDS = 2.0
 
 
@@ -166,8 +170,8 @@ def submit_pretrained_run(variant: str) -> str:
 
 @contextmanager
 def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
-    """A `dagster-daemon` for this instance while the ladder runs: its run queue launches the backfill's
-    queued runs (each in its own process). Started here only when no daemon is already heartbeating.
+    """A `dagster-daemon` for this instance while the ladder runs: its run queue launches the queued FP runs
+    and the backfills' runs (each in its own process). Started here only when no daemon is already heartbeating.
 
     Yields a function that says why the queue stopped (None while it runs), so waiting never hangs.
     """
@@ -191,53 +195,95 @@ def run_variants(
 ) -> tuple[list, list[str]]:
     """Per variant, its FP run (when `with_fp`), then a backfill of its partitions once that run succeeded.
 
-    Polls until every run finished, printing each as it ends; the finished runs, and what failed.
+    Polls until every run finished and no backfill will create more, printing the FP runs' progress and
+    each run as it ends; the finished runs, and what failed. If it stops early (an error, Ctrl-C), the runs it
+    queued that have not started are canceled, so a later daemon on this instance does not launch them.
     """
-    fp_runs = {variant: submit_pretrained_run(variant) for variant in variants} if with_fp else {}
+    fp_runs: dict[str, str] = {}
     backfills: dict[str, str] = {}
     finished, failures, reported = [], [], set()
+    log_cursors: dict[str, str | None] = {}
 
     def start_partitions(variant: str) -> None:
         backfills[variant] = submit_partition_backfill(variant, keys)
         print(f"\n=== backfill {backfills[variant]} of {variant}_partition_job: {len(keys)} partitions "
               f"(`dagster dev` lists it under Backfills)", flush=True)
 
-    for variant in variants:
-        if variant not in fp_runs:
-            start_partitions(variant)
-    expected = len(fp_runs) + len(variants) * len(keys)
-    log_cursors: dict[str, str | None] = dict.fromkeys(fp_runs.values())
-    while True:
-        for variant, run_id in fp_runs.items():  # the FP starts are the long silent stretch: show their epochs
-            log_cursors[run_id] = print_run_messages(instance, run_id, log_cursors[run_id], f"{variant} FP")
-        runs = [run for run_id in fp_runs.values() if (run := instance.get_run_by_id(run_id)) is not None]
-        for backfill_id in backfills.values():
-            runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
-        for run in runs:
-            if run.status not in FINISHED or run.run_id in reported:
+    try:
+        for variant in variants:
+            if not with_fp:
+                start_partitions(variant)
                 continue
-            reported.add(run.run_id)
-            finished.append(run)
-            record = instance.get_run_record_by_id(run.run_id)
-            seconds = (record.end_time or 0) - (record.start_time or record.end_time or 0)
-            status = "ok" if run.status == DagsterRunStatus.SUCCESS else run.status.value
-            partition = run.tags.get("dagster/partition")
-            label = f"{run.job_name} {partition}" if partition else run.job_name
-            print(f"=== [{len(reported)}/{expected}] {label}: {status} in {seconds:.0f}s (run {run.run_id})",
-                  flush=True)
-            if run.status != DagsterRunStatus.SUCCESS:
-                failures.append(f"{label} (run {run.run_id})")
-            elif partition is None:  # an FP start is there: its variant's partitions can run
-                start_partitions(next(v for v, run_id in fp_runs.items() if run_id == run.run_id))
-        waiting_fp = [run_id for run_id in fp_runs.values() if run_id not in reported]
-        if not waiting_fp and all(run.status in FINISHED for run in runs) and len(runs) >= len(fp_runs) + len(
-            backfills
-        ) * len(keys):
-            return finished, failures
-        stopped = queue_stopped()
-        if stopped:
-            raise RuntimeError(f"the ladder's runs cannot finish: {stopped}")
-        time.sleep(POLL_SECONDS)
+            fp_runs[variant] = run_id = submit_pretrained_run(variant)
+            if instance.get_run_by_id(run_id) is None:
+                raise RuntimeError(f"the {variant} FP run {run_id} was launched, but the instance does not list it")
+            log_cursors[run_id] = None
+        while True:
+            # Backfill states before their runs: a backfill done creating runs has all of them listed below.
+            watched = len(backfills)
+            creating = [b for b in backfills.values() if instance.get_backfill(b).status in BACKFILL_CREATING_RUNS]
+            runs = [instance.get_run_by_id(run_id) for run_id in fp_runs.values()]
+            for backfill_id in backfills.values():
+                runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+            for variant, run_id in fp_runs.items():  # the FP starts are the long silent stretch: show their epochs
+                if run_id not in reported:
+                    log_cursors[run_id] = print_run_messages(instance, run_id, log_cursors[run_id], f"{variant} FP")
+            for run in runs:
+                if run.status not in FINISHED or run.run_id in reported:
+                    continue
+                reported.add(run.run_id)
+                finished.append(run)
+                failed_fp = sum(1 for r in finished if r.run_id in fp_runs.values() and r.status != DagsterRunStatus.SUCCESS)
+                expected = len(fp_runs) + (len(variants) - failed_fp) * len(keys)
+                partition = run.tags.get("dagster/partition")
+                label = f"{run.job_name} {partition}" if partition else run.job_name
+                print(f"=== [{len(reported)}/{expected}] {label}: {describe_finished(instance, run)}", flush=True)
+                if run.status != DagsterRunStatus.SUCCESS:
+                    failures.append(f"{label} (run {run.run_id})")
+                elif partition is None:  # an FP start is there: its variant's partitions can run
+                    start_partitions(next(v for v, run_id in fp_runs.items() if run_id == run.run_id))
+            all_reported = len(reported) == len(runs) and all(r in reported for r in fp_runs.values())
+            if not creating and all_reported and len(backfills) == watched:  # none submitted since the states were read
+                for variant, backfill_id in backfills.items():
+                    created = len(instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})))
+                    if created < len(keys):
+                        status = instance.get_backfill(backfill_id).status.value
+                        failures.append(f"backfill {backfill_id} of {variant}_partition_job: {status} after "
+                                        f"{created} of {len(keys)} runs")
+                return finished, failures
+            stopped = queue_stopped()
+            if stopped:
+                raise RuntimeError(f"the ladder's runs cannot finish: {stopped}")
+            time.sleep(POLL_SECONDS)
+    except BaseException:
+        cancel_unstarted(instance, list(fp_runs.values()), list(backfills.values()))
+        raise
+
+
+def describe_finished(instance: DagsterInstance, run) -> str:
+    record = instance.get_run_record_by_id(run.run_id)
+    seconds = (record.end_time or 0) - (record.start_time or record.end_time or 0)
+    status = "ok" if run.status == DagsterRunStatus.SUCCESS else run.status.value
+    return f"{status} in {seconds:.0f}s (run {run.run_id})"
+
+
+def cancel_unstarted(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> None:
+    """Cancel the backfills still creating runs and the queued runs among `run_ids` and the backfills' runs;
+    say which runs are already running (they go on: cancel them in the UI if they should not)."""
+    runs = [run for run_id in run_ids if (run := instance.get_run_by_id(run_id)) is not None]
+    for backfill_id in backfill_ids:
+        backfill = instance.get_backfill(backfill_id)
+        if backfill is not None and backfill.status in BACKFILL_CREATING_RUNS:
+            instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+        runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+    running = []
+    for run in runs:
+        if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):
+            instance.report_run_canceled(run, message="qat-ladder stopped before this run started")
+        elif run.status not in FINISHED:
+            running.append(run.run_id)
+    print(f"qat-ladder stopped: canceled the runs it queued that had not started"
+          + (f"; still running: {', '.join(running)}" if running else ""), flush=True)
 
 
 def print_run_messages(instance: DagsterInstance, run_id: str, cursor: str | None, label: str) -> str | None:

@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
+from dagster._core.execution.backfill import BulkActionStatus
 
 from qat_assets.execution.warm_client import ping, socket_path
 from qat_assets.ladder import HeavyTime, decision_job, only_the_gate_check_failed, prepare_instance_home
@@ -92,3 +96,87 @@ def test_overhead_is_the_time_no_heavy_worker_ran_when_several_run_at_once():
     summary = heavy.summary(wall_seconds=240.0)
     assert "heavy workers ran 2.5 worker-min, 1.2 at once on average while any ran" in summary
     assert "no heavy worker ran for 2.0 min (50%)" in summary
+
+
+class FakeInstance:
+    """The instance calls `run_variants` makes, over runs the test finishes by hand."""
+
+    def __init__(self):
+        self.runs, self.backfills, self.canceled = {}, {}, []
+
+    def add_run(self, run_id, job_name, tags=None):
+        self.runs[run_id] = SimpleNamespace(run_id=run_id, job_name=job_name, tags=tags or {},
+                                            status=DagsterRunStatus.QUEUED)
+
+    def get_run_by_id(self, run_id):
+        return self.runs.get(run_id)
+
+    def get_runs(self, filters=None):
+        backfill = filters.tags["dagster/backfill"]
+        return [run for run in self.runs.values() if run.tags.get("dagster/backfill") == backfill]
+
+    def get_backfill(self, backfill_id):
+        return self.backfills[backfill_id]
+
+    def get_run_record_by_id(self, run_id):
+        return SimpleNamespace(start_time=0.0, end_time=1.0)
+
+    def get_records_for_run(self, run_id, cursor=None):
+        return SimpleNamespace(records=[], cursor=cursor)
+
+    def report_run_canceled(self, run, message):
+        run.status = DagsterRunStatus.CANCELED
+        self.canceled.append(run.run_id)
+
+
+def test_a_variants_partitions_start_when_its_own_fp_run_succeeded_not_when_the_other_did(monkeypatch, capsys):
+    from qat_assets import ladder
+
+    instance, events = FakeInstance(), []
+
+    def submit_fp(variant):
+        instance.add_run(f"fp-{variant}", f"{variant}_pretrained_job")
+        return f"fp-{variant}"
+
+    def submit_backfill(variant, keys):
+        events.append(f"backfill {variant}")
+        instance.backfills[f"bf-{variant}"] = SimpleNamespace(status=BulkActionStatus.COMPLETED)
+        for key in keys:
+            instance.add_run(f"{variant}-{key}", f"{variant}_partition_job",
+                             {"dagster/backfill": f"bf-{variant}", "dagster/partition": key})
+        return f"bf-{variant}"
+
+    def queue_tick():  # the "daemon": each poll finishes the next run, yolo10n's FP first, yolo10s' FP last
+        order = ["fp-yolo10n", "yolo10n-baseline|0", "yolo10n-ema|0", "fp-yolo10s", "yolo10s-baseline|0", "yolo10s-ema|0"]
+        pending = [run_id for run_id in order if run_id in instance.runs and instance.runs[run_id].status == DagsterRunStatus.QUEUED]
+        if pending:
+            instance.runs[pending[0]].status = DagsterRunStatus.SUCCESS
+            events.append(f"done {pending[0]}")
+        return None
+
+    monkeypatch.setattr(ladder, "submit_pretrained_run", submit_fp)
+    monkeypatch.setattr(ladder, "submit_partition_backfill", submit_backfill)
+    monkeypatch.setattr(ladder, "POLL_SECONDS", 0.0)
+    runs, failures = ladder.run_variants(instance, ("yolo10n", "yolo10s"), ["baseline|0", "ema|0"], True, queue_tick)
+    assert failures == [] and len(runs) == 6
+    # yolo10n's partitions were submitted while yolo10s' FP run was still queued.
+    assert events.index("backfill yolo10n") < events.index("done fp-yolo10s") < events.index("backfill yolo10s")
+    assert "[6/6] yolo10s_partition_job ema|0: ok" in capsys.readouterr().out
+
+
+def test_a_ladder_stopped_midway_cancels_the_runs_it_queued_that_had_not_started(monkeypatch):
+    from qat_assets import ladder
+
+    instance = FakeInstance()
+    monkeypatch.setattr(ladder, "submit_pretrained_run",
+                        lambda variant: instance.add_run(f"fp-{variant}", f"{variant}_pretrained_job") or f"fp-{variant}")
+    monkeypatch.setattr(ladder, "POLL_SECONDS", 0.0)
+
+    def interrupted():
+        instance.runs["fp-yolo10n"].status = DagsterRunStatus.STARTED  # one run has started, the other not
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ladder.run_variants(instance, ("yolo10n", "yolo10s"), ["baseline|0"], True, interrupted)
+    assert instance.canceled == ["fp-yolo10s"]
+    assert instance.runs["fp-yolo10n"].status == DagsterRunStatus.STARTED
