@@ -2,13 +2,14 @@
 
 Executors: a step of the dataset, per-variant, partition and decision jobs is either light (dataset,
 verdict, comparison, gate: seconds at most) or waits on a worker process that does the heavy work
-(warm_server.py), so those jobs run their steps in the run's own process, instead of paying a Python start and a code-location load
-(seconds each, tens of seconds on a loaded machine) per step. Pools still apply to in-process steps: with
-a `gpu` limit of N, N partition runs overlap, one heavy step each. The foundation job keeps one process per
-step so the FP starting points of yolo10n and yolo10s train side by side when the pool allows. Those
-step processes are spawned, not forked from multiprocessing's forkserver: a forkserver lives as long as
-the process that started it and hands its children the environment it was started with, so in a
-long-lived process (a test session, a notebook) later runs would see stale QAT_* and DAGSTER_PG_* values.
+(warm_server.py), so those jobs run their steps in the run's own process, instead of paying a Python
+start and a code-location load (seconds each, tens of seconds on a loaded machine) per step. Pools still
+apply to in-process steps: with a `gpu` limit of N, N runs overlap, one heavy step each. The foundation
+job (for the UI; qat-ladder runs the per-variant jobs) keeps one process per step so the FP starting
+points of yolo10n and yolo10s train side by side when the pool allows. Those step processes are spawned,
+not forked from multiprocessing's forkserver: a forkserver lives as long as the process that started it
+and hands its children the environment it was started with, so in a long-lived process (a test session,
+a notebook) later runs would see stale QAT_* and DAGSTER_PG_* values.
 """
 
 from dagster import AssetSelection, define_asset_job, in_process_executor, multiprocess_executor
