@@ -59,10 +59,6 @@ BACKFILL_CREATING_RUNS = {BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING
 POLL_SECONDS = 2.0
 
 
-def foundation_job():
-    return defs.resolve_job_def("foundation_job")
-
-
 def dataset_job():
     return defs.resolve_job_def("dataset_job")
 
@@ -224,7 +220,7 @@ def run_variants(
             creating = [b for b in backfills.values() if instance.get_backfill(b).status in BACKFILL_CREATING_RUNS]
             runs = [instance.get_run_by_id(run_id) for run_id in fp_runs.values()]
             for backfill_id in backfills.values():
-                runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+                runs += backfill_runs(instance, backfill_id)
             for variant, run_id in fp_runs.items():  # the FP starts are the long silent stretch: show their epochs
                 if run_id not in reported:
                     log_cursors[run_id] = print_run_messages(instance, run_id, log_cursors[run_id], f"{variant} FP")
@@ -245,7 +241,7 @@ def run_variants(
             all_reported = len(reported) == len(runs) and all(r in reported for r in fp_runs.values())
             if not creating and all_reported and len(backfills) == watched:  # none submitted since the states were read
                 for variant, backfill_id in backfills.items():
-                    created = len(instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})))
+                    created = len(backfill_runs(instance, backfill_id))
                     if created < len(keys):
                         status = instance.get_backfill(backfill_id).status.value
                         failures.append(f"backfill {backfill_id} of {variant}_partition_job: {status} after "
@@ -258,6 +254,10 @@ def run_variants(
     except BaseException:
         cancel_unstarted(instance, list(fp_runs.values()), list(backfills.values()))
         raise
+
+
+def backfill_runs(instance: DagsterInstance, backfill_id: str) -> list:
+    return list(instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})))
 
 
 def describe_finished(instance: DagsterInstance, run) -> str:
@@ -275,7 +275,7 @@ def cancel_unstarted(instance: DagsterInstance, run_ids: list[str], backfill_ids
         backfill = instance.get_backfill(backfill_id)
         if backfill is not None and backfill.status in BACKFILL_CREATING_RUNS:
             instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
-        runs += instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+        runs += backfill_runs(instance, backfill_id)
     running = []
     for run in runs:
         if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):

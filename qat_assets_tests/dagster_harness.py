@@ -9,6 +9,11 @@ from dagster import AssetKey, DagsterInstance, Definitions
 from qat_assets.definitions import defs
 
 
+def foundation_job():
+    """The foundation job, as `reconstructable` needs it: a module-level function."""
+    return defs.resolve_job_def("foundation_job")
+
+
 def key(path: str) -> AssetKey:
     return AssetKey(path.split("/"))
 

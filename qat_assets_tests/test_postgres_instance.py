@@ -7,8 +7,7 @@ import pytest
 from dagster import DagsterInstance, build_sensor_context, execute_job, reconstructable
 
 from qat_assets.definitions import defs
-from qat_assets.ladder import foundation_job
-from qat_assets_tests.dagster_harness import latest_metadata
+from qat_assets_tests.dagster_harness import foundation_job, latest_metadata
 from qat_assets_tests.defs.test_sensors import report_gate
 from qat_assets_tests.execution.test_pools import step_intervals
 from qat_assets_tests.servers import REPO_ROOT, local_postgres

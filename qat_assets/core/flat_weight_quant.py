@@ -142,8 +142,7 @@ class _FlatIntFakeQuant(torch.autograd.Function):
         torch.clamp(scratch, low, high, out=codes)
         torch.ne(codes, scratch, out=outside)  # where the clamp changed the rounded value
         ctx.save_for_backward(scales, ratios, codes, outside)
-        ctx.rows, ctx.scratch, ctx.sizes = rows, scratch, [weight.numel() for weight in weights]
-        ctx.shapes = [weight.shape for weight in weights]
+        ctx.rows, ctx.scratch, ctx.shapes = rows, scratch, [weight.shape for weight in weights]
         return codes * scales
 
     @staticmethod
@@ -156,10 +155,10 @@ class _FlatIntFakeQuant(torch.autograd.Function):
         rescale_sums = _row_sums(from_rescale, ctx.rows)
         division_terms = torch.div(ratios, scales, out=scratch).mul_(grad_ratio)
         division_sums = _row_sums(division_terms, ctx.rows)
-        grad_weights = grad_ratio.div_(scales)
+        grad_weights = grad_ratio.div_(scales).split([shape.numel() for shape in ctx.shapes])
         return (
             torch.cat(rescale_sums) - torch.cat(division_sums), None, None, None, None,
-            *(part.view(shape) for part, shape in zip(grad_weights.split(ctx.sizes), ctx.shapes)),
+            *(part.view(shape) for part, shape in zip(grad_weights, ctx.shapes)),
         )
 
 

@@ -4,8 +4,7 @@ sets how many of the cores each CPU worker takes."""
 from dagster import DagsterEventType, execute_job, instance_for_test, reconstructable
 
 from qat_assets.execution import heavy_step_slots
-from qat_assets.ladder import foundation_job
-from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
+from qat_assets_tests.dagster_harness import foundation_job, latest_metadata, run_assets, step_failure_messages
 
 HEAVY_STEPS = ("yolo10n__pretrained_checkpoint", "yolo10s__pretrained_checkpoint")
 
