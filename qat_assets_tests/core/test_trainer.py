@@ -83,3 +83,9 @@ def test_a_non_finite_gradient_is_divergence_except_under_amp_where_gradscaler_s
     others[1].grad[1] = float("nan")
     assert gradients_diverged([weight, *others], torch.amp.GradScaler("cpu", enabled=False))
     assert not gradients_diverged([others[2]], torch.amp.GradScaler("cpu", enabled=False))
+    # -inf alone, anywhere in a conv-shaped gradient, and an empty gradient beside finite ones.
+    kernel, empty = torch.nn.Parameter(torch.ones(4, 3, 3, 3)), torch.nn.Parameter(torch.ones(0))
+    kernel.grad, empty.grad = torch.zeros(4, 3, 3, 3), torch.zeros(0)
+    assert not gradients_diverged([kernel, empty], torch.amp.GradScaler("cpu", enabled=False))
+    kernel.grad[2, 1, 0, 2] = float("-inf")
+    assert gradients_diverged([empty, kernel], torch.amp.GradScaler("cpu", enabled=False))
