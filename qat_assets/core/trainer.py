@@ -9,6 +9,9 @@ What the subclass changes, and why:
   forward);
 - a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
 - learned quantizer scales get no weight decay;
+- validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
+  `random`, which the training augmentations also draw from, so without this the trained weights would
+  depend on how often the run validated;
 - each finished epoch is reported through `on_epoch` as a plain dict;
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
   LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
@@ -16,12 +19,15 @@ What the subclass changes, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
@@ -83,6 +89,19 @@ def gradients_diverged(parameters: Iterable[torch.nn.Parameter], scaler: torch.a
     # which itself replaced a per-parameter `isfinite(grad).all()` (a mask per gradient and a sync each).
     extremes = [value for p in parameters if p.grad is not None and p.grad.numel() for value in torch.aminmax(p.grad)]
     return bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
+
+
+@contextlib.contextmanager
+def preserved_random_state():
+    """Python's, NumPy's and torch's random state (CUDA's too, once initialised) restored on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def trainer_overrides(
@@ -195,14 +214,15 @@ class ResumableTrainer(DetectionTrainer):
             raise TrainingDiverged(self.epoch + 1, "the weights") from None
 
     def validate(self):
-        if self.validation_model is None:
-            return super().validate()
-        live_ema = self.ema.ema
-        self.ema.ema = self.validation_model(live_ema)
-        try:
-            return super().validate()
-        finally:
-            self.ema.ema = live_ema
+        with preserved_random_state():
+            if self.validation_model is None:
+                return super().validate()
+            live_ema = self.ema.ema
+            self.ema.ema = self.validation_model(live_ema)
+            try:
+                return super().validate()
+            finally:
+                self.ema.ema = live_ema
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         # Ultralytics would reload a pickled last.pt; a diverged QAT run is a result to report instead.
