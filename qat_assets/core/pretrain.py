@@ -21,26 +21,41 @@ CHECKPOINT_NAME = "pretrained.pt"
 PRETRAIN_SEED = 0
 
 
+def validated_fp_epochs(epochs: int, interval: int, plateau_epochs: int) -> Callable[[int], bool]:
+    """Which FP epochs (1-based) to validate: every `interval`-th, and all from the one before the plateau
+    window to the last. The check reads the window in full; before it, it needs the best, which a sparser
+    history can only understate, so sparse validation never makes a start look more at plateau than it is."""
+    first_dense = epochs - plateau_epochs
+    return lambda epoch: epoch % interval == 0 or epoch >= first_dense
+
+
 def plateau_check(history: list[dict], epochs: int, min_gain: float) -> dict:
     """Is the FP model at its plateau? The gain of the last `epochs` epochs over everything before them.
 
     Gain = best mAP50-95 of the last `epochs` epochs - best mAP50-95 before them (best, not the last
     value, so one noisy validation neither hides nor fakes progress). At the plateau when gain < min_gain,
     i.e. training `epochs` more epochs is expected to add less than `min_gain`. Measured from the run's
-    own history; a history shorter than `epochs` + 1 epochs cannot tell.
+    own history, whose epochs without a validation (None) are left out; it cannot tell without a validated
+    epoch in the window and one before it.
 
     The check is only as strong as the LR the window trained at: a model flat at a tiny LR can still
     learn at a larger one (QAT's, say). So the window's largest LR is recorded beside the gain
     (`window_max_lr`, None for a history without LRs) and named in the reason.
     """
     trained = [h for h in sorted(history, key=lambda h: h["epoch"]) if h["epoch"] > 0]
-    values = [h["map50_95"] for h in trained]
     result = {"window_epochs": epochs, "min_gain": min_gain, "gain": None, "at_plateau": None, "window_max_lr": None}
-    if len(values) <= epochs:
-        result["reason"] = f"only {len(values)} FP epochs in the history; the check needs more than {epochs}"
+    last_before = trained[-1]["epoch"] - epochs if trained else 0
+    window = [h for h in trained if h["epoch"] > last_before]
+    in_window = [h["map50_95"] for h in window if h.get("map50_95") is not None]
+    before = [h["map50_95"] for h in trained if h["epoch"] <= last_before and h.get("map50_95") is not None]
+    if last_before < 1 or not in_window or not before:
+        result["reason"] = (
+            f"{len(trained)} FP epochs in the history, {len(in_window)} validated in the last {epochs} and "
+            f"{len(before)} before them; the check needs more than {epochs} epochs and a validation in each part"
+        )
         return result
-    gain = max(values[-epochs:]) - max(values[:-epochs])
-    window_lrs = [h["lr"] for h in trained[-epochs:] if h.get("lr") is not None]
+    gain = max(in_window) - max(before)
+    window_lrs = [h["lr"] for h in window if h.get("lr") is not None]
     window_max_lr = max(window_lrs) if window_lrs else None
     result.update(gain=gain, at_plateau=gain < min_gain, window_max_lr=window_max_lr)
     result["reason"] = (
@@ -54,10 +69,11 @@ def plateau_check(history: list[dict], epochs: int, min_gain: float) -> dict:
 
 def describe_epoch(record: dict) -> str:
     losses = " ".join(f"{k}={record[k]:.3f}" for k in ("box_loss", "cls_loss", "dfl_loss") if record.get(k) is not None)
-    return (
-        f"epoch {record['epoch']}: mAP50-95 {record['map50_95']:.4f}, mAP50 {record['map50']:.4f}, "
-        f"P {record['precision']:.3f}, R {record['recall']:.3f}, {losses}, {record.get('seconds') or 0:.1f}s"
+    metrics = (
+        f"mAP50-95 {record['map50_95']:.4f}, mAP50 {record['map50']:.4f}, P {record['precision']:.3f}, R {record['recall']:.3f}"
+        if record.get("map50_95") is not None else "not validated"
     )
+    return f"epoch {record['epoch']}: {metrics}, {losses}, {record.get('seconds') or 0:.1f}s"
 
 
 def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
@@ -112,6 +128,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                 resume_state=state,
                 history=history,
                 lr_hold_epochs=settings.pretrain_lr_hold_epochs,
+                validate_epoch=validated_fp_epochs(epochs, settings.pretrain_val_interval, settings.plateau_epochs),
             )
             trainer.train()
             history = trainer.history

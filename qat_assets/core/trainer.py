@@ -12,6 +12,8 @@ What the subclass changes, and why:
 - validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
   `random`, which the training augmentations also draw from, so without this the trained weights would
   depend on how often the run validated;
+- `validate_epoch` can skip validations (an FP run needs its plateau window, not every epoch); a skipped
+  epoch is recorded with no metrics rather than with the last validated epoch's;
 - each finished epoch is reported through `on_epoch` as a plain dict;
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
   LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
@@ -134,6 +136,7 @@ class ResumableTrainer(DetectionTrainer):
         extra_state: Callable[[], dict[str, Any]] | None = None,
         history: list[dict[str, Any]] | None = None,
         lr_hold_epochs: int = 0,
+        validate_epoch: Callable[[int], bool] | None = None,
     ):
         super().__init__(overrides={**overrides, "save": True, "val": True})
         self.model = model  # setup_model() keeps an nn.Module as it is
@@ -147,9 +150,11 @@ class ResumableTrainer(DetectionTrainer):
         self.extra_state = extra_state or dict
         self.history = list(history or [])
         self.lr_hold_epochs = lr_hold_epochs
+        self.validate_epoch = validate_epoch
+        self._validated_epoch: int | None = None
         self._epoch_started = time.time()
         self.add_callback("on_pretrain_routine_end", lambda trainer: trainer._configure_ema_and_resume())
-        self.add_callback("on_train_epoch_start", lambda trainer: setattr(trainer, "_epoch_started", time.time()))
+        self.add_callback("on_train_epoch_start", lambda trainer: trainer._start_epoch())
         self.add_callback("on_train_batch_end", lambda trainer: trainer._check_loss_finite())
 
     def _configure_ema_and_resume(self) -> None:
@@ -193,6 +198,12 @@ class ResumableTrainer(DetectionTrainer):
             groups["bn"]["params"] = list(groups["bn"]["params"]) + moved
         return optimizer
 
+    def _start_epoch(self) -> None:
+        self._epoch_started = time.time()
+        if self.validate_epoch is not None:
+            # Ultralytics validates an epoch when args.val is set, and always the last one.
+            self.args.val = self.validate_epoch(self.epoch + 1)
+
     def _check_loss_finite(self) -> None:
         if self.loss is not None and not torch.isfinite(self.loss).all():
             raise TrainingDiverged(self.epoch + 1, "the training loss")
@@ -214,6 +225,7 @@ class ResumableTrainer(DetectionTrainer):
             raise TrainingDiverged(self.epoch + 1, "the weights") from None
 
     def validate(self):
+        self._validated_epoch = self.epoch + 1
         with preserved_random_state():
             if self.validation_model is None:
                 return super().validate()
@@ -232,9 +244,12 @@ class ResumableTrainer(DetectionTrainer):
 
     def save_model(self) -> bool:
         losses = {k.split("/")[-1]: float(v) for k, v in (self.tloss or {}).items()}
+        validated = self._validated_epoch == self.epoch + 1
+        metrics = metrics_from_ultralytics(self.metrics or {})
         record = {
             "epoch": self.epoch + 1,
-            **metrics_from_ultralytics(self.metrics or {}),
+            # Unvalidated epochs would otherwise carry the last validated epoch's metrics.
+            **(metrics if validated else dict.fromkeys(metrics)),
             "box_loss": losses.get("box_loss"),
             "cls_loss": losses.get("cls_loss"),
             "dfl_loss": losses.get("dfl_loss"),

@@ -1,9 +1,10 @@
-"""The FP plateau check, against its definition; the FP LR schedule that lets a run show its plateau."""
+"""The FP plateau check, against its definition; the FP LR schedule that lets a run show its plateau; the
+sparse FP validation schedule, which must not change what is trained."""
 
 import pytest
 
 from qat_assets.core.coco import convert_coco_subset
-from qat_assets.core.pretrain import plateau_check, run_pretrain
+from qat_assets.core.pretrain import plateau_check, run_pretrain, validated_fp_epochs
 from qat_assets.core.requests import PretrainRequest
 from qat_assets.core.settings import load_settings
 from qat_assets.core.synthetic import write_synthetic_coco
@@ -38,18 +39,49 @@ def test_a_history_no_longer_than_the_window_cannot_tell():
     assert check["gain"] is None and check["at_plateau"] is None and "needs more than 3" in check["reason"]
 
 
-def test_pretraining_holds_the_final_lr_over_the_last_epochs(tmp_path):
-    # Three smoke epochs, the last one held: the epochs run at lr0 x (1, 1 - (1 - lrf)/2, lrf), where
-    # Ultralytics' schedule alone would still be at lr0 x (1 + 2 lrf)/3 in the third.
-    settings = load_settings({"profile": "smoke", "storage": str(tmp_path), "pretrain_epochs": 3,
-                              "pretrain_lr_hold_epochs": 1, "pretrain_warmup_epochs": 0,
-                              "pretrain_optimizer": "SGD", "pretrain_lr": 0.01, "pretrain_lrf": 0.1}, environ={})
-    write_synthetic_coco(tmp_path / "coco", train_images=16, val_images=8, image_size=64, seed=0)
+def test_unvalidated_epochs_are_left_out_of_the_check():
+    full = history([0.20, 0.50, 0.60, 0.55, 0.61, 0.605, 0.608])
+    sparse = [h if h["epoch"] in (0, 2, 4, 5, 6, 7) else {**h, "map50_95": None} for h in full]
+    # Window of 3 (epochs 5-7), best before = 0.60 at epoch 3 in full, 0.55 at epoch 4 when epoch 3 was skipped:
+    # the sparse history can only understate the best before, so it reads a larger gain, never a smaller one.
+    assert plateau_check(full, epochs=3, min_gain=0.01)["gain"] == pytest.approx(0.01)
+    assert plateau_check(sparse, epochs=3, min_gain=0.01)["gain"] == pytest.approx(0.06)
+    unvalidated_window = [h if h["epoch"] < 5 else {**h, "map50_95": None} for h in full]
+    check = plateau_check(unvalidated_window, epochs=3, min_gain=0.01)
+    assert check["at_plateau"] is None and "0 validated in the last 3" in check["reason"]
+
+
+def test_fp_validates_every_interval_and_densely_from_the_epoch_before_the_window():
+    validated = validated_fp_epochs(epochs=40, interval=5, plateau_epochs=10)
+    assert [e for e in range(1, 41) if validated(e)] == [5, 10, 15, 20, 25, *range(30, 41)]
+    assert all(validated_fp_epochs(epochs=12, interval=1, plateau_epochs=10)(e) for e in range(1, 13))
+
+
+def pretrain(tmp_path, name: str, **overrides):
+    settings = load_settings({"profile": "smoke", "storage": str(tmp_path), **overrides}, environ={})
+    if not (tmp_path / "subset").is_dir():
+        write_synthetic_coco(tmp_path / "coco", train_images=16, val_images=8, image_size=64, seed=0)
     subset = convert_coco_subset(tmp_path / "coco", tmp_path / "subset", train_images=16, val_images=8, seed=0,
                                  skip_bad_items=False)
-    result = run_pretrain(
+    return run_pretrain(
         PretrainRequest(variant="yolo10n", dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
-                        names=subset.class_names, train_images=16, out_dir=tmp_path / "fp", settings=settings),
+                        names=subset.class_names, train_images=16, out_dir=tmp_path / name, settings=settings),
         log=lambda message: None,
     )
-    assert [h["lr"] for h in result["history"]] == pytest.approx([0.01, 0.01 * 0.55, 0.001])
+
+
+def test_pretraining_holds_the_final_lr_over_the_last_epochs_and_validates_only_where_asked(tmp_path):
+    # Three smoke epochs, the last one held: the epochs run at lr0 x (1, 1 - (1 - lrf)/2, lrf), where
+    # Ultralytics' schedule alone would still be at lr0 x (1 + 2 lrf)/3 in the third.
+    recipe = {"pretrain_epochs": 3, "pretrain_lr_hold_epochs": 1, "pretrain_warmup_epochs": 0,
+              "pretrain_optimizer": "SGD", "pretrain_lr": 0.01, "pretrain_lrf": 0.1, "plateau_epochs": 1}
+    sparse = pretrain(tmp_path, "sparse", **recipe, pretrain_val_interval=2)
+    assert [h["lr"] for h in sparse["history"]] == pytest.approx([0.01, 0.01 * 0.55, 0.001])
+    # Every 2nd epoch and from the one before the 1-epoch window: epoch 1 is not validated, and says so.
+    assert [h["map50_95"] is None for h in sparse["history"]] == [True, False, False]
+    assert [h["precision"] is None for h in sparse["history"]] == [True, False, False]
+    # Skipping a validation changes nothing that is trained: the same model as validating every epoch.
+    dense = pretrain(tmp_path, "dense", **recipe, pretrain_val_interval=1)
+    assert dense["metrics"] == sparse["metrics"] and dense["history"][1:] == [
+        {**h, "seconds": d["seconds"]} for h, d in zip(sparse["history"][1:], dense["history"][1:])
+    ]
