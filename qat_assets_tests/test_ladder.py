@@ -134,9 +134,13 @@ def test_a_variants_partitions_start_when_its_own_fp_run_succeeded_not_when_the_
 
     instance, events = FakeInstance(), []
 
-    def submit_fp(variant):
-        instance.add_run(f"fp-{variant}", f"{variant}_pretrained_job")
-        return f"fp-{variant}"
+    fp_ids = {}
+
+    def submit_fp(run_ids):
+        assert list(run_ids) == ["yolo10n", "yolo10s"]  # both queued at once
+        for variant, run_id in run_ids.items():
+            fp_ids[f"fp-{variant}"] = run_id
+            instance.add_run(run_id, f"{variant}_pretrained_job")
 
     def submit_backfill(variant, keys):
         events.append(f"backfill {variant}")
@@ -148,13 +152,14 @@ def test_a_variants_partitions_start_when_its_own_fp_run_succeeded_not_when_the_
 
     def queue_tick():  # the "daemon": each poll finishes the next run, yolo10n's FP first, yolo10s' FP last
         order = ["fp-yolo10n", "yolo10n-baseline|0", "yolo10n-ema|0", "fp-yolo10s", "yolo10s-baseline|0", "yolo10s-ema|0"]
-        pending = [run_id for run_id in order if run_id in instance.runs and instance.runs[run_id].status == DagsterRunStatus.QUEUED]
+        pending = [name for name in order if fp_ids.get(name, name) in instance.runs
+                   and instance.runs[fp_ids.get(name, name)].status == DagsterRunStatus.QUEUED]
         if pending:
-            instance.runs[pending[0]].status = DagsterRunStatus.SUCCESS
+            instance.runs[fp_ids.get(pending[0], pending[0])].status = DagsterRunStatus.SUCCESS
             events.append(f"done {pending[0]}")
         return None
 
-    monkeypatch.setattr(ladder, "submit_pretrained_run", submit_fp)
+    monkeypatch.setattr(ladder, "submit_pretrained_runs", submit_fp)
     monkeypatch.setattr(ladder, "submit_partition_backfill", submit_backfill)
     monkeypatch.setattr(ladder, "POLL_SECONDS", 0.0)
     runs, failures = ladder.run_variants(instance, ("yolo10n", "yolo10s"), ["baseline|0", "ema|0"], True, queue_tick)
@@ -168,15 +173,21 @@ def test_a_ladder_stopped_midway_cancels_the_runs_it_queued_that_had_not_started
     from qat_assets import ladder
 
     instance = FakeInstance()
-    monkeypatch.setattr(ladder, "submit_pretrained_run",
-                        lambda variant: instance.add_run(f"fp-{variant}", f"{variant}_pretrained_job") or f"fp-{variant}")
+    fp_ids = {}
+
+    def submit_fp(run_ids):
+        for variant, run_id in run_ids.items():
+            fp_ids[variant] = run_id
+            instance.add_run(run_id, f"{variant}_pretrained_job")
+
+    monkeypatch.setattr(ladder, "submit_pretrained_runs", submit_fp)
     monkeypatch.setattr(ladder, "POLL_SECONDS", 0.0)
 
     def interrupted():
-        instance.runs["fp-yolo10n"].status = DagsterRunStatus.STARTED  # one run has started, the other not
+        instance.runs[fp_ids["yolo10n"]].status = DagsterRunStatus.STARTED  # one run has started, the other not
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         ladder.run_variants(instance, ("yolo10n", "yolo10s"), ["baseline|0"], True, interrupted)
-    assert instance.canceled == ["fp-yolo10s"]
-    assert instance.runs["fp-yolo10n"].status == DagsterRunStatus.STARTED
+    assert instance.canceled == [fp_ids["yolo10s"]]
+    assert instance.runs[fp_ids["yolo10n"]].status == DagsterRunStatus.STARTED
