@@ -19,6 +19,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
+from qat_assets.core import pretrain
 from qat_assets.core.artifacts import read_sidecar
 from qat_assets.core.coco import SubsetResult, convert_coco_subset
 from qat_assets.core.pretrain import run_pretrain
@@ -65,7 +68,8 @@ def main() -> None:
     parser.add_argument("--name", help="fp: name of the FP run folder")
     parser.add_argument("--variant", default="yolo10n")
     parser.add_argument("--fp", help="qat: name of the FP run to start from")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="qat: the QAT seed; fp: the FP seed (init and trainer)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); the ladder's workers use 1")
     parser.add_argument("--method", default="baseline", choices=("baseline", "ema"))
     parser.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
     args = parser.parse_args()
@@ -76,6 +80,12 @@ def main() -> None:
     if args.stage == "fp-table":
         print_fp_table(args.work)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "fp":
+        # Probes only: the project's FP start always uses pretrain.PRETRAIN_SEED (0); another seed measures
+        # how much a recipe's outcome depends on its random stream.
+        pretrain.PRETRAIN_SEED = args.seed
     overrides = {"device": "cpu", "storage": str(args.work), **parse_overrides(args.set)}
     settings = load_settings(overrides)
     work = args.work
@@ -88,9 +98,10 @@ def main() -> None:
             variant=args.variant, dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
             names=subset.class_names, train_images=subset.counts["train"]["images"], out_dir=out, settings=settings,
         ), log=lambda line: print(line, flush=True))
-        history = [round(h["map50_95"], 4) for h in result["history"]]
+        # None for an epoch FP did not validate (pretrain_val_interval).
+        history = [None if h["map50_95"] is None else round(h["map50_95"], 4) for h in result["history"]]
         record(work, {
-            "stage": "fp", "name": args.name, "variant": args.variant, "overrides": args.set,
+            "stage": "fp", "name": args.name, "variant": args.variant, "overrides": args.set, "seed": args.seed,
             "map50_95": result["metrics"]["map50_95"], "plateau": result["plateau"], "history": history,
             "minutes": (time.time() - started) / 60,
             # CPU time of all threads: comparable between runs when other jobs share the cores.
@@ -160,7 +171,7 @@ def print_fp_table(work: Path) -> None:
         cpu = f" ({row['cpu_minutes']:.1f})" if "cpu_minutes" in row else ""
         print(
             f"| {row['name']} | {row['variant']} | {' '.join(row['overrides'])} | {len(row['history'])} | {per_epoch} | "
-            f"{row['minutes']:.1f}{cpu} | {row['map50_95']:.3f} | {max(row['history']):.3f} | "
+            f"{row['minutes']:.1f}{cpu} | {row['map50_95']:.3f} | {max(v for v in row['history'] if v is not None):.3f} | "
             f"{plateau['gain']:+.4f} | {'yes' if passed else 'no'} |"
         )
 
