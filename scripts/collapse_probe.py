@@ -112,11 +112,12 @@ def main() -> None:
     sidecar = read_sidecar(fp / "pretrained.pt")
     tag = "-".join(args.set).replace("=", "") or "default"
     out = work / "qat" / args.fp / f"{args.method}-{args.seed}-{tag}"[:180]
+    trajectory = work / "qat" / args.fp / f"trajectory-{args.seed}-{tag}"[:180]  # shared by both methods
     result = run_qat(QATRequest(
         variant=sidecar["variant"], method=args.method, seed=args.seed, pretrained_checkpoint=fp / "pretrained.pt",
         pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
         dataset_fingerprint=subset.fingerprint, train_images=subset.counts["train"]["images"], out_dir=out,
-        settings=settings,
+        trajectory_dir=trajectory, settings=settings,
     ), log=lambda line: print(line, flush=True))
     trained = [h for h in result["history"] if h["epoch"] > 0]
     best = max(trained, key=lambda h: h["map50_95"]) if trained else None

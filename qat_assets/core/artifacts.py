@@ -8,13 +8,14 @@ in a JSON sidecar next to them.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class ArtifactError(RuntimeError):
@@ -34,6 +35,26 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold an flock() on `path` for the block; `on_wait()` runs first if another process holds it.
+
+    The lock goes with its process, so a killed holder never leaves it stuck.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text_atomic(destination: Path, text: str) -> Path:

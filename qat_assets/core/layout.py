@@ -26,6 +26,11 @@ def run_dir(root: Path, variant: str, stage: str, method: str, seed: int) -> Pat
     return root / variant / stage / f"{method}-{seed}"
 
 
+def qat_trajectory_dir(root: Path, variant: str, seed: int) -> Path:
+    """The QAT training of one seed, shared by the baseline and ema partitions (core/qat.py says why)."""
+    return root / variant / "qat_trajectory" / f"seed-{seed}"
+
+
 def comparison_dir(root: Path) -> Path:
     return root / "comparison"
 

@@ -1,7 +1,15 @@
 """The W4A16 QAT stage: one (variant, method, seed) run from the FP checkpoint to `qat_checkpoint.pt`.
 
+Both methods of a seed share one training, the seed's trajectory. The EMA copy never feeds back into
+training, so an `ema` run's live weights are the `baseline` run's, bit for bit: trained separately, the
+four baseline/ema pairs of the embedded ladder ended with identical state dicts. The trajectory therefore
+runs with the EMA method's averaging and validates, after every epoch, both the EMA copy (the `ema`
+method's history) and the live weights (the `baseline` method's, which is what EMA decay 0 evaluated).
+Whichever of the two partitions runs first trains it; the other waits on its lock and reuses it. Each
+then writes its own checkpoint: `model` the live weights, `ema` the weights its method evaluates.
+
 Epoch 0 of the history is the freshly quantized pretrained model (PTQ), evaluated before any training.
-The run resumes from its last completed epoch when re-run after a crash, and a NaN/Inf stops it as
+The trajectory resumes from its last completed epoch when re-run after a crash, and a NaN/Inf stops it as
 diverged: the checkpoints it has are kept and the result says so.
 """
 
@@ -11,7 +19,7 @@ import hashlib
 import time
 from typing import Callable
 
-from .artifacts import save_checkpoint, write_json_atomic
+from .artifacts import exclusive_lock, save_checkpoint, write_json_atomic
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import load_float_model
 from .oscillation import OscillationTracker
@@ -33,47 +41,104 @@ def quant_options(settings: Settings) -> QuantOptions:
     )
 
 
-def run_fingerprint(request: QATRequest) -> str:
-    """What a saved training state must match to be resumed: same inputs, settings, method and seed."""
+def trajectory_fingerprint(request: QATRequest) -> str:
+    """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method)."""
     parts = (
         request.pretrained_sha256, request.dataset_fingerprint, request.settings.fingerprint_of(QAT_FIELDS),
-        request.method, str(request.seed),
+        str(request.seed),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def method_history(trajectory_history: list[dict], method: str) -> list[dict]:
+    """One method's view of the trajectory's history: `ema` the EMA copy's metrics, `baseline` the live weights'."""
+    view = []
+    for record in trajectory_history:
+        record = dict(record)
+        live = record.pop("live", None)
+        if method == "baseline" and live is not None:
+            record.update(live)
+        view.append(record)
+    return view
+
+
 def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     settings = request.settings
-    device = resolve_device(settings.device)
     started = time.time()
     label = f"{request.variant} {request.method}|{request.seed}"
-    run_dir = request.out_dir / "run"
     model, pretrained = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
     report = quantize_w4a16(model, quant_options(settings))
     log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, "
         f"{'per-output-channel' if settings.per_channel_scales else 'per-tensor'} scales)")
+    batches_per_epoch = -(-request.train_images // settings.batch)
+    ema_of = {
+        method: ema_schedule(
+            settings.ema_decay if method == "ema" else 0.0, settings.ema_tau, settings.qat_epochs * batches_per_epoch,
+            batches_per_epoch,
+        )
+        for method in ("baseline", "ema")
+    }
 
-    fingerprint = run_fingerprint(request)
+    def report_wait() -> None:
+        log(f"{label}: waiting for seed {request.seed}'s QAT trajectory ({request.trajectory_dir}): the other "
+            f"method's run is training it, and this run reuses it when it is done")
+
+    with exclusive_lock(request.trajectory_dir / "lock", on_wait=report_wait):
+        history, final_state, diverged_at, resume_note = train_trajectory(request, model, ema_of["ema"], log)
+
+    history = method_history(history, request.method)
+    log(f"{label}: PTQ (epoch 0) mAP50-95 {history[0]['map50_95']:.4f} vs FP {pretrained['metrics']['map50_95']:.4f}; "
+        f"evaluates the {'EMA copy' if request.method == 'ema' else 'live weights'} of the trajectory")
+    trained = [h for h in history if h["epoch"] > 0]
+    sidecar = {
+        "variant": request.variant, "method": request.method, "seed": request.seed,
+        "names": pretrained["names"], "planned_epochs": settings.qat_epochs, "completed_epochs": len(trained),
+        "diverged_at_epoch": diverged_at, "resume": resume_note, "history": history,
+        "ptq_map50_95": history[0]["map50_95"], "fp_map50_95": pretrained["metrics"]["map50_95"],
+        "quantization": report.to_dict(), "quantization_counts": report.counts(), "ema": ema_of[request.method],
+        "trajectory": {"dir": str(request.trajectory_dir), "fingerprint": trajectory_fingerprint(request)},
+        "evaluation": evaluation_settings(settings.imgsz, settings.batch),
+        "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
+        "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
+        "device": resolve_device(settings.device), "seconds": time.time() - started,
+    }
+    evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
+    checkpoint = request.out_dir / CHECKPOINT_NAME
+    digest = save_checkpoint(checkpoint, {"model": final_state["model"], "ema": evaluated}, sidecar)
+    return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
+
+
+def train_trajectory(
+    request: QATRequest, model, ema: dict, log: Callable[[str], None]
+) -> tuple[list[dict], dict, int | None, str]:
+    """Train (or resume, or reuse) the seed's trajectory: its history, final {model, ema} state, divergence epoch, resume note."""
+    settings = request.settings
+    device = resolve_device(settings.device)
+    label = f"{request.variant} {request.method}|{request.seed}"
+    run_dir = request.trajectory_dir
+    fingerprint = trajectory_fingerprint(request)
     epochs = settings.qat_epochs
     state, history, resume_note = load_resume_state(run_dir, fingerprint, epochs)
-    log(f"{label}: {resume_note}")
+    log(f"{label}: seed {request.seed}'s QAT trajectory (both methods): {resume_note}")
     if not history:
         ptq = evaluate_model(
             freeze_quantized_weights(model), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
-            device=device, work_dir=request.out_dir / "eval",
+            device=device, work_dir=run_dir / "eval",
         )
         history = [{"epoch": 0, **ptq}]
         write_json_atomic(run_dir / HISTORY_FILE, history)
-        log(f"{label}: PTQ (epoch 0) mAP50-95 {ptq['map50_95']:.4f} vs FP {pretrained['metrics']['map50_95']:.4f}")
 
-    batches_per_epoch = -(-request.train_images // settings.batch)
-    ema = ema_schedule(
-        settings.ema_decay if request.method == "ema" else 0.0, settings.ema_tau, epochs * batches_per_epoch,
-        batches_per_epoch,
-    )
     oscillation = OscillationTracker(settings.oscillation_momentum, settings.oscillation_threshold)
     if state is not None and "oscillation" in state:
         oscillation.load_state_dict(state["oscillation"])
+
+    other = "baseline" if request.method == "ema" else "ema"
+
+    def describe(record: dict) -> str:
+        """The epoch as this run's method sees it, with the other method's mAP from the same training."""
+        other_map = method_history([record], other)[0]["map50_95"]
+        return (f"{label} {describe_epoch(method_history([record], request.method)[0])}, {other} mAP50-95 "
+                f"{'not validated' if other_map is None else f'{other_map:.4f}'}, oscillating {record['oscillating_fraction']:.4f}")
 
     diverged_at = None
     final_state = state
@@ -90,11 +155,12 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
             },
             run_dir=run_dir,
             ema=ema,
-            on_epoch=lambda record: log(f"{label} {describe_epoch(record)}, oscillating {record['oscillating_fraction']:.4f}"),
+            on_epoch=lambda record: log(describe(record)),
             state_fingerprint=fingerprint,
             resume_state=state,
             history=history,
             validation_model=freeze_quantized_weights,
+            validate_live=True,
             after_optimizer_step=oscillation.update_model,
             extra_state=lambda: {
                 "epoch_fields": {"oscillating_fraction": oscillation.oscillating_fraction()},
@@ -111,18 +177,4 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     if final_state is None:  # diverged: the last completed epoch, or the PTQ start if none completed
         final_state, _, _ = load_resume_state(run_dir, fingerprint, epochs)
         final_state = final_state or {"model": ptq_start, "ema": ptq_start}
-
-    trained = [h for h in history if h["epoch"] > 0]
-    sidecar = {
-        "variant": request.variant, "method": request.method, "seed": request.seed,
-        "names": pretrained["names"], "planned_epochs": epochs, "completed_epochs": len(trained),
-        "diverged_at_epoch": diverged_at, "resume": resume_note, "history": history,
-        "ptq_map50_95": history[0]["map50_95"], "fp_map50_95": pretrained["metrics"]["map50_95"],
-        "quantization": report.to_dict(), "quantization_counts": report.counts(), "ema": ema, "evaluation": evaluation_settings(settings.imgsz, settings.batch),
-        "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
-        "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
-        "device": device, "seconds": time.time() - started,
-    }
-    checkpoint = request.out_dir / CHECKPOINT_NAME
-    digest = save_checkpoint(checkpoint, {"model": final_state["model"], "ema": final_state["ema"]}, sidecar)
-    return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
+    return history, final_state, diverged_at, resume_note

@@ -30,6 +30,7 @@ class QATRequest(BaseModel):
     dataset_fingerprint: str
     train_images: int
     out_dir: Path
+    trajectory_dir: Path  # the seed's training, shared by both methods
     settings: Settings
 
 

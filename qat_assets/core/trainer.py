@@ -6,7 +6,8 @@ What the subclass changes, and why:
 - the EMA decay and ramp come from our settings (decay 0 for the baseline: the validated copy is then
   exactly the live model);
 - validation can run on a frozen copy of the EMA model (quantized weights computed once, not on every
-  forward);
+  forward), and can validate the live weights as well (`validate_live`): the EMA never feeds back into
+  training, so one run then gives both the EMA method's history and the no-EMA baseline's;
 - a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
 - learned quantizer scales get no weight decay;
 - validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
@@ -22,6 +23,7 @@ What the subclass changes, and why:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -137,6 +139,7 @@ class ResumableTrainer(DetectionTrainer):
         history: list[dict[str, Any]] | None = None,
         lr_hold_epochs: int = 0,
         validate_epoch: Callable[[int], bool] | None = None,
+        validate_live: bool = False,
     ):
         super().__init__(overrides={**overrides, "save": True, "val": True})
         self.model = model  # setup_model() keeps an nn.Module as it is
@@ -151,7 +154,9 @@ class ResumableTrainer(DetectionTrainer):
         self.history = list(history or [])
         self.lr_hold_epochs = lr_hold_epochs
         self.validate_epoch = validate_epoch
+        self.validate_live = validate_live
         self._validated_epoch: int | None = None
+        self._live_metrics: dict[str, float] | None = None
         self._epoch_started = time.time()
         self.add_callback("on_pretrain_routine_end", lambda trainer: trainer._configure_ema_and_resume())
         self.add_callback("on_train_epoch_start", lambda trainer: trainer._start_epoch())
@@ -226,15 +231,23 @@ class ResumableTrainer(DetectionTrainer):
 
     def validate(self):
         self._validated_epoch = self.epoch + 1
+        held = self.ema.ema
         with preserved_random_state():
-            if self.validation_model is None:
-                return super().validate()
-            live_ema = self.ema.ema
-            self.ema.ema = self.validation_model(live_ema)
             try:
-                return super().validate()
+                if self.validation_model is not None:
+                    self.ema.ema = self.validation_model(held)
+                result = super().validate()
+                if self.validate_live:
+                    # The validator evaluates `ema.ema`, so the live weights stand in for it, as a copy because the
+                    # validator switches its model to eval mode. Fitness and best_fitness stay the EMA copy's.
+                    live = unwrap_model(self.model)
+                    self.ema.ema = self.validation_model(live) if self.validation_model is not None else copy.deepcopy(live)
+                    self._live_metrics = metrics_from_ultralytics(self.validator(self))
             finally:
-                self.ema.ema = live_ema
+                self.ema.ema = held
+        if self.validate_live and not math.isfinite(self._live_metrics["map50_95"]):
+            raise TrainingDiverged(self.epoch + 1, "the live weights' validation mAP50-95")
+        return result
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         # Ultralytics would reload a pickled last.pt; a diverged QAT run is a result to report instead.
@@ -250,6 +263,7 @@ class ResumableTrainer(DetectionTrainer):
             "epoch": self.epoch + 1,
             # Unvalidated epochs would otherwise carry the last validated epoch's metrics.
             **(metrics if validated else dict.fromkeys(metrics)),
+            **({"live": self._live_metrics if validated else dict.fromkeys(metrics)} if self.validate_live else {}),
             "box_loss": losses.get("box_loss"),
             "cls_loss": losses.get("cls_loss"),
             "dfl_loss": losses.get("dfl_loss"),

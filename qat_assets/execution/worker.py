@@ -94,9 +94,12 @@ def redirect_output(log_file: Path) -> Any:
     return handle
 
 
+OUTPUT_DIRS = ("out_dir", "trajectory_dir")  # request fields the step writes, so they need not exist yet
+
+
 def unseen_inputs(request: Any) -> list[str]:
     """The request's input files and folders this machine cannot see (they live under QAT_STORAGE)."""
-    paths = {name: value for name, value in request if isinstance(value, Path) and name != "out_dir"}
+    paths = {name: value for name, value in request if isinstance(value, Path) and name not in OUTPUT_DIRS}
     paths["QAT_STORAGE"] = request.settings.artifact_root()
     return [f"{name}={path}" for name, path in paths.items() if not path.exists()]
 

@@ -41,12 +41,16 @@ def qat_request(pretrained, out_dir: Path, **overrides) -> Path:
     request = QATRequest(
         variant="yolo10n", method="ema", seed=0, pretrained_checkpoint=result["checkpoint"],
         pretrained_sha256=result["sha256"], dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
-        train_images=16, out_dir=out_dir, settings=settings,
+        train_images=16, out_dir=out_dir, trajectory_dir=trajectory_dir(out_dir), settings=settings,
     )
     path = out_dir.parent / f"{out_dir.name}.request.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(request.model_dump_json())
     return path
+
+
+def trajectory_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f"{out_dir.name}-trajectory"
 
 
 def start_worker(request: Path, out_dir: Path) -> subprocess.Popen:
@@ -58,7 +62,7 @@ def start_worker(request: Path, out_dir: Path) -> subprocess.Popen:
 
 
 def completed_epochs(out_dir: Path) -> int:
-    state = out_dir / "run" / STATE_FILE
+    state = trajectory_dir(out_dir) / STATE_FILE
     if not state.is_file():
         return 0
     import torch
@@ -105,7 +109,7 @@ def test_a_killed_worker_resumes_from_its_last_epoch_without_counting_one_twice(
     assert int(result["resume"].split("epoch ")[1].split(" ")[0]) >= done_before_kill
     epochs = [h["epoch"] for h in result["history"]]
     assert epochs == [0, 1, 2, 3, 4]  # PTQ, then every epoch exactly once
-    assert [h["epoch"] for h in json.loads((out_dir / "run" / HISTORY_FILE).read_text())] == epochs
+    assert [h["epoch"] for h in json.loads((trajectory_dir(out_dir) / HISTORY_FILE).read_text())] == epochs
 
 
 def test_a_nan_loss_is_reported_as_diverged_in_one_line(pretrained, tmp_path):

@@ -122,7 +122,7 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
     def qat_checkpoint(
         context: AssetExecutionContext, experiment: ExperimentSettings, launcher: HeavyStepLauncher
     ) -> MaterializeResult:
-        """W4A16 QAT from the pretrained checkpoint; `baseline` = EMA decay 0, `ema` = the paper's EMA."""
+        """W4A16 QAT from the pretrained checkpoint; `baseline` = the live weights, `ema` = the paper's EMA copy, of one shared training per seed."""
         inputs = stage_inputs(context, experiment, "qat_checkpoint")
         subset = inputs.subset
         pretrained = layout.pretrained_dir(inputs.root, variant) / "pretrained.pt"
@@ -132,7 +132,8 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
             variant=variant, method=inputs.method, seed=inputs.seed, pretrained_checkpoint=pretrained,
             pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
             dataset_fingerprint=subset.fingerprint, train_images=subset.counts["train"]["images"],
-            out_dir=out_dir, settings=inputs.settings,
+            out_dir=out_dir, trajectory_dir=layout.qat_trajectory_dir(inputs.root, variant, inputs.seed),
+            settings=inputs.settings,
         )
         result = launcher.run(context, "qat", request, out_dir)
         if result.get("diverged_at_epoch"):

@@ -1,0 +1,112 @@
+"""The QAT stage's shared trajectory: one training per seed gives both methods, and the baseline it gives is
+exactly the EMA-decay-0 run the baseline used to train on its own."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat_assets.core.artifacts import exclusive_lock, load_checkpoint
+from qat_assets.core.coco import convert_coco_subset
+from qat_assets.core.models import load_float_model
+from qat_assets.core.pretrain import run_pretrain
+from qat_assets.core import qat
+from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
+from qat_assets.core.quantize import freeze_quantized_weights, quantize_w4a16
+from qat_assets.core.requests import PretrainRequest, QATRequest
+from qat_assets.core.settings import load_settings
+from qat_assets.core.synthetic import write_synthetic_coco
+from qat_assets.core.trainer import ema_schedule
+
+METRICS = ("map50_95", "map50", "precision", "recall")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qat")
+    settings = load_settings({"profile": "smoke", "storage": str(root)}, environ={})
+    write_synthetic_coco(root / "coco", train_images=16, val_images=8, image_size=64, seed=0)
+    subset = convert_coco_subset(root / "coco", root / "subset", train_images=16, val_images=8, seed=0, skip_bad_items=False)
+    result = run_pretrain(
+        PretrainRequest(variant="yolo10n", dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+                        names=subset.class_names, train_images=16, out_dir=root / "pretrained", settings=settings),
+        log=lambda message: None,
+    )
+    return root, subset, result
+
+
+def request_for(pretrained, method: str, trajectory: Path, out_dir: Path) -> QATRequest:
+    root, subset, result = pretrained
+    return QATRequest(
+        variant="yolo10n", method=method, seed=0, pretrained_checkpoint=result["checkpoint"],
+        pretrained_sha256=result["sha256"], dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
+        train_images=16, out_dir=out_dir, trajectory_dir=trajectory,
+        settings=load_settings({"profile": "smoke", "storage": str(root)}, environ={}),
+    )
+
+
+def test_method_history_gives_ema_the_ema_copy_and_baseline_the_live_weights():
+    trajectory = [
+        {"epoch": 0, "map50_95": 0.30, "map50": 0.5},
+        {"epoch": 1, "map50_95": 0.40, "map50": 0.6, "box_loss": 1.0, "live": {"map50_95": 0.35, "map50": 0.55}},
+    ]
+    assert method_history(trajectory, "ema") == [trajectory[0], {"epoch": 1, "map50_95": 0.40, "map50": 0.6, "box_loss": 1.0}]
+    assert method_history(trajectory, "baseline")[1] == {"epoch": 1, "map50_95": 0.35, "map50": 0.55, "box_loss": 1.0}
+
+
+def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pretrained, tmp_path, monkeypatch):
+    lines: list[str] = []
+    trajectory = tmp_path / "trajectory"
+    validated: list[dict[str, torch.Tensor]] = []  # the weights of every model the trajectory validates, in order
+
+    def recording_freeze(model):
+        validated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return freeze_quantized_weights(model)
+
+    monkeypatch.setattr(qat, "freeze_quantized_weights", recording_freeze)
+    baseline = run_qat(request_for(pretrained, "baseline", trajectory, tmp_path / "baseline"), log=lines.append)
+    monkeypatch.undo()
+    ema = run_qat(request_for(pretrained, "ema", trajectory, tmp_path / "ema"), log=lines.append)
+    assert baseline["resume"] == "fresh start" and ema["resume"].startswith("already complete")
+    baseline_state, ema_state = (load_checkpoint(Path(r["checkpoint"])) for r in (baseline, ema))
+    assert all(torch.equal(baseline_state["model"][k], ema_state["model"][k]) for k in baseline_state["model"])
+    # each checkpoint's `ema` entry is what its method evaluates (QC and the export read it)
+    assert all(torch.equal(baseline_state["model"][k], baseline_state["ema"][k]) for k in baseline_state["model"])
+    assert not all(torch.equal(ema_state["model"][k], ema_state["ema"][k]) for k in ema_state["model"])
+    assert baseline["ema"]["decay"] == 0.0 and ema["ema"]["decay"] > 0
+    assert [h["epoch"] for h in baseline["history"]] == [h["epoch"] for h in ema["history"]] == [0, 1, 2]
+    assert baseline["history"][0] == ema["history"][0]  # PTQ: one model before any averaging
+    # PTQ, then per epoch the EMA copy and the live weights: the last two are the checkpoints' ema and model
+    assert len(validated) == 1 + 2 * 2
+    for expected, seen in ((ema_state["ema"], validated[-2]), (ema_state["model"], validated[-1])):
+        assert all(torch.equal(expected[k], seen[k]) for k in expected)
+
+    # The former baseline: its own training with EMA decay 0, which validates the live weights as its EMA copy.
+    request = request_for(pretrained, "baseline", tmp_path / "decay0", tmp_path / "unused")
+    model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    quantize_w4a16(model, quant_options(request.settings))
+    history, state, diverged_at, _ = train_trajectory(request, model, ema_schedule(0.0, None, 4, 2), lines.append)
+    assert diverged_at is None
+    assert all(torch.equal(state["model"][k].cpu(), baseline_state["model"][k]) for k in baseline_state["model"])
+    for alone, shared in zip(method_history(history, "ema"), baseline["history"]):
+        assert {m: alone[m] for m in METRICS} == {m: shared[m] for m in METRICS}
+
+
+def test_the_second_method_waits_for_the_trajectory_in_training(tmp_path):
+    lock = tmp_path / "trajectory" / "lock"
+    waited: list[str] = []
+    order: list[str] = []
+
+    def second() -> None:
+        with exclusive_lock(lock, on_wait=lambda: waited.append("waiting")):
+            order.append("second")
+
+    with exclusive_lock(lock, on_wait=lambda: pytest.fail("nobody held the lock")):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)
+        order.append("first done")
+    thread.join(timeout=10)
+    assert waited == ["waiting"] and order == ["first done", "second"]
