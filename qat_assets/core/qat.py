@@ -16,6 +16,7 @@ diverged: the checkpoints it has are kept and the result says so.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Callable
 
@@ -30,6 +31,7 @@ from .settings import QAT_FIELDS, Settings
 from .trainer import HISTORY_FILE, ResumableTrainer, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
+DIVERGED_FILE = "diverged.json"  # in the trajectory: the epoch and reason it diverged
 
 
 def quant_options(settings: Settings) -> QuantOptions:
@@ -83,7 +85,9 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         log(f"{label}: waiting for seed {request.seed}'s QAT trajectory ({request.trajectory_dir}): the other "
             f"method's run is training it, and this run reuses it when it is done")
 
+    waiting_since = time.time()
     with exclusive_lock(request.trajectory_dir / "lock", on_wait=report_wait):
+        waited = time.time() - waiting_since
         history, final_state, diverged_at, resume_note = train_trajectory(request, model, ema_of["ema"], log)
 
     history = method_history(history, request.method)
@@ -96,7 +100,10 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         "diverged_at_epoch": diverged_at, "resume": resume_note, "history": history,
         "ptq_map50_95": history[0]["map50_95"], "fp_map50_95": pretrained["metrics"]["map50_95"],
         "quantization": report.to_dict(), "quantization_counts": report.counts(), "ema": ema_of[request.method],
-        "trajectory": {"dir": str(request.trajectory_dir), "fingerprint": trajectory_fingerprint(request)},
+        "trajectory": {
+            "dir": str(request.trajectory_dir), "fingerprint": trajectory_fingerprint(request),
+            "waited_seconds": waited,  # for the other method's run to finish training it
+        },
         "evaluation": evaluation_settings(settings.imgsz, settings.batch),
         "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
         "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
@@ -140,10 +147,16 @@ def train_trajectory(
         return (f"{label} {describe_epoch(method_history([record], request.method)[0])}, {other} mAP50-95 "
                 f"{'not validated' if other_map is None else f'{other_map:.4f}'}, oscillating {record['oscillating_fraction']:.4f}")
 
-    diverged_at = None
+    # A divergence is the trajectory's result, for both methods: the other method's run must not resume past it.
+    marker = run_dir / DIVERGED_FILE
+    diverged = json.loads(marker.read_text()) if marker.is_file() else {}
+    diverged_at = diverged.get("epoch") if diverged.get("fingerprint") == fingerprint else None
+    if diverged_at is not None:
+        log(f"{label}: the trajectory DIVERGED in epoch {diverged_at} when it was trained ({diverged['reason']}); "
+            f"reusing that result (delete {run_dir} to train it again)")
     final_state = state
     ptq_start = {k: v.detach().clone() for k, v in model.state_dict().items()}  # training updates `model` in place
-    if state is None or int(state["epoch"]) < epochs:
+    if diverged_at is None and (state is None or int(state["epoch"]) < epochs):
         trainer = ResumableTrainer(
             model=model,
             overrides={
@@ -171,10 +184,11 @@ def train_trajectory(
             trainer.train()
         except TrainingDiverged as exc:
             diverged_at = exc.epoch
+            write_json_atomic(marker, {"epoch": exc.epoch, "reason": str(exc), "fingerprint": fingerprint})
             log(f"{label}: DIVERGED — {exc}; keeping the checkpoints of the {len(trainer.history) - 1} finished epochs")
         history = trainer.history
-        final_state = {"model": trainer.model.state_dict(), "ema": trainer.ema.ema.state_dict()} if diverged_at is None else None
-    if final_state is None:  # diverged: the last completed epoch, or the PTQ start if none completed
+        final_state = {"model": trainer.model.state_dict(), "ema": trainer.ema.ema.state_dict()}
+    if diverged_at is not None:  # the last completed epoch, or the PTQ start if none completed
         final_state, _, _ = load_resume_state(run_dir, fingerprint, epochs)
         final_state = final_state or {"model": ptq_start, "ema": ptq_start}
     return history, final_state, diverged_at, resume_note

@@ -239,7 +239,8 @@ class ResumableTrainer(DetectionTrainer):
                 result = super().validate()
                 if self.validate_live:
                     # The validator evaluates `ema.ema`, so the live weights stand in for it, as a copy because the
-                    # validator switches its model to eval mode. Fitness and best_fitness stay the EMA copy's.
+                    # validator switches its model to eval mode. Fitness and best_fitness stay the EMA copy's; the
+                    # validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
                     live = unwrap_model(self.model)
                     self.ema.ema = self.validation_model(live) if self.validation_model is not None else copy.deepcopy(live)
                     self._live_metrics = metrics_from_ultralytics(self.validator(self))

@@ -97,6 +97,8 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "status": f"diverged at epoch {result['diverged_at_epoch']}" if result["diverged_at_epoch"] else
         f"{result['completed_epochs']}/{result['planned_epochs']} epochs",
         "resume": result["resume"],
+        # Both methods of a seed share one training; the second to run waits for it, then reuses it.
+        "trajectory": MetadataValue.json(result.get("trajectory") or {}),
         "ptq_map50_95": result["ptq_map50_95"],
         "fp_map50_95": result["fp_map50_95"],
         "best_map50_95": best["map50_95"] if best else None,

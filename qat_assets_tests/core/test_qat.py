@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat_assets.core.artifacts import exclusive_lock, load_checkpoint
+from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
 from qat_assets.core.coco import convert_coco_subset
 from qat_assets.core.models import load_float_model
 from qat_assets.core.pretrain import run_pretrain
@@ -110,3 +110,22 @@ def test_the_second_method_waits_for_the_trajectory_in_training(tmp_path):
         order.append("first done")
     thread.join(timeout=10)
     assert waited == ["waiting"] and order == ["first done", "second"]
+
+
+def test_a_diverged_trajectory_is_the_result_of_both_methods_and_is_not_trained_again(pretrained, tmp_path, monkeypatch):
+    # A NaN in one BN scale of the starting point makes the very first training loss NaN.
+    root, subset, result = pretrained
+    state = load_checkpoint(Path(result["checkpoint"]))["model"]
+    state[next(k for k in state if k.endswith("bn.weight"))][0] = float("nan")
+    sidecar = {k: v for k, v in read_sidecar(Path(result["checkpoint"])).items() if k not in ("sha256", "file")}
+    digest = save_checkpoint(tmp_path / "poisoned" / "pretrained.pt", {"model": state}, sidecar)
+    poisoned = (root, subset, {"checkpoint": str(tmp_path / "poisoned" / "pretrained.pt"), "sha256": digest})
+    trajectory = tmp_path / "trajectory"
+    baseline = run_qat(request_for(poisoned, "baseline", trajectory, tmp_path / "baseline"), log=lambda line: None)
+    assert baseline["diverged_at_epoch"] == 1
+
+    lines: list[str] = []
+    monkeypatch.setattr(qat, "ResumableTrainer", lambda **kwargs: pytest.fail("the diverged trajectory was trained again"))
+    ema = run_qat(request_for(poisoned, "ema", trajectory, tmp_path / "ema"), log=lines.append)
+    assert ema["diverged_at_epoch"] == 1 and ema["completed_epochs"] == 0
+    assert any("the trajectory DIVERGED in epoch 1 when it was trained" in line for line in lines)
