@@ -45,6 +45,13 @@ concurrency:
     # No op_granularity_run_buffer: a run launched before a slot is free would wait for it in a busy
     # loop (Dagster 1.13's pending-claim check never sleeps; measured 0.5-0.9 of a core per waiting run,
     # taken from the heavy step on a 2-core machine). Held in the run queue, it costs nothing.
+  runs:
+    # Runs of the jobs tagged qat/heavy_run do one heavy step at a time; launching at most default_limit of
+    # them keeps a queued run from being launched between two heavy steps of a running one, only to
+    # busy-wait for the slot (defs/automation/jobs.py).
+    tag_concurrency_limits:
+      - key: qat/heavy_run
+        limit: {default_limit}
 # The run queue looks for runs to launch every second (default 5 s): a backfill's runs start sooner.
 run_queue:
   dequeue_interval_seconds: 1

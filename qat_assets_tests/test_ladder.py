@@ -12,6 +12,8 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, 
 from dagster._core.execution.backfill import BulkActionStatus
 
 from qat_assets.execution.warm_client import ping, socket_path
+from qat_assets.definitions import defs
+from qat_assets.defs.automation.jobs import HEAVY_RUN_TAG
 from qat_assets.ladder import HeavyTime, decision_job, only_the_gate_check_failed, prepare_instance_home
 
 
@@ -81,6 +83,12 @@ def test_the_first_ladder_writes_this_machines_pool_limit_and_never_rewrites_it(
     assert prepare_instance_home() == home
     with DagsterInstance.get() as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 3
+        # as many runs of the one-heavy-step-at-a-time jobs as the pool has slots, and those jobs carry the tag
+        assert instance.get_concurrency_config().run_queue_config.tag_concurrency_limits == [
+            {"key": HEAVY_RUN_TAG, "limit": 3}
+        ]
+    for job in ("yolo10n_pretrained_job", "yolo10s_partition_job", "validation_partition_job"):
+        assert defs.resolve_job_def(job).tags[HEAVY_RUN_TAG] == "true"
 
     (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 5\n")  # edited by hand
     monkeypatch.delenv("QAT_GPU_IDS")

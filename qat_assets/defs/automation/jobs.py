@@ -16,6 +16,12 @@ from dagster import AssetSelection, define_asset_job, in_process_executor, multi
 
 from qat_assets.core.settings import VALIDATION_VARIANTS, VARIANTS
 
+# On the jobs whose runs do one heavy step at a time: the run queue launches at most the pool limit of them
+# (qat-ladder's dagster.yaml), so a queued run is never launched in the instant between two heavy steps of a
+# running one, only to wait for the slot (ladder L9: 32 s, its wait loop taking a core from the step).
+HEAVY_RUN_TAG = "qat/heavy_run"
+HEAVY_RUN = {HEAVY_RUN_TAG: "true"}
+
 PARTITIONED_STAGES = ("qat_checkpoint", "qc_checkpoint", "stability_verdict", "onnx_model")
 
 
@@ -36,7 +42,7 @@ def build_jobs() -> dict:
             "validation_partition_job",
             selection=stage_selection(VALIDATION_VARIANTS, PARTITIONED_STAGES),
             description="QAT, QC, the verdict and the ONNX export of one method|seed partition, for yolo10n and yolo10s.",
-            executor_def=in_process_executor,
+            executor_def=in_process_executor, tags=HEAVY_RUN,
         ),
         "decision_job": define_asset_job(
             "decision_job",
@@ -52,12 +58,12 @@ def build_jobs() -> dict:
             for job in (
                 define_asset_job(
                     f"{variant}_pretrained_job", selection=stage_selection((variant,), ("pretrained_checkpoint",)),
-                    description=f"The {variant} FP starting point.", executor_def=in_process_executor,
+                    description=f"The {variant} FP starting point.", executor_def=in_process_executor, tags=HEAVY_RUN,
                 ),
                 define_asset_job(
                     f"{variant}_partition_job", selection=stage_selection((variant,), PARTITIONED_STAGES),
                     description=f"QAT, QC, the verdict and the ONNX export of one {variant} method|seed partition.",
-                    executor_def=in_process_executor,
+                    executor_def=in_process_executor, tags=HEAVY_RUN,
                 ),
             )
         },
