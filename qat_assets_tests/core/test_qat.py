@@ -8,33 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
-from qat_assets.core.coco import convert_coco_subset
-from qat_assets.core.models import load_float_model
-from qat_assets.core.pretrain import run_pretrain
 from qat_assets.core import qat
+from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
+from qat_assets.core.models import load_float_model
 from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
 from qat_assets.core.quantize import freeze_quantized_weights, quantize_w4a16
-from qat_assets.core.requests import PretrainRequest, QATRequest
+from qat_assets.core.requests import QATRequest
 from qat_assets.core.settings import load_settings
-from qat_assets.core.synthetic import write_synthetic_coco
 from qat_assets.core.trainer import ema_schedule
+from qat_assets_tests.execution.test_worker import pretrained  # noqa: F401 (a fixture: a smoke set and a 1-epoch FP yolo10n)
 
 METRICS = ("map50_95", "map50", "precision", "recall")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qat")
-    settings = load_settings({"profile": "smoke", "storage": str(root)}, environ={})
-    write_synthetic_coco(root / "coco", train_images=16, val_images=8, image_size=64, seed=0)
-    subset = convert_coco_subset(root / "coco", root / "subset", train_images=16, val_images=8, seed=0, skip_bad_items=False)
-    result = run_pretrain(
-        PretrainRequest(variant="yolo10n", dataset_yaml=subset.dataset_yaml, dataset_fingerprint=subset.fingerprint,
-                        names=subset.class_names, train_images=16, out_dir=root / "pretrained", settings=settings),
-        log=lambda message: None,
-    )
-    return root, subset, result
 
 
 def request_for(pretrained, method: str, trajectory: Path, out_dir: Path) -> QATRequest:
