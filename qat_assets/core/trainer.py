@@ -23,7 +23,6 @@ What the subclass changes, and why:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import random
@@ -141,6 +140,8 @@ class ResumableTrainer(DetectionTrainer):
         validate_epoch: Callable[[int], bool] | None = None,
         validate_live: bool = False,
     ):
+        if validate_live and validation_model is None:
+            raise ValueError("validate_live needs a validation_model: the live weights are validated through a copy")
         super().__init__(overrides={**overrides, "save": True, "val": True})
         self.model = model  # setup_model() keeps an nn.Module as it is
         self.run_dir = Path(run_dir)
@@ -238,11 +239,10 @@ class ResumableTrainer(DetectionTrainer):
                     self.ema.ema = self.validation_model(held)
                 result = super().validate()
                 if self.validate_live:
-                    # The validator evaluates `ema.ema`, so the live weights stand in for it, as a copy because the
-                    # validator switches its model to eval mode. Fitness and best_fitness stay the EMA copy's; the
-                    # validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
-                    live = unwrap_model(self.model)
-                    self.ema.ema = self.validation_model(live) if self.validation_model is not None else copy.deepcopy(live)
+                    # The validator evaluates `ema.ema`, so the live weights' validation copy stands in for it (a
+                    # copy: the validator switches its model to eval mode). Fitness and best_fitness stay the EMA
+                    # copy's; the validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
+                    self.ema.ema = self.validation_model(unwrap_model(self.model))
                     self._live_metrics = metrics_from_ultralytics(self.validator(self))
             finally:
                 self.ema.ema = held
