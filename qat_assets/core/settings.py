@@ -115,6 +115,9 @@ class Settings(BaseModel):
     gate_min_seeds: int = Field(2, gt=0)
     collapse_ratio: float = Field(0.5, gt=0, lt=1)
     degenerate_map: float = Field(0.01, ge=0, description="best mAP50-95 at or below this is degenerate")
+    stability_window: int = Field(
+        3, gt=0, description="best and final are medians over this many validations (fewer if fewer were made)"
+    )
     gate_require_informative: bool = Field(
         False, description="the gate passes only when every variant's baseline collapsed in some seed"
     )

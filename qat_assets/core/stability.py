@@ -1,12 +1,30 @@
-"""Stability verdicts: did a QAT run (and the QAT run + QC) finish, and did it keep its early peak?
+"""Stability verdicts: did a QAT run (and the QAT run + QC or + BN) finish, and did it keep what it had?
 
-The primary metric is mAP50-95(B). Rules, in the order they are applied:
+The primary metric is mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ), not training.
+One validation of a small val set is noisy, and a maximum over many epochs is biased upward, so best and
+final are medians over a window of m validations (`window`, default 3; fewer when the run validated fewer
+trained epochs):
 
-1. `incomplete` — the run crashed (an error was recorded), diverged, produced a non-finite metric, or
-   trained fewer distinct epochs than planned. Incomplete runs never count toward the gate.
-2. `completed-failed` — degenerate (the best value is at or below `degenerate_map`: nothing was learned,
-   so "collapse" would be meaningless) or collapsed (best > 0 and final < `collapse_ratio` × best).
+- best: the highest running median over the trained epochs' validations (epoch 0 excluded);
+- final: the median of the last m validations.
+
+Epochs without a validation (metrics None, sparse validation) are skipped: the window runs over
+validations, not epochs. Rules, in the order they are applied:
+
+1. `incomplete`: the run crashed, diverged, produced a non-finite metric, trained fewer distinct epochs
+   than planned, or validated none of them. Incomplete runs never count toward the gate.
+2. `completed-failed`, naming every rule that failed:
+   - degenerate: PTQ, best and final are all at or below `degenerate_map` (nothing was learned, so
+     "collapse" would be meaningless);
+   - collapsed: final < `collapse_ratio` × best (the early peak, then collapse);
+   - fell below PTQ: final < `collapse_ratio` × the PTQ value (QAT ended worse than not training at all).
 3. `completed-success` otherwise.
+
+A collapse like the seed report's (0.226 at epoch 29, 0.012 at 76) stays a collapse: unless the peak was a
+single validation, its neighbours are near it and the running median keeps most of it, and a collapse
+that stays down puts the median of the last m validations near the final value; 0.012 is 5 % of 0.226,
+far below 50 %. What the medians no longer call a collapse is a one-validation spike or a one-validation
+dip that recovers before the last m validations.
 
 Every verdict carries a reason a person can read without looking at the numbers.
 """
@@ -14,12 +32,14 @@ Every verdict carries a reason a person can read without looking at the numbers.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 from qat_assets.core.summary import BNResult, EpochRecord, PostHocResult, QCResult, Stability
 
 DEFAULT_COLLAPSE_RATIO = 0.5
 DEFAULT_DEGENERATE_MAP = 0.01
+DEFAULT_WINDOW = 3
 
 
 def classify_qat(
@@ -30,32 +50,27 @@ def classify_qat(
     error: str | None = None,
     collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
     degenerate_map: float = DEFAULT_DEGENERATE_MAP,
+    window: int = DEFAULT_WINDOW,
 ) -> Stability:
     """Classify a QAT run from its per-epoch history.
 
-    Epoch 0 is the freshly quantized pretrained model (PTQ), not a training epoch: the epoch count checked
-    against `planned_epochs` and the final value use trained epochs 1..N only. The best value includes
-    epoch 0, because QAT that starts at the PTQ level and falls from it has collapsed from that early peak
-    just the same. The numbers are reported even for incomplete runs so a reader sees how far it got.
+    The numbers are reported even for incomplete runs, so a reader sees how far it got.
     """
     if planned_epochs < 1:
         raise ValueError(f"planned_epochs must be at least 1, got {planned_epochs}")
+    if window < 1:
+        raise ValueError(f"the stability window must be at least 1 validation, got {window}")
     trained = sorted((r for r in history if r.epoch >= 1), key=lambda r: r.epoch)
-    finite = [r for r in history if r.epoch >= 0 and math.isfinite(r.map50_95)]
-    best_row = max(finite, key=lambda r: r.map50_95, default=None)
-    final_row = trained[-1] if trained else None
-    numbers = _numbers(
-        best_row.map50_95 if best_row else None,
-        best_row.epoch if best_row else None,
-        final_row.map50_95 if final_row else None,
-        final_row.epoch if final_row else None,
-    )
+    validated = [r for r in trained if r.map50_95 is not None]
+    ptq = next((r.map50_95 for r in history if r.epoch == 0 and r.map50_95 is not None), None)
+    finite = [r for r in validated if math.isfinite(r.map50_95)]
+    numbers = _windowed(finite, window, ptq if ptq is not None and math.isfinite(ptq) else None, collapse_ratio)
 
     if error:
         return Stability(status="incomplete", reason=f"crashed: {error}", **numbers)
     if diverged_at_epoch is not None:
         return Stability(status="incomplete", reason=f"diverged at epoch {diverged_at_epoch} (non-finite loss)", **numbers)
-    not_finite = [r.epoch for r in trained if not math.isfinite(r.map50_95)]
+    not_finite = [r.epoch for r in validated if not math.isfinite(r.map50_95)]
     if not_finite:
         return Stability(status="incomplete", reason=f"mAP50-95 is not finite at epoch {not_finite[0]}", **numbers)
     done = len({r.epoch for r in trained})
@@ -63,7 +78,9 @@ def classify_qat(
         return Stability(
             status="incomplete", reason=f"trained {done} of {planned_epochs} planned epochs (interrupted)", **numbers
         )
-    return _verdict(numbers, "final", collapse_ratio, degenerate_map)
+    if not validated:
+        return Stability(status="incomplete", reason=f"none of the {done} trained epochs was validated", **numbers)
+    return _verdict(numbers, "final", degenerate_map)
 
 
 def classify_with_qc(
@@ -74,13 +91,7 @@ def classify_with_qc(
     collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
     degenerate_map: float = DEFAULT_DEGENERATE_MAP,
 ) -> Stability:
-    """Classify the QAT run + QC outcome.
-
-    QC is applied to the final (EMA) weights, so the QC'd mAP50-95 replaces the final value; it is reported
-    at the QAT run's final epoch. The best value stays the QAT training peak, so `final_over_best` may exceed
-    1 when QC lifts the final model above that peak. Incomplete when the QAT run is incomplete, or QC
-    failed, is missing or produced a non-finite metric.
-    """
+    """Classify the QAT run + QC outcome (see `classify_corrected`)."""
     return classify_corrected(qat, qc, "QC", error=qc_error, collapse_ratio=collapse_ratio,
                               degenerate_map=degenerate_map)
 
@@ -107,47 +118,89 @@ def classify_corrected(
     collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
     degenerate_map: float = DEFAULT_DEGENERATE_MAP,
 ) -> Stability:
-    """A post-hoc fix of the final weights (`what`: QC, BN re-estimation): its mAP50-95 replaces the final value."""
+    """A post-hoc fix of the final weights (`what`: QC, BN re-estimation): its mAP50-95 replaces the final value.
+
+    The fix is applied to the last weights and measured once, so the final is that one measurement, the
+    model one would deploy; it is reported at the QAT run's final epoch. Best and PTQ stay the QAT run's, so
+    `final_over_best` may exceed 1 when the fix lifts the final model above the training peak. The QAT
+    run's `final_spread` stays as this run's validation noise. Incomplete when the QAT run is incomplete, or
+    the fix failed, is missing or produced a non-finite metric.
+    """
     if qat.status == "incomplete":
         return qat.model_copy(update={"reason": f"QAT run incomplete: {qat.reason}"})
-    numbers = {k: getattr(qat, k) for k in ("best", "best_epoch", "final", "final_epoch", "final_over_best")}
+    kept = qat.model_dump(exclude={"status", "reason", "failed_rules"})
     if error:
-        return Stability(status="incomplete", reason=f"{what} crashed: {error}", **numbers)
+        return Stability(status="incomplete", reason=f"{what} crashed: {error}", **kept)
     if result is None:
-        return Stability(status="incomplete", reason=f"{what} result is missing ({what} has not run)", **numbers)
+        return Stability(status="incomplete", reason=f"{what} result is missing ({what} has not run)", **kept)
     if not math.isfinite(result.map50_95_after):
-        return Stability(status="incomplete", reason=f"{what} produced a non-finite mAP50-95", **numbers)
-    numbers = _numbers(qat.best, qat.best_epoch, result.map50_95_after, qat.final_epoch)
+        return Stability(status="incomplete", reason=f"{what} produced a non-finite mAP50-95", **kept)
+    final = result.map50_95_after
+    numbers = {**kept, "final": final, "final_from_epoch": qat.final_epoch, "collapse_ratio": collapse_ratio,
+               "final_over_best": final / qat.best if qat.best else None}
     label = "QC'd final" if what == "QC" else f"final after {what}"
-    return _verdict(numbers, label, collapse_ratio, degenerate_map)
+    return _verdict(numbers, label, degenerate_map)
 
 
 def is_collapsed(stability: Stability) -> bool:
-    """Complete, learned something, and fell below the collapse ratio of its best (not merely degenerate)."""
-    return stability.status == "completed-failed" and stability.reason.startswith("collapsed")
+    """Complete, learned something, and fell below the collapse ratio of its best trained window."""
+    return stability.status == "completed-failed" and "collapsed" in stability.failed_rules
 
 
-def _numbers(best: float | None, best_epoch: int | None, final: float | None, final_epoch: int | None) -> dict:
-    ratio = final / best if best and final is not None and math.isfinite(final) else None
-    return dict(best=best, best_epoch=best_epoch, final=final, final_epoch=final_epoch, final_over_best=ratio)
+def _windowed(validated: Sequence[EpochRecord], window: int, ptq: float | None, collapse_ratio: float) -> dict:
+    """best (highest running median) and final (median of the last m) over the validated trained epochs."""
+    values = [r.map50_95 for r in validated]
+    epochs = [r.epoch for r in validated]
+    m = min(window, len(values))
+    numbers = dict(best=None, best_epoch=None, best_from_epoch=None, final=None, final_epoch=None,
+                   final_from_epoch=None, final_over_best=None, final_spread=None, window=m or None, ptq=ptq,
+                   collapse_ratio=collapse_ratio)
+    if m == 0:
+        return numbers
+    medians = [(statistics.median(values[end - m + 1:end + 1]), end) for end in range(m - 1, len(values))]
+    best, best_end = max(medians, key=lambda pair: pair[0])  # ties: the earliest window
+    final = medians[-1][0]
+    numbers.update(
+        best=best, best_epoch=epochs[best_end], best_from_epoch=epochs[best_end - m + 1],
+        final=final, final_epoch=epochs[-1], final_from_epoch=epochs[-m],
+        final_over_best=final / best if best else None,
+        final_spread=statistics.stdev(values[-m:]) if m > 1 else None,
+    )
+    return numbers
 
 
-def _verdict(numbers: dict, final_label: str, collapse_ratio: float, degenerate_map: float) -> Stability:
-    """Apply the degenerate and collapse rules to a complete run's best and final values."""
-    best, final = numbers["best"], numbers["final"]
-    peak = max(best, final)
+def _span(first: int | None, last: int | None) -> str:
+    return f"epoch {last}" if first == last else f"median of epochs {first}-{last}"
+
+
+def _verdict(numbers: dict, final_label: str, degenerate_map: float) -> Stability:
+    """Apply the degenerate, collapse and below-PTQ rules to a complete run's best, final and PTQ values."""
+    best, final, ptq, ratio = numbers["best"], numbers["final"], numbers["ptq"], numbers["collapse_ratio"]
+    peak = max(v for v in (best, final, ptq) if v is not None)
     if peak <= degenerate_map:
         return Stability(
-            status="completed-failed",
-            reason=f"degenerate: best mAP50-95 {peak:.4f} <= {degenerate_map:g}, the model learned nothing",
+            status="completed-failed", failed_rules=["degenerate"],
+            reason=f"degenerate: PTQ, best and final mAP50-95 are at most {peak:.4f} <= {degenerate_map:g}, "
+                   "the model learned nothing",
             **numbers,
         )
-    # best can be 0 only after QC lifted a dead QAT run above the degenerate level.
-    share = f"{final / best:.0%} of" if best > 0 else "above"
-    story = (
-        f"{final_label} mAP50-95 {final:.4f} (epoch {numbers['final_epoch']}) is {share} "
-        f"the best {best:.4f} (epoch {numbers['best_epoch']})"
-    )
-    if best > 0 and final < collapse_ratio * best:
-        return Stability(status="completed-failed", reason=f"collapsed: {story}, below {collapse_ratio:.0%}", **numbers)
-    return Stability(status="completed-success", reason=f"stable: {story}", **numbers)
+    final_text = f"{final_label} mAP50-95 {final:.4f} ({_span(numbers['final_from_epoch'], numbers['final_epoch'])})"
+    best_text = f"the best trained {best:.4f} ({_span(numbers['best_from_epoch'], numbers['best_epoch'])})"
+    ptq_text = f"the PTQ {ptq:.4f} (epoch 0)" if ptq is not None else None
+    # best can be 0 only after a fix lifted a dead QAT run above the degenerate level.
+    share_of_best = f"{final / best:.0%} of {best_text}" if best > 0 else f"above {best_text}"
+    share_of_ptq = (f"{final / ptq:.0%} of {ptq_text}" if ptq else None)
+    failed = []
+    if best > 0 and final < ratio * best:
+        failed.append(("collapsed", share_of_best))
+    if ptq is not None and final < ratio * ptq:
+        failed.append(("fell_below_ptq", share_of_ptq))
+    if failed:
+        names = " and ".join("collapsed" if rule == "collapsed" else "fell below PTQ" for rule, _ in failed)
+        shares = " and ".join(share for _, share in failed)
+        return Stability(
+            status="completed-failed", failed_rules=[rule for rule, _ in failed],
+            reason=f"{names}: {final_text} is {shares}, below {ratio:.0%}", **numbers,
+        )
+    shares = share_of_best + (f" and {share_of_ptq}" if share_of_ptq else "")
+    return Stability(status="completed-success", reason=f"stable: {final_text} is {shares}", **numbers)

@@ -90,8 +90,17 @@ class BNResult(PostHocResult):
     images: int
 
 
+FailedRule = Literal["degenerate", "collapsed", "fell_below_ptq"]
+
+
 class Stability(BaseModel):
-    """A verdict on one run: its status, the human reason for it, and the numbers the reason rests on."""
+    """A verdict on one run: its status, the human reason for it, and the numbers the reason rests on.
+
+    best and final are medians over a window of validations (`core/stability.py`): best is the highest
+    running median over trained epochs, spanning epochs `best_from_epoch`..`best_epoch`; final is the
+    median of the last `window` validations, `final_from_epoch`..`final_epoch`. `final_spread` is the sample
+    std of those last validations, the run's own validation-to-validation noise.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +111,13 @@ class Stability(BaseModel):
     final: float | None
     final_epoch: int | None
     final_over_best: float | None
+    best_from_epoch: int | None = None
+    final_from_epoch: int | None = None
+    window: int | None = None
+    final_spread: float | None = None
+    ptq: float | None = None  # epoch 0: the freshly quantized pretrained model
+    collapse_ratio: float | None = None  # the ratio this verdict was judged with
+    failed_rules: list[FailedRule] = []  # why a completed-failed run failed; both failures can apply at once
 
 
 class RunSummary(BaseModel):

@@ -77,6 +77,7 @@ def build_run_summary(
     stability_qat = classify_qat(
         history, qat_sidecar["planned_epochs"], diverged_at_epoch=qat_sidecar.get("diverged_at_epoch"),
         collapse_ratio=settings.collapse_ratio, degenerate_map=settings.degenerate_map,
+        window=settings.stability_window,
     )
     qc, qc_problem = qc_result(qc_sidecar, qat_sidecar["sha256"])
     stability_qc = classify_with_qc(

@@ -1,7 +1,7 @@
 import pytest
 
-from qat_assets.core.stability import classify_qat, classify_with_qc
-from qat_assets.core.summary import QCResult
+from qat_assets.core.stability import classify_qat, classify_with_qc, is_collapsed
+from qat_assets.core.summary import EpochRecord, QCResult
 from qat_assets_tests.core.test_summary import history
 
 
@@ -10,37 +10,98 @@ def qc(before, after):
                     delta=after - before, max_fold_rel_diff=0.0, seconds=1.0)
 
 
-def test_stable_run_succeeds_and_the_ptq_epoch_counts_as_a_peak():
-    # PTQ (epoch 0) is higher than anything trained: it is the best, and 0.28 is still above half of it.
+def test_best_is_the_highest_running_median_and_final_the_median_of_the_last_three():
+    verdict = classify_qat(history([0.30, 0.20, 0.30, 0.32, 0.31, 0.30]), planned_epochs=5)
+    assert verdict.status == "completed-success" and verdict.failed_rules == []
+    # running medians: epochs 1-3 0.30, 2-4 0.31, 3-5 0.31; the earliest of the tied windows is the best
+    assert (verdict.best, verdict.best_from_epoch, verdict.best_epoch) == (0.31, 2, 4)
+    assert (verdict.final, verdict.final_from_epoch, verdict.final_epoch) == (0.31, 3, 5)
+    assert verdict.final_spread == pytest.approx(0.01) and verdict.window == 3 and verdict.ptq == 0.30
+    assert verdict.reason == ("stable: final mAP50-95 0.3100 (median of epochs 3-5) is 100% of the best trained "
+                              "0.3100 (median of epochs 2-4) and 103% of the PTQ 0.3000 (epoch 0)")
+
+
+def test_the_ptq_epoch_is_not_a_peak_of_training():
+    # PTQ 0.50 is higher than anything trained; the run kept its trained best and 56 % of PTQ: stable.
     verdict = classify_qat(history([0.50, 0.20, 0.30, 0.28]), planned_epochs=3)
     assert verdict.status == "completed-success"
-    assert (verdict.best, verdict.best_epoch, verdict.final, verdict.final_epoch) == (0.50, 0, 0.28, 3)
-    assert verdict.final_over_best == pytest.approx(0.28 / 0.50)
-    assert "stable" in verdict.reason
+    assert (verdict.best, verdict.best_from_epoch, verdict.final) == (0.28, 1, 0.28)
 
 
-def test_falling_from_the_ptq_level_and_staying_down_is_a_collapse():
-    verdict = classify_qat(history([0.37, 0.10, 0.11, 0.10]), planned_epochs=3)
-    assert verdict.status == "completed-failed" and "collapsed" in verdict.reason and verdict.best_epoch == 0
+def test_a_one_epoch_lr_dip_that_recovers_is_not_a_failure():
+    # The early LR shock: epoch 2 drops to 0.04 (below half of both the PTQ and the best), then recovers.
+    dip = classify_qat(history([0.30, 0.31, 0.04, 0.30, 0.32, 0.33, 0.32]), planned_epochs=6)
+    assert dip.status == "completed-success" and dip.final == 0.32
+    # One bad validation inside the last three is outvoted too; two of them are a failure.
+    assert classify_qat(history([0.30, 0.31, 0.30, 0.32, 0.04, 0.33]), planned_epochs=5).status == "completed-success"
+    ends_in_it = classify_qat(history([0.30, 0.31, 0.30, 0.32, 0.04, 0.05]), planned_epochs=5)
+    assert ends_in_it.status == "completed-failed" and ends_in_it.failed_rules == ["collapsed", "fell_below_ptq"]
 
 
-def test_early_peak_then_collapse_is_completed_failed():
-    maps = [0.128] + [0.226 if e == 29 else 0.15 for e in range(1, 76)] + [0.012]
-    verdict = classify_qat(history(maps), planned_epochs=76)
-    assert verdict.status == "completed-failed"
-    assert verdict.best_epoch == 29 and verdict.final_epoch == 76
-    assert verdict.reason.startswith("collapsed") and "0.2260" in verdict.reason and "0.0120" in verdict.reason
+def test_a_crash_in_epoch_one_that_stays_down_fell_below_ptq():
+    verdict = classify_qat(history([0.30, 0.05, 0.06, 0.05, 0.06]), planned_epochs=4)
+    assert verdict.status == "completed-failed" and verdict.failed_rules == ["fell_below_ptq"]
+    assert not is_collapsed(verdict)  # it never had a peak to collapse from
+    assert verdict.reason == ("fell below PTQ: final mAP50-95 0.0600 (median of epochs 2-4) is 20% of the PTQ "
+                              "0.3000 (epoch 0), below 50%")
 
 
-def test_collapse_ratio_is_configurable():
-    runs = history([0.1, 0.30, 0.20])  # final is 67% of best
-    assert classify_qat(runs, 2).status == "completed-success"
-    assert classify_qat(runs, 2, collapse_ratio=0.8).status == "completed-failed"
+def test_the_seed_reports_collapse_is_still_a_collapse():
+    # yolov10m scratch W4A16: PTQ 0.128, a peak of 0.226 at epoch 29 among close neighbours, 0.012 at epoch 76.
+    rise = [0.128] + [0.05 + 0.15 * e / 27 for e in range(1, 28)]  # epochs 0..27
+    peak = [0.215, 0.226, 0.218]  # epochs 28..30
+    fall = [0.20 - 0.19 * e / 42 for e in range(1, 43)]  # epochs 31..72, down to 0.01
+    tail = [0.013, 0.011, 0.0125, 0.012]  # epochs 73..76
+    verdict = classify_qat(history(rise + peak + fall + tail), planned_epochs=76)
+    assert verdict.status == "completed-failed" and is_collapsed(verdict)
+    assert (verdict.best, verdict.best_from_epoch, verdict.best_epoch) == (0.218, 28, 30)
+    assert verdict.final == 0.012 and verdict.final_over_best == pytest.approx(0.012 / 0.218)
+    assert verdict.reason.startswith("collapsed and fell below PTQ: final mAP50-95 0.0120 (median of epochs 74-76)")
+
+
+def test_a_single_validation_spike_or_drop_does_not_decide():
+    spike = classify_qat(history([0.30, 0.15, 0.16, 0.40, 0.17, 0.16, 0.16]), planned_epochs=6)
+    assert spike.best == 0.17 and spike.status == "completed-success"
+    last_only = classify_qat(history([0.20, 0.30, 0.31, 0.30, 0.31, 0.012]), planned_epochs=5)
+    assert last_only.final == 0.30 and last_only.status == "completed-success"
+    # With a window of one, best and final are single validations again (the seed's "final < 0.5 x best").
+    single = classify_qat(history([0.20, 0.30, 0.31, 0.30, 0.31, 0.012]), planned_epochs=5, window=1)
+    assert (single.best, single.final) == (0.31, 0.012) and is_collapsed(single)
+
+
+def test_unvalidated_epochs_are_skipped_by_the_window():
+    # Sparse validation: epochs 1, 3, 5 trained without a validation.
+    records = history([0.30, 0.0, 0.31, 0.0, 0.33, 0.0, 0.30])
+    sparse = [r if r.epoch % 2 == 0 else EpochRecord.model_construct(**{**r.model_dump(), "map50_95": None})
+              for r in records]
+    verdict = classify_qat(sparse, planned_epochs=6)
+    assert verdict.status == "completed-success"
+    assert (verdict.best, verdict.best_from_epoch, verdict.best_epoch, verdict.final_from_epoch) == (0.31, 2, 6, 2)
+    blind = [sparse[0]] + [EpochRecord.model_construct(**{**r.model_dump(), "map50_95": None}) for r in sparse[1:]]
+    verdict = classify_qat(blind, planned_epochs=6)
+    assert verdict.status == "incomplete" and verdict.reason == "none of the 6 trained epochs was validated"
+
+
+def test_fewer_trained_epochs_shrink_the_window():
+    verdict = classify_qat(history([0.30, 0.28, 0.32]), planned_epochs=2)
+    assert verdict.window == 2 and verdict.best == verdict.final == pytest.approx(0.30)
+    one = classify_qat(history([0.30, 0.28]), planned_epochs=1)
+    assert one.window == 1 and one.final == 0.28 and one.final_spread is None
+    assert "(epoch 1)" in one.reason
+
+
+def test_collapse_ratio_and_window_are_validated_and_configurable():
+    runs = history([0.10, 0.30, 0.31, 0.30, 0.20, 0.20, 0.21])  # final 0.20 is 67 % of best 0.30
+    assert classify_qat(runs, 6).status == "completed-success"
+    assert classify_qat(runs, 6, collapse_ratio=0.8).failed_rules == ["collapsed"]
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        classify_qat(runs, 6, window=0)
 
 
 def test_degenerate_run_is_completed_failed():
     verdict = classify_qat(history([0.0, 0.004, 0.001]), planned_epochs=2)
-    assert verdict.status == "completed-failed" and verdict.reason.startswith("degenerate")
+    assert verdict.status == "completed-failed" and verdict.failed_rules == ["degenerate"]
+    assert verdict.reason.startswith("degenerate")
     assert classify_qat(history([0.0, 0.004, 0.003]), 2, degenerate_map=0.001).status == "completed-success"
 
 
@@ -58,7 +119,7 @@ def test_non_finite_metric_is_incomplete():
 def test_fewer_epochs_than_planned_is_incomplete_but_keeps_its_numbers():
     verdict = classify_qat(history([0.1, 0.2, 0.3]), planned_epochs=5)
     assert verdict.status == "incomplete" and "trained 2 of 5 planned epochs" in verdict.reason
-    assert (verdict.best, verdict.final_epoch) == (0.3, 2)
+    assert (verdict.best, verdict.final_epoch) == (pytest.approx(0.25), 2)
     only_ptq = classify_qat(history([0.1]), planned_epochs=3)
     assert only_ptq.status == "incomplete" and only_ptq.final is None and "trained 0 of 3" in only_ptq.reason
 
@@ -69,16 +130,19 @@ def test_crashed_run_is_incomplete_with_the_error():
 
 
 def test_qc_replaces_the_final_value():
-    collapsed = classify_qat(history([0.1, 0.30, 0.12]), planned_epochs=2)
-    assert collapsed.status == "completed-failed"
-    rescued = classify_with_qc(collapsed, qc(0.12, 0.20))
-    assert rescued.status == "completed-success"
-    assert (rescued.best, rescued.final, rescued.final_epoch) == (0.30, 0.20, 2)
-    assert "QC'd final" in rescued.reason
+    collapsed = classify_qat(history([0.1, 0.30, 0.31, 0.12, 0.11]), planned_epochs=4)
+    assert collapsed.failed_rules == ["collapsed"] and collapsed.best == 0.30
+    rescued = classify_with_qc(collapsed, qc(0.11, 0.20))
+    assert rescued.status == "completed-success" and rescued.failed_rules == []
+    assert (rescued.best, rescued.final, rescued.final_epoch, rescued.ptq) == (0.30, 0.20, 4, 0.1)
+    assert rescued.final_spread == collapsed.final_spread
+    assert rescued.reason.startswith("stable: QC'd final mAP50-95 0.2000 (epoch 4)")
     stable = classify_qat(history([0.1, 0.30, 0.28]), planned_epochs=2)
-    assert classify_with_qc(stable, qc(0.28, 0.10)).status == "completed-failed"
+    assert classify_with_qc(stable, qc(0.28, 0.10)).failed_rules == ["collapsed"]
     lifted = classify_with_qc(stable, qc(0.28, 0.33))
-    assert lifted.final_over_best == pytest.approx(1.1)
+    assert lifted.final_over_best == pytest.approx(0.33 / 0.29)
+    below_ptq = classify_with_qc(classify_qat(history([0.5, 0.30, 0.28]), planned_epochs=2), qc(0.28, 0.2))
+    assert below_ptq.failed_rules == ["fell_below_ptq"]
 
 
 def test_qc_outcome_is_incomplete_when_qat_or_qc_is():
