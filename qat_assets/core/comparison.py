@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
-from qat_assets.core.evidence import EvidenceVerdict, NoiseFloor, evidence_verdict, noise_floor
+from qat_assets.core.attribution import GridCell, against_baseline, contributions, grid, label_order
+from qat_assets.core.evidence import EvidenceVerdict, SeedPair, evidence_verdict, paired_margin
+from qat_assets.core.paired_statistics import PairedDifference, seeds_needed
 from qat_assets.core.settings import VARIANTS
 from qat_assets.core.summary import RunSummary, Stability
 
@@ -133,29 +134,16 @@ class ComparisonRow(BaseModel):
     final: float | None
     final_epoch: int | None
     final_over_best: float | None
+    best_from_epoch: int | None = None  # best and final are window medians: first epoch of each window
+    final_from_epoch: int | None = None
+    final_spread: float | None = None  # robust spread of the run's last m validations (its own noise)
+    failed_rules: list[str] = []
+    collapse_ratio: float | None = None
     qc_delta: float | None  # only on +QC rows
     onnx_map50_95: float | None = None  # the exported W4 model in onnxruntime ({v}/onnx_model), on the row it was exported from
     bn_delta: float | None = None  # only on +BN rows
     comparable: bool
     not_comparable_reason: str | None
-
-
-class MethodAggregate(BaseModel):
-    """Mean and sample std of one method over the comparable, complete seeds of one variant.
-
-    Collapsed and degenerate runs are included (they are real outcomes); incomplete runs are not (their
-    "final" is wherever they stopped). std is None with fewer than two seeds.
-    """
-
-    method: str
-    seeds: list[int]
-    failed: int
-    mean_final: float | None
-    std_final: float | None
-    mean_best: float | None
-    mean_final_over_best: float | None
-    mean_paired_difference: float | None = None  # mean over seeds of (this method's final - baseline final)
-    real: bool | None = None  # |mean paired difference| above the noise floor (None: floor unknown)
 
 
 class PairedRow(BaseModel):
@@ -168,7 +156,13 @@ class PairedRow(BaseModel):
     baseline_final: float | None
     baseline_final_over_best: float | None
     difference: float | None  # final - baseline final
-    real: bool | None  # |difference| above the noise floor (None: floor unknown)
+    margin: float | None = None  # the paired uncertainty of this seed's difference (see evidence.paired_margin)
+
+    @property
+    def beyond_margin(self) -> bool | None:
+        if self.difference is None or self.margin is None:
+            return None
+        return abs(self.difference) > self.margin
 
 
 class VariantComparison(BaseModel):
@@ -176,9 +170,10 @@ class VariantComparison(BaseModel):
     fp_map50_95: float | None
     fp_map50: float | None
     rows: list[ComparisonRow]
-    aggregates: list[MethodAggregate]
     paired: list[PairedRow] = []
-    noise_floor: NoiseFloor | None = None
+    against_baseline: list[PairedDifference] = []  # per outcome: final - baseline final, over seeds
+    contributions: list[PairedDifference] = []  # EMA alone, BN alone, QC alone, QC beyond BN
+    grid: list[list[GridCell]] = []  # {baseline, EMA} x {nothing, +BN, +QC}
     evidence: EvidenceVerdict | None = None
 
 
@@ -230,32 +225,35 @@ class Comparison(BaseModel):
             parts.append(f"FP reference: {fp}.")
             if variant.evidence is not None:
                 parts.append(f"**Evidence: {variant.evidence.text}.**")
-            if variant.noise_floor is not None:
-                parts.append(f"{variant.noise_floor.describe()[0].upper()}{variant.noise_floor.describe()[1:]}.")
-            parts.append("Paired with the baseline run of the same seed (difference = final - baseline final; "
-                         "real = larger than the noise floor):")
+                if variant.evidence.seeds:
+                    parts.append(_seed_evidence_table(variant.evidence))
+            parts.append("Final mAP50-95 over comparable, complete seeds, mean ± std (seeds, failed); "
+                         "{baseline, EMA} × {nothing, +BN, +QC}:")
+            parts.append(_markdown_table(
+                ["", "nothing", "+BN", "+QC"],
+                [[line[0].method, *(_cell(c) for c in line)] for line in variant.grid],
+            ))
+            parts.append("Each component's own part, paired within seeds (95 % t-interval; real = the interval "
+                         "excludes 0; p: exact two-sided sign flip):")
+            parts.append(_paired_table(variant.contributions))
+            parts.append("Against the baseline run of the same seed (final - baseline final):")
+            parts.append(_paired_table(variant.against_baseline))
+            parts.append(_seeds_note(variant))
+            parts.append("Per seed (margin: 1.96 × √(s_b² + s²) from the two runs' last-window spreads):")
             parts.append(_markdown_table(
                 ["seed", "method", "final", "final/best", "baseline final", "baseline final/best", "difference",
-                 "real"],
+                 "margin", "beyond margin"],
                 [[str(p.seed), p.method, _num(p.final), _num(p.final_over_best, 2), _num(p.baseline_final),
-                  _num(p.baseline_final_over_best, 2), _num(p.difference, 4, signed=True), _yes_no(p.real)]
+                  _num(p.baseline_final_over_best, 2), _num(p.difference, 4, signed=True), _num(p.margin),
+                  _yes_no(p.beyond_margin)]
                  for p in variant.paired],
-            ))
-            parts.append("Per method, over comparable and complete seeds (collapsed runs included):")
-            parts.append(_markdown_table(
-                ["method", "seeds", "failed", "final mean ± std", "best mean", "final/best mean",
-                 "paired difference mean", "real"],
-                [[a.method, ", ".join(map(str, a.seeds)) or "none", str(a.failed),
-                  f"{_num(a.mean_final)} ± {_num(a.std_final)}", _num(a.mean_best),
-                  _num(a.mean_final_over_best, 2), _num(a.mean_paired_difference, 4, signed=True), _yes_no(a.real)]
-                 for a in variant.aggregates],
             ))
             parts.append("Every run:")
             parts.append(_markdown_table(
                 ["method", "seed", "status", "PTQ", "best (epoch)", "final (epoch)", "final/best", "QC delta",
                  "BN delta", "ONNX mAP", "comparable", "reason"],
-                [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_epoch),
-                  _at(r.final, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
+                [[r.method, str(r.seed), r.status, _num(r.ptq_map50_95), _at(r.best, r.best_from_epoch, r.best_epoch),
+                  _at(r.final, r.final_from_epoch, r.final_epoch), _num(r.final_over_best, 2), _num(r.qc_delta, 4, signed=True),
                   _num(r.bn_delta, 4, signed=True), _num(r.onnx_map50_95),
                   "yes" if r.comparable else f"no: {r.not_comparable_reason}",
                   r.reason] for r in variant.rows],
@@ -267,18 +265,13 @@ def build_comparison(
     summaries: Sequence[RunSummary],
     fp_reference: Mapping[str, Mapping[str, Any]] | None = None,
     onnx_results: Sequence[Mapping[str, Any]] = (),
-    *,
-    identical_run_spread: float | None = None,
-    identical_run_source: str | None = None,
 ) -> Comparison:
-    """Tables per variant: every outcome per seed, rows paired with the baseline, per-method aggregates, noise
-    floor, evidence verdict and FP.
+    """Tables per variant: every outcome per seed, the {baseline, EMA} × {nothing, +BN, +QC} grid, paired
+    statistics against the baseline and per component, the evidence verdict and FP.
 
     `fp_reference[variant]` holds `map50_95`, `map50` and `dataset_fingerprint` of the floating-point model.
     `onnx_results` are `{v}/onnx_model` results; each fills the ONNX mAP of the row its source checkpoint
     belongs to (the +QC row for `source=qc`).
-    `identical_run_spread` is the measured mAP50-95 spread of identical runs, when known; it raises the
-    noise floor above the seed spread.
     """
     fp_reference = fp_reference or {}
     onnx_map = {
@@ -295,26 +288,21 @@ def build_comparison(
             _row(s, outcome, non_comparable.get(run_id(s)))
             for s in runs for outcome in OUTCOMES if outcome_stability(s, outcome) is not None
         ]
-        rows = sorted(rows, key=lambda r: (_label_order(r.method), r.seed))
+        rows = sorted(rows, key=lambda r: (label_order(r.method), r.seed))
         for row in rows:
             row.onnx_map50_95 = onnx_map.get((row.variant, row.method, row.seed))
-        labels = sorted({r.method for r in rows}, key=_label_order)
         counted = [r for r in rows if r.comparable and r.status != "incomplete"]
-        floor = noise_floor(
-            {label: [r.final for r in counted if r.method == label and r.final is not None] for label in labels},
-            identical_run_spread, identical_run_source,
-        )
-        paired = _paired_rows(counted, floor)
         fp = fp_reference.get(variant, {})
         variants.append(VariantComparison(
             variant=variant,
             fp_map50_95=fp.get("map50_95"),
             fp_map50=fp.get("map50"),
             rows=rows,
-            aggregates=[_aggregate(label, [r for r in rows if r.method == label], paired, floor) for label in labels],
-            paired=paired,
-            noise_floor=floor,
-            evidence=evidence_verdict(variant, _seed_pairs(counted, "baseline", "ema+QC")),
+            paired=_paired_rows(counted),
+            against_baseline=against_baseline(counted),
+            contributions=contributions(counted),
+            grid=grid(counted),
+            evidence=evidence_verdict(variant, _seed_pairs(rows)),
         ))
     return Comparison(reference=reference, variants=variants)
 
@@ -339,13 +327,15 @@ def deployment_markdown(onnx_results: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _seed_pairs(rows: Sequence[ComparisonRow], first: str, second: str) -> list[tuple[ComparisonRow, ComparisonRow]]:
-    by_key = {(r.method, r.seed): r for r in rows}
+def _seed_pairs(rows: Sequence[ComparisonRow]) -> list[SeedPair]:
+    """(baseline, ema+QC, ema+BN) per seed, from comparable rows; `evidence_verdict` leaves out incomplete ones."""
+    by_key = {(r.method, r.seed): r for r in rows if r.comparable}
     seeds = sorted({r.seed for r in rows})
-    return [(by_key[first, s], by_key[second, s]) for s in seeds if (first, s) in by_key and (second, s) in by_key]
+    return [SeedPair(seed=s, baseline=by_key["baseline", s], ema_qc=by_key["ema+QC", s], ema_bn=by_key.get(("ema+BN", s)))
+            for s in seeds if ("baseline", s) in by_key and ("ema+QC", s) in by_key]
 
 
-def _paired_rows(counted: Sequence[ComparisonRow], floor: NoiseFloor) -> list[PairedRow]:
+def _paired_rows(counted: Sequence[ComparisonRow]) -> list[PairedRow]:
     """Each non-baseline row against the baseline run of its seed; both complete and comparable."""
     baselines = {r.seed: r for r in counted if r.method == "baseline"}
     paired = []
@@ -357,9 +347,9 @@ def _paired_rows(counted: Sequence[ComparisonRow], floor: NoiseFloor) -> list[Pa
         paired.append(PairedRow(
             seed=row.seed, method=row.method, final=row.final, final_over_best=row.final_over_best,
             baseline_final=base.final, baseline_final_over_best=base.final_over_best, difference=difference,
-            real=floor.is_real(difference),
+            margin=paired_margin(row, base),
         ))
-    return sorted(paired, key=lambda p: (p.seed, _label_order(p.method)))
+    return sorted(paired, key=lambda p: (p.seed, label_order(p.method)))
 
 
 def _row(summary: RunSummary, outcome: str, not_comparable_reason: str | None) -> ComparisonRow:
@@ -377,32 +367,15 @@ def _row(summary: RunSummary, outcome: str, not_comparable_reason: str | None) -
         final=stability.final,
         final_epoch=stability.final_epoch,
         final_over_best=stability.final_over_best,
+        best_from_epoch=stability.best_from_epoch,
+        final_from_epoch=stability.final_from_epoch,
+        final_spread=stability.final_spread,
+        failed_rules=stability.failed_rules,
+        collapse_ratio=stability.collapse_ratio,
         qc_delta=summary.qc.delta if outcome == "qc" and summary.qc is not None else None,
         bn_delta=summary.bn.delta if outcome == "bn" and summary.bn is not None else None,
         comparable=not_comparable_reason is None,
         not_comparable_reason=not_comparable_reason,
-    )
-
-
-def _aggregate(
-    label: str, rows: Iterable[ComparisonRow], paired: Sequence[PairedRow], floor: NoiseFloor
-) -> MethodAggregate:
-    counted = [r for r in rows if r.comparable and r.status != "incomplete"]
-    differences = [p.difference for p in paired if p.method == label and p.difference is not None]
-    mean_difference = statistics.fmean(differences) if differences else None
-    finals = [r.final for r in counted if r.final is not None]
-    bests = [r.best for r in counted if r.best is not None]
-    ratios = [r.final_over_best for r in counted if r.final_over_best is not None]
-    return MethodAggregate(
-        method=label,
-        seeds=sorted(r.seed for r in counted),
-        failed=sum(r.status == "completed-failed" for r in counted),
-        mean_final=statistics.fmean(finals) if finals else None,
-        std_final=statistics.stdev(finals) if len(finals) > 1 else None,
-        mean_best=statistics.fmean(bests) if bests else None,
-        mean_final_over_best=statistics.fmean(ratios) if ratios else None,
-        mean_paired_difference=mean_difference,
-        real=floor.is_real(mean_difference),
     )
 
 
@@ -417,11 +390,6 @@ def _variant_order(variants: set[str]) -> list[str]:
     return sorted(variants, key=lambda v: (VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), v))
 
 
-def _label_order(label: str) -> tuple[int, str]:
-    known = ["baseline", "baseline+QC", "baseline+BN", "ema", "ema+QC", "ema+BN"]
-    return (known.index(label) if label in known else len(known), label)
-
-
 def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -432,8 +400,45 @@ def _yes_no(value: bool | None) -> str:
     return "–" if value is None else ("yes" if value else "no")
 
 
-def _at(value: float | None, epoch: int | None) -> str:
-    return _num(value) if epoch is None else f"{_num(value)} ({epoch})"
+def _at(value: float | None, first: int | None, last: int | None) -> str:
+    """A value and the epoch it was measured at, or the span of epochs its window median covers."""
+    if last is None:
+        return _num(value)
+    return f"{_num(value)} ({last})" if first is None or first == last else f"{_num(value)} ({first}-{last})"
+
+
+def _cell(cell: GridCell) -> str:
+    if not cell.seeds:
+        return "–"
+    spread = f" ± {_num(cell.std_final)}" if cell.std_final is not None else ""
+    return f"{_num(cell.mean_final)}{spread} ({cell.seeds}, {cell.failed} failed)"
+
+
+def _paired_table(contrasts: Sequence[PairedDifference]) -> str:
+    return _markdown_table(
+        ["contrast", "seeds", "mean", "SE", "95 % CI", "sign-flip p", "real"],
+        [[c.contrast, str(c.n), _num(c.mean, 4, signed=True), _num(c.standard_error),
+          "–" if c.ci_low is None else f"{c.ci_low:+.4f} to {c.ci_high:+.4f}", _num(c.p_sign_flip, 3),
+          _yes_no(c.real)] for c in contrasts],
+    )
+
+
+def _seed_evidence_table(evidence: EvidenceVerdict) -> str:
+    return _markdown_table(
+        ["seed", "baseline best", "line (ratio × best)", "baseline final", "ema+QC final", "margin", "outcome"],
+        [[str(s.seed), _num(s.baseline_best), _num(s.line), _num(s.baseline_final), _num(s.ema_qc_final),
+          _num(s.margin), s.outcome.replace("_", " ")] for s in evidence.seeds],
+    )
+
+
+def _seeds_note(variant: VariantComparison) -> str:
+    """How far the exact tests can go with the seeds at hand, and how many seeds p < 0.05 needs."""
+    n = max((c.n for c in variant.against_baseline), default=0)
+    one, two = seeds_needed(0.05), seeds_needed(0.05, one_sided=False)
+    reach = (f"With {n} seed(s) the smallest attainable exact p is {1 / 2**n:.3g} one-sided and "
+             f"{min(1.0, 2 / 2**n):.3g} two-sided" if n else "No paired seeds yet")
+    return (f"{reach}; one-sided p < 0.05 needs {one} seeds (`QAT_SEEDS={','.join(map(str, range(one)))}`), "
+            f"two-sided {two}.")
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:

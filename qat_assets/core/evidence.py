@@ -1,38 +1,75 @@
-"""What the runs say about the question: paired differences, the noise floor, and one verdict per variant.
+"""What the runs say about the question: one verdict per variant, judged seed by seed against the baseline.
 
 The project asks whether EMA + QC prevents the early-peak collapse of W4A16 QAT. That needs a contrast: a
-baseline that collapses and an EMA+QC run of the same seed that does not. So every verdict rests on seed
-pairs (baseline, ema+QC) that are both complete and comparable:
+baseline that collapses and an EMA+QC run of the same seed that does not. Every seed whose baseline and
+EMA+QC runs are both complete and comparable is a pair; in a pair whose baseline collapsed (the
+"collapsed" rule of `stability.py`, a peak then a fall; falling below PTQ alone is not that failure):
 
-- "EMA+QC prevented a collapse the baseline showed (k/N seeds)": in k of the N pairs the baseline
-  collapsed and EMA+QC did not fail;
-- "uninformative: the baseline did not collapse": no pair's baseline collapsed, so there was nothing to
-  prevent (a gate that passes on this proves nothing);
-- "EMA+QC collapsed too": the baseline collapsed in some pairs, and EMA+QC failed in every one of them.
+- "prevented": EMA+QC's final is at least `collapse_ratio` × the baseline's best in that seed (the very
+  line the baseline fell below, not EMA+QC's own peak, which may never have risen), and above the
+  baseline's final by more than the paired uncertainty;
+- "collapsed too": EMA+QC's final is below that line;
+- "within noise": above the line, but not above the baseline's final by more than the uncertainty.
 
-A difference between methods is called real only when it exceeds the noise floor: the largest spread
-(sample std of final mAP50-95) of seeds within one method, or the measured spread of identical runs
-(same settings and seed) when it is known and larger.
+The paired uncertainty of one seed is 1.96 × √(s_b² + s_e²), where s is each run's `final_spread`, the
+robust spread of its last m validations: a run's own validation-to-validation noise at its end. It is
+unknown (and so nothing is "prevented") when a run has a single trained validation. It does not see the
+sampling noise of the fixed val set itself; a paired bootstrap over val images would (not built yet).
+
+The variant's verdict needs a majority of the seeds whose baseline collapsed, and reports k/N with the
+exact one-sided sign-test p-value. "uninformative" when no baseline collapsed (nothing to prevent).
+A prevention is credited to QC only where QC beats BN re-estimation of the same weights (ema+QC − ema+BN,
+paired over seeds) by more than its 95 % interval; otherwise EMA with recalibration did the work.
 """
 
 from __future__ import annotations
 
-import statistics
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from qat_assets.core.stability import is_collapsed
+from qat_assets.core.paired_statistics import PairedDifference, paired_difference, sign_test_p
+from qat_assets.core.stability import DEFAULT_COLLAPSE_RATIO
 
-EvidenceKind = Literal["prevented", "uninformative", "collapsed_too"]
+EvidenceKind = Literal["prevented", "uninformative", "collapsed_too", "inconclusive"]
+SeedOutcome = Literal["prevented", "collapsed_too", "within_noise"]
+MARGIN_Z = 1.96  # two-sided 95 % of a normal: the margin a paired difference must clear in one seed
 
 
 class Outcome(Protocol):
     """A judged run outcome: a `Stability` or a comparison row."""
 
     status: str
-    reason: str
+    best: float | None
+    final: float | None
+    final_spread: float | None
+    failed_rules: list[str]
+    collapse_ratio: float | None
+
+
+@dataclass(frozen=True)
+class SeedPair:
+    """One seed's baseline and EMA+QC outcomes, and EMA+BN (the same weights, BN re-estimated) when known."""
+
+    seed: int
+    baseline: Outcome
+    ema_qc: Outcome
+    ema_bn: Outcome | None = None
+
+
+class SeedEvidence(BaseModel):
+    """The judgement of one seed whose baseline collapsed."""
+
+    seed: int
+    baseline_best: float
+    baseline_final: float
+    ema_qc_final: float
+    line: float  # collapse_ratio × the baseline's best
+    margin: float | None  # the paired uncertainty of ema_qc_final − baseline_final; None when unknown
+    outcome: SeedOutcome
 
 
 class EvidenceVerdict(BaseModel):
@@ -42,6 +79,10 @@ class EvidenceVerdict(BaseModel):
     pairs: int  # seeds with a complete, comparable baseline and EMA+QC run
     baseline_collapsed: int
     prevented: int
+    collapsed_too: int = 0
+    p_sign_test: float | None = None  # one-sided: P(at least `prevented` of `baseline_collapsed` seeds by chance)
+    seeds: list[SeedEvidence] = []
+    qc_beyond_bn: PairedDifference | None = None
 
     @property
     def informative(self) -> bool:
@@ -51,62 +92,81 @@ class EvidenceVerdict(BaseModel):
         return f"{self.variant}: {self.text}"
 
 
-def evidence_verdict(variant: str, pairs: Sequence[tuple[Outcome, Outcome]]) -> EvidenceVerdict:
-    """The verdict from (baseline, ema+QC) outcome pairs of one variant, one pair per seed, both complete."""
-    complete = [(b, e) for b, e in pairs if b.status != "incomplete" and e.status != "incomplete"]
-    collapsed = [(b, e) for b, e in complete if is_collapsed(b)]
-    prevented = sum(e.status == "completed-success" for _, e in collapsed)
-    n, c = len(complete), len(collapsed)
+def paired_margin(first: Outcome, second: Outcome) -> float | None:
+    """1.96 × √(s₁² + s₂²) from the two runs' last-m spreads; None when either is unknown."""
+    if first.final_spread is None or second.final_spread is None:
+        return None
+    return MARGIN_Z * math.hypot(first.final_spread, second.final_spread)
+
+
+def judge_seed(pair: SeedPair) -> SeedEvidence:
+    """Prevented, collapsed too, or within noise, for a seed whose baseline collapsed."""
+    base, treated = pair.baseline, pair.ema_qc
+    line = (base.collapse_ratio or DEFAULT_COLLAPSE_RATIO) * base.best
+    margin = paired_margin(base, treated)
+    if treated.final < line:
+        outcome = "collapsed_too"
+    elif margin is not None and treated.final - base.final > margin:
+        outcome = "prevented"
+    else:
+        outcome = "within_noise"
+    return SeedEvidence(seed=pair.seed, baseline_best=base.best, baseline_final=base.final,
+                        ema_qc_final=treated.final, line=line, margin=margin, outcome=outcome)
+
+
+def evidence_verdict(variant: str, pairs: Sequence[SeedPair]) -> EvidenceVerdict:
+    """The verdict from one variant's seed pairs; pairs with an incomplete run are left out."""
+    complete = [p for p in pairs if p.baseline.status != "incomplete" and p.ema_qc.status != "incomplete"]
+    judged = [judge_seed(p) for p in complete if "collapsed" in p.baseline.failed_rules]
+    n, c = len(complete), len(judged)
+    k = sum(s.outcome == "prevented" for s in judged)
+    j = sum(s.outcome == "collapsed_too" for s in judged)
+    qc_beyond_bn = _qc_beyond_bn(complete)
+    p = sign_test_p(k, c) if c else None
+    counts = f"prevented in {k}/{c} seeds whose baseline collapsed (one-sided sign test p = {p:.3g})" if c else ""
     if n == 0:
         kind, text = "uninformative", "uninformative: no seed has a complete, comparable baseline and EMA+QC run"
     elif c == 0:
         kind, text = "uninformative", f"uninformative: the baseline did not collapse (0/{n} seeds)"
-    elif prevented:
+    elif 2 * k > c:
         kind = "prevented"
-        text = f"EMA+QC prevented a collapse the baseline showed ({prevented}/{n} seeds)"
-        if prevented < c:
-            text += f"; in {c - prevented} more seed(s) the baseline collapsed and EMA+QC failed too"
+        text = f"EMA+QC prevented a collapse the baseline showed: {counts}" + _others(judged, k) + _credit(qc_beyond_bn)
+    elif 2 * j > c:
+        kind = "collapsed_too"
+        text = (f"EMA+QC collapsed too: below the collapse line of the baseline's best in {j}/{c} seeds whose "
+                f"baseline collapsed" + (f"; {counts}" if k else ""))
     else:
-        kind, text = "collapsed_too", f"EMA+QC collapsed too (the baseline collapsed in {c}/{n} seeds, EMA+QC in all of them)"
-    return EvidenceVerdict(variant=variant, kind=kind, text=text, pairs=n, baseline_collapsed=c, prevented=prevented)
+        kind = "inconclusive"
+        text = f"inconclusive, no majority of seeds: {counts}, collapsed too in {j}, within noise in {c - k - j}"
+    if c and c < n:
+        text += f" (the baseline collapsed in {c} of {n} complete seeds)"
+    return EvidenceVerdict(variant=variant, kind=kind, text=text, pairs=n, baseline_collapsed=c, prevented=k,
+                           collapsed_too=j, p_sign_test=p, seeds=judged, qc_beyond_bn=qc_beyond_bn)
 
 
-class NoiseFloor(BaseModel):
-    """How large a difference in final mAP50-95 must be before it is more than run-to-run noise."""
-
-    seed_spread: float | None  # largest std over seeds within one method
-    seed_spread_method: str | None
-    identical_run_spread: float | None  # measured spread of identical runs (same settings and seed), if known
-    identical_run_source: str | None
-
-    @property
-    def value(self) -> float | None:
-        known = [v for v in (self.seed_spread, self.identical_run_spread) if v is not None]
-        return max(known) if known else None
-
-    def is_real(self, difference: float | None) -> bool | None:
-        """True/False when both are known; None when the difference or the floor is unknown."""
-        if difference is None or self.value is None:
-            return None
-        return abs(difference) > self.value
-
-    def describe(self) -> str:
-        seed = (f"seed spread {self.seed_spread:.4f} (std of final over seeds, {self.seed_spread_method})"
-                if self.seed_spread is not None else "seed spread unknown (fewer than two seeds per method)")
-        identical = (f"identical-run spread {self.identical_run_spread:.4f} ({self.identical_run_source})"
-                     if self.identical_run_spread is not None else "identical-run spread not measured")
-        value = "unknown: no difference is called real" if self.value is None else f"{self.value:.4f}"
-        return f"noise floor {value}: {seed}; {identical}"
+def _others(judged: Sequence[SeedEvidence], prevented: int) -> str:
+    rest = len(judged) - prevented
+    if not rest:
+        return ""
+    too = sum(s.outcome == "collapsed_too" for s in judged)
+    return f"; in {rest} more seed(s) EMA+QC collapsed too ({too}) or stayed within noise ({rest - too})"
 
 
-def noise_floor(
-    finals_by_method: dict[str, Sequence[float]], identical_run_spread: float | None = None,
-    identical_run_source: str | None = None,
-) -> NoiseFloor:
-    spreads = {m: statistics.stdev(v) for m, v in finals_by_method.items() if len(v) > 1}
-    method = max(spreads, key=spreads.get, default=None)
-    return NoiseFloor(
-        seed_spread=spreads[method] if method is not None else None, seed_spread_method=method,
-        identical_run_spread=identical_run_spread,
-        identical_run_source=identical_run_source if identical_run_spread is not None else None,
-    )
+def _qc_beyond_bn(complete: Sequence[SeedPair]) -> PairedDifference | None:
+    """ema+QC − ema+BN over the seeds where both are complete: QC's part beyond BN re-estimation."""
+    both = [p for p in complete if p.ema_bn is not None and p.ema_bn.status != "incomplete"]
+    if not both:
+        return None
+    return paired_difference("ema+QC - ema+BN", [p.seed for p in both], [p.ema_qc.final - p.ema_bn.final for p in both])
+
+
+def _credit(qc_beyond_bn: PairedDifference | None) -> str:
+    if qc_beyond_bn is None:
+        return "; no +BN runs to hold QC against, so QC's own part is unknown"
+    if qc_beyond_bn.positive:
+        return (f"; QC is credited: it beats BN re-estimation of the same weights by {qc_beyond_bn.mean:+.4f} "
+                f"(95 % CI {qc_beyond_bn.ci_low:+.4f} to {qc_beyond_bn.ci_high:+.4f})")
+    interval = ("no interval from one seed" if qc_beyond_bn.ci_low is None
+                else f"95 % CI {qc_beyond_bn.ci_low:+.4f} to {qc_beyond_bn.ci_high:+.4f}")
+    return (f"; QC is not credited: it does not beat BN re-estimation beyond the paired uncertainty "
+            f"({qc_beyond_bn.mean:+.4f}, {interval}), so EMA with recalibration did the work")

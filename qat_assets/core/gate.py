@@ -1,13 +1,14 @@
 """The gate before yolo10m: enough stable, comparable EMA+QC seeds on every validation variant.
 
 The gate passes only when, for each gated variant, at least `min_seeds` of the configured seeds have a
-run of the gated method (by default EMA, judged after QC) that is complete, comparable and not collapsed
-or degenerate (status `completed-success`). The decision is data: it never raises for missing or bad
-runs, and its reasons name every problem found, so whoever reads a failing gate knows what to re-run.
+run of the gated method (by default EMA, judged after QC) that is complete, comparable and neither
+degenerate, collapsed nor fallen below PTQ (status `completed-success`, by the windowed rule of
+`stability.py`). The decision is data: it never raises for missing or bad runs, and its reasons name every
+problem found, so whoever reads a failing gate knows what to re-run.
 
 That rule never reads the baseline, so the decision also carries the evidence verdict per variant
-(`evidence.py`): whether the baseline collapsed at all. With `require_informative`, a gate whose evidence
-is uninformative does not pass.
+(`evidence.py`): whether the baseline collapsed at all, and whether EMA+QC stayed above its line. With
+`require_informative`, a gate whose evidence is uninformative does not pass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qat_assets.core.comparison import find_non_comparable, outcome_label, outcome_stability, run_id
-from qat_assets.core.evidence import EvidenceVerdict, evidence_verdict
+from qat_assets.core.evidence import EvidenceVerdict, SeedPair, evidence_verdict
 from qat_assets.core.settings import VALIDATION_VARIANTS
 from qat_assets.core.summary import RunSummary
 
@@ -117,8 +118,9 @@ def decide_gate(
             elif stability.status == "completed-success":
                 good.append(seed)
         evidence[variant] = evidence_verdict(variant, [
-            (outcome_stability(latest[variant, f"baseline|{seed}"], "qat"),
-             outcome_stability(latest[variant, f"ema|{seed}"], "qc"))
+            SeedPair(seed=seed, baseline=outcome_stability(latest[variant, f"baseline|{seed}"], "qat"),
+                     ema_qc=outcome_stability(latest[variant, f"ema|{seed}"], "qc"),
+                     ema_bn=outcome_stability(latest[variant, f"ema|{seed}"], "bn"))
             for seed in seeds
             if all((variant, f"{m}|{seed}") in latest and (variant, f"{m}|{seed}") not in non_comparable
                    for m in ("baseline", "ema"))
@@ -127,8 +129,8 @@ def decide_gate(
         per_variant[variant] = VariantGate(passed=passed, good_seeds=good, problems=problems)
         seeds_text = ", ".join(map(str, good)) or "none"
         reasons.append(
-            f"{variant}: {len(good)} of {min_seeds} required {label} seeds are complete, comparable and not "
-            f"collapsed (seeds: {seeds_text})"
+            f"{variant}: {len(good)} of {min_seeds} required {label} seeds are complete, comparable and stable "
+            f"(neither collapsed, below PTQ nor degenerate; seeds: {seeds_text})"
         )
         reasons.extend(problems)
     passed = bool(variants) and all(g.passed for g in per_variant.values())

@@ -137,24 +137,30 @@ def render_summary_md(
         f"**{gate.headline()}**",
         "",
         f"The gate needs, for every validation variant, at least {gate.min_seeds} of the seeds "
-        f"{', '.join(map(str, gate.seeds))} whose {gate.method} run is complete, comparable and not collapsed.",
+        f"{', '.join(map(str, gate.seeds))} whose {gate.method} run is complete, comparable and stable.",
         "",
         *(f"- {reason}" for reason in gate.reasons),
         "",
         "## Rules",
         "",
-        "- Metric: mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ). Best is taken over "
-        "epochs 0..N (falling from the PTQ level is a collapse too), final is the last trained epoch; "
-        "`+QC` rows replace the final value by the QC-corrected final model.",
-        "- `completed-failed`: collapsed (final < ratio × best) or degenerate (best at or near zero). "
-        "`incomplete`: crashed, interrupted, diverged or fewer epochs than planned; never counted.",
+        "- Metric: mAP50-95(B). Epoch 0 is the freshly quantized pretrained model (PTQ). Best and final are "
+        "medians over a window of m validations (default 3, fewer if fewer were made): best is the highest "
+        "running median over trained epochs, final the median of the last m. `+QC` / `+BN` rows replace the "
+        "final value by one measurement of the fixed final weights.",
+        "- `completed-failed`: collapsed (final < ratio × best trained), fell below PTQ (final < ratio × PTQ) "
+        "or degenerate (PTQ, best and final at or near zero). `incomplete`: crashed, interrupted, diverged or "
+        "fewer epochs than planned; never counted.",
         "- Runs compare only with equal dataset fingerprint, evaluation settings and training profile; "
         "non-comparable runs are flagged and left out of the means and the gate.",
         "- `+BN` rows: the same final weights as `+QC`, with BatchNorm statistics re-estimated on training "
         "batches (Nagel et al.), a statistics-only fix to hold QC against.",
-        "- Evidence: a seed counts when its baseline and EMA+QC runs are both complete and comparable. A "
-        "difference is real only when it is larger than the noise floor (largest seed std within one method, "
-        "or the measured spread of identical runs when larger).",
+        "- Evidence, per seed whose baseline collapsed (both runs complete and comparable): prevented when "
+        "EMA+QC's final is at least ratio × that baseline's best and above the baseline's final by more than "
+        "the paired margin; collapsed too below that line. The verdict needs a majority of those seeds and "
+        "reports k/N with an exact one-sided sign test. QC is credited only where ema+QC − ema+BN is real.",
+        "- Paired statistics: per seed the difference within the seed; over seeds its mean, standard error, "
+        "95 % t-interval and exact two-sided sign-flip p. A difference is real only when the interval "
+        "excludes 0.",
         "",
         "## Comparison",
         "",

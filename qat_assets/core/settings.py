@@ -121,9 +121,6 @@ class Settings(BaseModel):
     gate_require_informative: bool = Field(
         False, description="the gate passes only when every variant's baseline collapsed in some seed"
     )
-    identical_run_spread: float | None = Field(
-        None, ge=0, description="measured mAP50-95 spread of identical runs (same settings, seed); raises the noise floor"
-    )
 
     # Automation
     backfill_cron: str = Field("0 2 * * *", description="when the seed backfill schedule ticks")

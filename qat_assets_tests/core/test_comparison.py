@@ -53,12 +53,12 @@ def test_a_run_on_other_data_than_the_fp_reference_is_not_comparable():
 
 def test_comparison_rows_means_and_exclusion_of_non_comparable_runs():
     runs = [
-        make_summary(method="ema", seed=0, maps=(0.2, 0.30, 0.30), qc_after=0.31),
-        make_summary(method="ema", seed=1, maps=(0.2, 0.30, 0.26), qc_after=0.27),
-        make_summary(method="ema", seed=2, maps=(0.2, 0.30, 0.10), qc_after=0.12),  # collapsed, counted
+        make_summary(method="ema", seed=0, maps=(0.2, 0.30, 0.30, 0.30), qc_after=0.31),
+        make_summary(method="ema", seed=1, maps=(0.2, 0.30, 0.26, 0.26), qc_after=0.27),
+        make_summary(method="ema", seed=2, maps=(0.2, 0.30, 0.31, 0.30, 0.10, 0.10), qc_after=0.12),  # collapsed
         make_summary(method="ema", seed=3, maps=(0.2, 0.30, 0.29), profile_fp="other"),  # not comparable
         make_summary(method="ema", seed=4, maps=(0.2, 0.30), planned_epochs=2),  # incomplete
-        make_summary(method="baseline", seed=0, maps=(0.2, 0.30, 0.05), qc_after=0.08),
+        make_summary(method="baseline", seed=0, maps=(0.2, 0.30, 0.05, 0.05), qc_after=0.08),  # fell below PTQ
         make_summary(variant="yolo10s", method="ema", seed=0, maps=(0.3, 0.40, 0.41), qc_after=0.42),
     ]
     fp = {"yolo10n": {"map50_95": 0.385, "map50": 0.6, "dataset_fingerprint": "data-1"}}
@@ -68,20 +68,23 @@ def test_comparison_rows_means_and_exclusion_of_non_comparable_runs():
     assert [r.method for r in n.rows][:2] == ["baseline", "baseline+QC"]
     assert len(n.rows) == 12 and {r.method for r in n.rows} == {"baseline", "baseline+QC", "ema", "ema+QC"}
 
-    ema = next(a for a in n.aggregates if a.method == "ema")
-    assert ema.seeds == [0, 1, 2] and ema.failed == 1
+    [baseline, baseline_bn, baseline_qc], [ema, ema_bn, ema_qc] = n.grid
+    assert (ema.method, ema.seeds, ema.failed) == ("ema", 3, 1)
     assert ema.mean_final == pytest.approx(statistics.fmean([0.30, 0.26, 0.10]))
     assert ema.std_final == pytest.approx(statistics.stdev([0.30, 0.26, 0.10]))
-    ema_qc = next(a for a in n.aggregates if a.method == "ema+QC")
-    assert ema_qc.mean_final == pytest.approx(statistics.fmean([0.31, 0.27, 0.12]))
-    baseline = next(a for a in n.aggregates if a.method == "baseline")
-    assert baseline.seeds == [0] and baseline.std_final is None
+    assert ema_qc.method == "ema+QC" and ema_qc.mean_final == pytest.approx(statistics.fmean([0.31, 0.27, 0.12]))
+    assert (baseline.seeds, baseline.failed, baseline.std_final) == (1, 1, None) and ema_bn.seeds == 0
+    against = {c.contrast: c for c in n.against_baseline}
+    assert against["ema - baseline"].seeds == [0] and against["ema - baseline"].mean == pytest.approx(0.25)
+    assert against["ema+QC - baseline"].differences == pytest.approx([0.31 - 0.05])
+    collapsed = next(r for r in n.rows if r.seed == 2 and r.method == "ema")
+    assert collapsed.failed_rules == ["collapsed"] and (collapsed.best_from_epoch, collapsed.final_from_epoch) == (1, 3)
 
     flagged = next(r for r in n.rows if r.seed == 3 and r.method == "ema")
     assert not flagged.comparable and "training profile other" in flagged.not_comparable_reason
     qc_row = next(r for r in n.rows if r.seed == 0 and r.method == "ema+QC")
     assert qc_row.qc_delta == pytest.approx(0.01) and qc_row.final == 0.31
-    assert s.fp_map50_95 is None and s.aggregates[0].std_final is None
+    assert s.fp_map50_95 is None and s.grid[1][0].std_final is None
 
     table = comparison.rows()
     assert table[0]["method"] == "FP" and table[0]["final"] == 0.385
@@ -92,6 +95,7 @@ def test_comparison_rows_means_and_exclusion_of_non_comparable_runs():
     markdown = comparison.to_markdown()
     assert "### yolo10n" in markdown and "### yolo10s" in markdown
     assert "| ema+QC | 0 | completed-success |" in markdown
+    assert "| ema | 2 | completed-failed | 0.2000 | 0.3000 (1-3) | 0.1000 (3-5) |" in markdown
     assert "no: training profile other" in markdown
     assert f"{statistics.fmean([0.30, 0.26, 0.10]):.4f} ± {statistics.stdev([0.30, 0.26, 0.10]):.4f}" in markdown
 

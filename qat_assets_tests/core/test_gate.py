@@ -60,7 +60,8 @@ def test_collapsed_and_degenerate_runs_fail_the_gate():
 
 
 def test_qc_can_rescue_a_collapsed_qat_run_and_with_qc_selects_the_outcome():
-    runs = replace(full_set(), "yolo10n", "ema|0", maps=(0.2, 0.3, 0.10), qc_after=0.25)
+    runs = replace(full_set(), "yolo10n", "ema|0", maps=(0.2, 0.30, 0.31, 0.30, 0.10, 0.09),
+                   qc_after=0.25)
     assert decide_gate(runs, seeds=[0, 1]).passed
     without_qc = decide_gate(runs, seeds=[0, 1], with_qc=False)
     assert not without_qc.passed and without_qc.method == "ema"

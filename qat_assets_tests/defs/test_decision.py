@@ -10,7 +10,7 @@ from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_f
 from qat_assets_tests.stage_outputs import write_pretrained, write_qat_and_qc
 
 HEALTHY = [0.30, 0.33, 0.36]
-COLLAPSED = [0.30, 0.36, 0.10]
+COLLAPSED = [0.30, 0.36, 0.37, 0.36, 0.10, 0.09]  # best 0.36 (median of epochs 1-3), final 0.10 (3-5)
 
 
 def prepare_runs(storage, instance, ema_maps, qc_after, baseline_maps=COLLAPSED):
@@ -53,7 +53,8 @@ def test_gate_passes_end_to_end_when_ema_qc_is_stable_for_two_seeds_of_both_vari
     assert (layout.comparison_dir(storage) / "yolo10n_map50_95.png").stat().st_size > 5000
     comparison = latest_metadata(instance, "comparison")
     assert comparison["runs"] == 8 and "data:image/png;base64" in comparison["yolo10n_plot"]
-    assert "yolo10n: EMA+QC prevented a collapse the baseline showed (2/2 seeds)" in comparison["evidence"]
+    assert ("yolo10n: EMA+QC prevented a collapse the baseline showed: prevented in 2/2 seeds whose baseline "
+            "collapsed (one-sided sign test p = 0.25)") in comparison["evidence"]
     assert summary.index("## Evidence") < summary.index("gate PASSED")
     checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
     assert checks["evidence_informative"].passed is True

@@ -73,10 +73,7 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
     summaries = collect_summaries(settings)
     references = fp_references(settings)
     onnx_results = collect_onnx_results(settings)
-    result = build_comparison(
-        summaries, references, onnx_results, identical_run_spread=settings.identical_run_spread,
-        identical_run_source="setting identical_run_spread",
-    )
+    result = build_comparison(summaries, references, onnx_results)
     decision = gate_decision(settings, summaries, references)
     report = write_comparison_report(
         result, decision, summaries, {v: r.get("map50_95") for v, r in references.items()}, VALIDATION_VARIANTS,
