@@ -47,8 +47,13 @@ def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
     return {ours: float(results.get(theirs, 0.0)) for ours, theirs in METRIC_KEYS.items()}
 
 
-def evaluate_model(model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path) -> dict[str, float]:
-    """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel)."""
+def evaluate_model(
+    model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path, per_image: list | None = None,
+) -> dict[str, float]:
+    """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel).
+
+    `per_image`, when given, receives each val image's matching statistics (see `core/image_bootstrap.py`).
+    """
     from ultralytics.models.yolo.detect import DetectionValidator
 
     settings = evaluation_settings(imgsz, batch)
@@ -59,6 +64,10 @@ def evaluate_model(model, data_yaml: Path, *, imgsz: int, batch: int, device: st
             project=str(work_dir), name="val", exist_ok=True, workers=0, **settings,
         )
     )
+    if per_image is not None:
+        from qat_assets.core.image_bootstrap import record_per_image
+
+        record_per_image(validator, per_image)
     # The validator fuses Conv+BN in place; evaluate a copy so the caller's model keeps its structure.
     results = validator(model=copy.deepcopy(model))
     return metrics_from_ultralytics(results)
