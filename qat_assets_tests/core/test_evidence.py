@@ -122,3 +122,14 @@ def test_gate_carries_the_evidence_and_can_require_it():
     assert decision.passed and decision.informative and evidence_check_outcome(decision).passed
     assert decision.evidence["yolo10n"].kind == "prevented" and decision.evidence["yolo10n"].qc_beyond_bn.n == 2
     assert type(decision).from_dict(decision.to_dict()) == decision
+
+
+def test_the_report_shows_the_grid_the_paired_intervals_and_the_per_seed_verdicts():
+    markdown = build_comparison(runs([COLLAPSED] * 3, [0.33, 0.34, 0.35], ema_bn_after=[0.30, 0.30, 0.30])).to_markdown()
+    assert "|  | nothing | +BN | +QC |" in markdown
+    assert "| ema | 0.3100 ± 0.0000 (3, 0 failed) | 0.3000 ± 0.0000 (3, 0 failed) | 0.3400 ± 0.0100 (3, 0 failed) |" in markdown
+    # mean 0.04, SE 0.01/sqrt(3), t(0.975, 2) = 4.303; exact two-sided sign flip over 3 seeds: 2/8
+    assert "| QC beyond BN: ema+QC - ema+BN | 3 | +0.0400 | 0.0058 | +0.0152 to +0.0648 | 0.250 | yes |" in markdown
+    assert "| 0 | 0.3000 | 0.1500 | 0.0600 | 0.3300 | 0.0291 | prevented |" in markdown
+    assert ("With 3 seed(s) the smallest attainable exact p is 0.125 one-sided and 0.25 two-sided; one-sided "
+            "p < 0.05 needs 5 seeds (`QAT_SEEDS=0,1,2,3,4`), two-sided 6.") in markdown
