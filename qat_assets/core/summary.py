@@ -99,7 +99,8 @@ class Stability(BaseModel):
     best and final are medians over a window of validations (`core/stability.py`): best is the highest
     running median over trained epochs, spanning epochs `best_from_epoch`..`best_epoch`; final is the
     median of the last `window` validations, `final_from_epoch`..`final_epoch`. `final_spread` is the robust
-    spread (1.4826 × median absolute deviation) of those last validations: the run's own noise at its end.
+    spread (1.4826 × median absolute deviation, small-sample corrected) of those last validations: the
+    run's own noise at its end.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -1,3 +1,6 @@
+import random
+import statistics
+
 import pytest
 
 from qat_assets.core.stability import classify_qat, classify_with_qc, is_collapsed, robust_spread
@@ -16,15 +19,27 @@ def test_best_is_the_highest_running_median_and_final_the_median_of_the_last_thr
     # running medians: epochs 1-3 0.30, 2-4 0.31, 3-5 0.31; the earliest of the tied windows is the best
     assert (verdict.best, verdict.best_from_epoch, verdict.best_epoch) == (0.31, 2, 4)
     assert (verdict.final, verdict.final_from_epoch, verdict.final_epoch) == (0.31, 3, 5)
-    assert verdict.final_spread == pytest.approx(1.4826 * 0.01) and verdict.window == 3 and verdict.ptq == 0.30
+    assert verdict.final_spread == pytest.approx(1.495 * 1.4826 * 0.01) and verdict.window == 3 and verdict.ptq == 0.30
     assert verdict.reason == ("stable: final mAP50-95 0.3100 (median of epochs 3-5) is 100% of the best trained "
                               "0.3100 (median of epochs 2-4) and 103% of the PTQ 0.3000 (epoch 0)")
 
 
 def test_the_spread_of_the_last_window_ignores_one_outlier():
-    assert robust_spread([0.30, 0.06, 0.05]) == pytest.approx(1.4826 * 0.01)
+    # 1.4826 x MAD times Croux & Rousseeuw's small-sample factor (1.495 for 3 values, 1.196 for 2)
+    assert robust_spread([0.30, 0.06, 0.05]) == pytest.approx(1.495 * 1.4826 * 0.01)
     assert robust_spread([0.2, 0.2, 0.2]) == 0.0
-    assert robust_spread([0.1, 0.3]) == pytest.approx(1.4826 * 0.1)
+    assert robust_spread([0.1, 0.3]) == pytest.approx(1.196 * 1.4826 * 0.1)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        robust_spread([0.3])
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 9, 12])
+def test_the_spread_is_unbiased_for_the_std_of_normal_noise_at_small_windows(m):
+    # Known answer: windows of m draws of N(0, 0.02^2) average a spread of 0.02. Without the small-sample
+    # factor, 3 values average 0.67 x 0.02, and the evidence margin would be a third too narrow.
+    rng = random.Random(m)
+    spreads = [robust_spread([rng.gauss(0.3, 0.02) for _ in range(m)]) for _ in range(20000)]
+    assert statistics.fmean(spreads) == pytest.approx(0.02, rel=0.03)
 
 
 def test_the_ptq_epoch_is_not_a_peak_of_training():
