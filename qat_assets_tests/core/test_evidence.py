@@ -3,7 +3,7 @@
 import pytest
 
 from qat_assets.core.comparison import build_comparison
-from qat_assets.core.evidence import SeedPair, evidence_verdict
+from qat_assets.core.evidence import SeedPair, evidence_verdict, judge_seed, paired_margin
 from qat_assets.core.gate import decide_gate, evidence_check_outcome
 from qat_assets_tests.core.test_summary import make_summary
 
@@ -65,6 +65,8 @@ def test_above_the_line_but_not_beyond_the_paired_uncertainty_is_within_noise():
 
 
 def test_the_variant_verdict_needs_a_majority_of_the_seeds_whose_baseline_collapsed():
+    half = verdict_of(runs([COLLAPSED] * 2, [0.33, 0.05], seeds=(0, 1)))
+    assert (half.kind, half.prevented, half.collapsed_too) == ("inconclusive", 1, 1)  # 1 of 2 is no majority
     one_of_three = verdict_of(runs([COLLAPSED] * 3, [0.33, 0.05, 0.05]))
     assert (one_of_three.kind, one_of_three.prevented, one_of_three.collapsed_too) == ("collapsed_too", 1, 2)
     assert "prevented in 1/3 seeds" in one_of_three.text and "p = 0.875" in one_of_three.text
@@ -80,9 +82,24 @@ def test_qc_is_credited_only_where_it_beats_bn_reestimation_beyond_the_paired_un
     credited = verdict_of(runs([COLLAPSED] * 3, [0.33, 0.34, 0.35], ema_bn_after=[0.30, 0.30, 0.30]))
     assert credited.qc_beyond_bn.differences == pytest.approx([0.03, 0.04, 0.05]) and credited.qc_beyond_bn.positive
     assert "; QC is credited: it beats BN re-estimation of the same weights by +0.0400 (95 % CI +0.0152 to +0.0648)" in credited.text
+    # QC ahead on average (+0.02) but not beyond its interval (d = 0.05, -0.01, 0.02: SE 0.017, t 4.303)
+    ahead = verdict_of(runs([COLLAPSED] * 3, [0.33, 0.34, 0.35], ema_bn_after=[0.28, 0.35, 0.33]))
+    assert ahead.qc_beyond_bn.mean == pytest.approx(0.02) and ahead.qc_beyond_bn.ci_low < 0
+    assert "QC is not credited" in ahead.text
     recalibration = verdict_of(runs([COLLAPSED] * 3, [0.33, 0.34, 0.35], ema_bn_after=[0.34, 0.33, 0.35]))
     assert recalibration.kind == "prevented" and not recalibration.qc_beyond_bn.real
     assert "QC is not credited" in recalibration.text and "EMA with recalibration did the work" in recalibration.text
+
+
+def test_the_margin_adds_both_runs_spreads_in_quadrature_and_an_unknown_one_proves_nothing():
+    baseline = make_summary(method="baseline", maps=COLLAPSED).stability_qat
+    ema_qc = make_summary(method="ema", maps=STABLE, qc_after=0.33).stability_qat_qc
+    noisy = ema_qc.model_copy(update={"final_spread": 0.04})
+    assert paired_margin(baseline.model_copy(update={"final_spread": 0.03}), noisy) == pytest.approx(1.96 * 0.05)
+    assert judge_seed(SeedPair(seed=0, baseline=baseline, ema_qc=ema_qc)).outcome == "prevented"
+    # EMA+QC far above the line and the baseline's final, but one run's noise is unknown: not "prevented"
+    unknown = judge_seed(SeedPair(seed=0, baseline=baseline, ema_qc=ema_qc.model_copy(update={"final_spread": None})))
+    assert unknown.margin is None and unknown.outcome == "within_noise"
 
 
 def test_a_baseline_that_never_collapsed_is_uninformative():
@@ -131,5 +148,7 @@ def test_the_report_shows_the_grid_the_paired_intervals_and_the_per_seed_verdict
     # mean 0.04, SE 0.01/sqrt(3), t(0.975, 2) = 4.303; exact two-sided sign flip over 3 seeds: 2/8
     assert "| QC beyond BN: ema+QC - ema+BN | 3 | +0.0400 | 0.0058 | +0.0152 to +0.0648 | 0.250 | yes |" in markdown
     assert "| 0 | 0.3000 | 0.1500 | 0.0600 | 0.3300 | 0.0434 | prevented |" in markdown
+    assert "| EMA alone: ema - baseline | 3 | +0.2500 |" in markdown  # STABLE's 0.31 - COLLAPSED's 0.06
+    assert "| 0 | ema+QC | 0.3300 | 1.06 | 0.0600 | 0.20 | +0.2700 | 0.0434 | yes |" in markdown
     assert ("With 3 seed(s) the smallest attainable exact p is 0.125 one-sided and 0.25 two-sided; one-sided "
             "p < 0.05 needs 5 seeds (`QAT_SEEDS=0,1,2,3,4`), two-sided 6.") in markdown

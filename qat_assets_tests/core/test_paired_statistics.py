@@ -61,6 +61,8 @@ def test_sign_flip_p_by_hand():
     assert sign_flip_p(d) == pytest.approx(4 / 8)  # |observed sum| = 4: patterns with 4 or 6
     assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
     assert sign_flip_p([0.0, 0.0]) == 1.0
+    # Two-sided: a negative mean is as extreme as a positive one of the same size.
+    assert sign_flip_p([-3, 1, -2]) == pytest.approx(4 / 8) and sign_flip_p([-1.0, -2.0, -3.0]) == pytest.approx(2 / 8)
 
 
 def test_sign_test_p_and_the_seeds_the_smallest_p_needs():
@@ -69,5 +71,7 @@ def test_sign_test_p_and_the_seeds_the_smallest_p_needs():
     assert sign_test_p(0, 3) == 1.0
     assert sign_test_p(5, 5) == pytest.approx(0.03125)
     assert seeds_needed(0.05) == 5 and seeds_needed(0.05, one_sided=False) == 6
+    # p must fall below alpha: 4 seeds reach exactly 1/16 one-sided, which is not below 1/16
+    assert seeds_needed(1 / 16) == 5 and seeds_needed(1 / 16, one_sided=False) == 6
     with pytest.raises(ValueError, match="0..n"):
         sign_test_p(4, 3)
