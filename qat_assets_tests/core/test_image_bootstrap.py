@@ -61,6 +61,12 @@ def test_bootstrap_of_known_sets():
     result = bootstrap_map(mixed, resamples=200, seed=1)
     assert result.estimate == map50_95(mixed) and result.std > 0.05 and result.ci_low < result.estimate < result.ci_high
     assert bootstrap_map(mixed, resamples=200, seed=1) == result  # seeded
+    # The interval is the 2.5 % and 97.5 % percentiles of the resampled values, recomputed here by hand:
+    # sort the 200 draws; numpy's linear interpolation puts 2.5 % at rank 0.025 x 199 = 4.975.
+    draws = np.random.default_rng(1).integers(0, 16, size=(200, 16))
+    values = sorted(map50_95([mixed[i] for i in draw]) for draw in draws)
+    assert result.ci_low == pytest.approx(values[4] + 0.975 * (values[5] - values[4]))
+    assert result.ci_high == pytest.approx(values[194] + 0.025 * (values[195] - values[194]))
     same = paired_bootstrap(mixed, mixed, resamples=50)
     assert (same.estimate, same.std, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0, 0.0)
 
