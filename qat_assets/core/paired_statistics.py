@@ -106,7 +106,7 @@ class PairedDifference(BaseModel):
     standard_error: float | None  # None with fewer than two seeds
     ci_low: float | None
     ci_high: float | None
-    p_sign_flip: float | None  # exact, two-sided
+    p_sign_flip: float | None  # exact, two-sided; None beyond MAX_EXACT_SEEDS (the interval still decides)
 
     @property
     def n(self) -> int:
@@ -137,5 +137,5 @@ def paired_difference(contrast: str, seeds: Sequence[int], differences: Sequence
     return PairedDifference(
         contrast=contrast, seeds=list(seeds), differences=d, mean=mean, standard_error=se,
         ci_low=mean - half if half is not None else None, ci_high=mean + half if half is not None else None,
-        p_sign_flip=sign_flip_p(d) if d else None,
+        p_sign_flip=sign_flip_p(d) if 0 < n <= MAX_EXACT_SEEDS else None,  # more seeds must not stop the report
     )

@@ -53,6 +53,13 @@ def test_an_interval_that_straddles_zero_is_not_real_and_one_seed_has_no_interva
         paired_difference("x", [0, 1], [0.1])
 
 
+def test_more_seeds_than_exact_enumeration_allows_still_give_an_interval():
+    many = paired_difference("x", list(range(17)), [0.01 * (i % 3) for i in range(17)])
+    assert many.p_sign_flip is None and many.real and many.ci_low > 0
+    with pytest.raises(ValueError, match="more than 16"):
+        sign_flip_p([0.1] * 17)
+
+
 def test_sign_flip_p_by_hand():
     # d = (3, -1, 2): the 8 sign patterns give |sum| 6, 2, 4, 0, each twice; the observed |sum| is 4.
     d = [3, -1, 2]
