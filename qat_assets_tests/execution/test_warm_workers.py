@@ -14,6 +14,7 @@ import torch
 
 from qat_assets.core.artifacts import load_checkpoint, sha256_file
 from qat_assets.execution.heavy_step_slots import available_cores
+from qat_assets.execution.launcher import worker_command
 from qat_assets.execution.worker import WORKER_ENV
 from qat_assets.execution.warm_client import ping, read_message
 from qat_assets.execution.warm_server import running_warm_server
@@ -133,7 +134,7 @@ def test_a_malformed_request_gets_an_error_reply_and_the_server_serves_on_withou
     assert "the request's 'argv' must be a JSON list" in (tmp_path / "server.log").read_text()
 
 
-def test_a_second_server_for_the_same_storage_exits_and_leaves_the_first_ones_socket(tmp_path):
+def test_a_second_server_for_the_same_storage_exits_and_leaves_the_first_ones_socket_and_cuda_steps_run_cold(tmp_path):
     storage = tmp_path / "storage"
     with running_warm_server(storage, tmp_path / "server.log") as server:
         first = ping(server)["pid"]
@@ -141,6 +142,11 @@ def test_a_second_server_for_the_same_storage_exits_and_leaves_the_first_ones_so
                                 env=worker_env(), capture_output=True, text=True, timeout=120)
         assert second.returncode != 0 and "another warm worker server owns" in second.stderr
         assert server.exists() and ping(server)["pid"] == first
+        # While it serves, CPU steps fork from it and CUDA steps start cold.
+        log_file = tmp_path / "qat_worker.log"
+        assert worker_command(storage, "qat", log_file, on_cuda=False)[1] == server
+        command, used = worker_command(storage, "qat", log_file, on_cuda=True)
+        assert used is None and command[1:3] == ["-m", "qat_assets.execution.worker"]
     assert not server.exists()
 
 
