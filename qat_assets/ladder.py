@@ -70,7 +70,8 @@ RETERMINATE_S = 10.0
 # Dagster's public API for what the UI's "Cancel backfill" and "Terminate" buttons do: a backfill goes
 # CANCELING and the daemon cancels it once its runs are done; a queued run is canceled, a started one is sent
 # a termination request (its steps are interrupted, its heavy workers stopped) and ends CANCELED.
-CANCEL_BACKFILL = "{name}: cancelPartitionBackfill(backfillId: ${name}) {{ __typename ... on PythonError {{ message }} }}"
+CANCEL_BACKFILL = ("{name}: cancelPartitionBackfill(backfillId: ${name}) "
+                   "{{ __typename ... on PythonError {{ message }} }}")
 TERMINATE_RUNS = """terminateRuns(runIds: $runIds, terminatePolicy: SAFE_TERMINATE) {
     __typename
     ... on TerminateRunsResult { terminateRunResults { __typename ... on TerminateRunFailure { message } } }
@@ -209,7 +210,11 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
             yield lambda: None if daemon.poll() is None else f"dagster-daemon exited ({daemon.returncode}); see {log_path}"
         finally:
             daemon.terminate()
-            daemon.wait(timeout=60)
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # never leave a daemon behind
+                daemon.kill()
+                daemon.wait()
 
 
 def run_variants(
@@ -246,7 +251,9 @@ def run_variants(
         while True:
             # Backfill states before their runs: a backfill done creating runs has all of them listed below.
             watched = len(backfills)
-            creating = [b for b in backfills.values() if instance.get_backfill(b).status.value in BACKFILL_CREATING_RUNS]
+            creating = [
+                b for b in backfills.values() if instance.get_backfill(b).status.value in BACKFILL_CREATING_RUNS
+            ]
             runs = [instance.get_run_by_id(run_id) for run_id in fp_runs.values()]
             for backfill_id in backfills.values():
                 runs += backfill_runs(instance, backfill_id)
@@ -299,11 +306,14 @@ def describe_finished(instance: DagsterInstance, run) -> str:
 def stop_ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> None:
     """Cancel the backfills and terminate the runs among `run_ids` and the backfills' runs, through Dagster's
     GraphQL API (the daemon, still running, launched them and finishes the cancellation); wait up to
-    STOP_TIMEOUT_S for all of them to end; print how each ended. Further Ctrl-Cs only say to wait.
+    STOP_TIMEOUT_S for all of them to end; print how each ended. Further Ctrl-Cs and SIGTERMs only say to wait.
 
     A run the daemon is launching (STARTING) cannot be terminated yet: the request is repeated every
     RETERMINATE_S for the runs not ended nor CANCELING."""
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: print("qat-ladder: still stopping its runs", flush=True))
+    def wait_please(signum, frame):
+        print("qat-ladder: still stopping its runs", flush=True)
+
+    previous = {signum: signal.signal(signum, wait_please) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         runs = ladder_runs(instance, run_ids, backfill_ids)
         before = {run.run_id: run.status for run in runs}
@@ -333,7 +343,8 @@ def stop_ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids
             print(f"  {run_label(run)} (run {run.run_id}): {how_it_ended(before.get(run.run_id), run.status)}",
                   flush=True)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> list:
@@ -344,7 +355,8 @@ def ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids: lis
 
 
 def stop_through_graphql(run_ids: list[str], backfill_ids: list[str]) -> str:
-    """Cancel the backfills and terminate the runs with `dagster-graphql` against this instance; a line per backfill and per run result."""
+    """Cancel the backfills and terminate the runs with `dagster-graphql` against this instance (it loads the
+    code location, some seconds); a line per backfill and per run result."""
     names = [f"backfill{index}" for index in range(len(backfill_ids))]
     parameters = ", ".join(["$runIds: [String!]!", *(f"${name}: String!" for name in names)])
     fields = "\n  ".join([*(CANCEL_BACKFILL.format(name=name) for name in names), TERMINATE_RUNS])
@@ -359,7 +371,8 @@ def stop_through_graphql(run_ids: list[str], backfill_ids: list[str]) -> str:
         (data,) = [json.loads(line)["data"] for line in completed.stdout.splitlines() if line.startswith("{")]
     except (ValueError, KeyError, TypeError):
         raise RuntimeError(f"`dagster-graphql` could not stop the runs:\n{completed.stdout}{completed.stderr}") from None
-    lines = [f"  backfill {backfill_id}: cancel -> {data[name]['__typename']}" for name, backfill_id in zip(names, backfill_ids)]
+    lines = [f"  backfill {backfill_id}: cancel -> {data[name]['__typename']}"
+             for name, backfill_id in zip(names, backfill_ids)]
     terminated = data["terminateRuns"]
     results = terminated.get("terminateRunResults", [terminated])
     lines += [f"  run {run_id}: terminate -> {result['__typename']} {result.get('message', '')}".rstrip()

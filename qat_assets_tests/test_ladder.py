@@ -190,41 +190,65 @@ def processes_with(variable: str, value: str) -> list[str]:
     return found
 
 
+def interrupt_ladder(home: Path, cwd: Path, args: list[str], when: str, **settings: str) -> str:
+    """Run `qat-ladder ARGS` against `home`; once it prints a line containing `when`, press Ctrl-C (SIGINT to
+    its whole foreground process group, as a terminal does). Its output; asserts it exited 130, saying so,
+    without running the gate, and left no process with its DAGSTER_HOME."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "QAT_SEEDS": "0", **settings}
+    ladder = subprocess.Popen(
+        [str(Path(sys.executable).parent / "qat-ladder"), *args], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    for line in ladder.stdout:
+        lines.append(line)
+        if when in line:
+            break
+    os.killpg(ladder.pid, signal.SIGINT)
+    output = "".join(lines) + ladder.stdout.read()
+    assert ladder.wait(timeout=600) == 130, output
+    assert "qat-ladder stopped (Ctrl-C)" in output and "=== comparison+gate" not in output, output
+    deadline = time.monotonic() + 30  # processes that were exiting when the ladder returned
+    while (left := processes_with("DAGSTER_HOME", str(home))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], left  # the daemon, its code server and run workers, the warm server and its children
+    return output
+
+
+def assert_every_run_ended_and_said_how(home: Path, output: str, monkeypatch) -> list:
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        runs = list(instance.get_runs())
+    assert runs and all(run.status in (DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
+                                       DagsterRunStatus.SUCCESS) for run in runs), [r.status for r in runs]
+    for run in runs:
+        assert f"(run {run.run_id}): " in output, (run.run_id, output)
+    return runs
+
+
 def test_a_ladder_stopped_by_ctrl_c_cancels_its_backfills_ends_its_runs_and_leaves_no_process(
     storage, tmp_path, monkeypatch
 ):
     # Without the foundation the partition runs fail fast: what is tested is the stop, whatever state each
     # run is in when it comes (queued, starting, started or ended).
     home = tmp_path / "home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "QAT_SEEDS": "0"}
-    ladder = subprocess.Popen(
-        [str(Path(sys.executable).parent / "qat-ladder"), "--skip-foundation"], env=env, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    lines = []
-    for line in ladder.stdout:
-        lines.append(line)
-        if "=== backfill" in line and "yolo10s_partition_job" in line:
-            break
-    os.killpg(ladder.pid, signal.SIGINT)  # what Ctrl-C in its terminal does: the whole foreground process group
-    output = "".join(lines) + ladder.stdout.read()
-    assert ladder.wait(timeout=600) == 130, output
+    output = interrupt_ladder(home, tmp_path, ["--skip-foundation"], when="of yolo10s_partition_job")
     assert "qat-ladder stopping: canceling 2 backfill(s)" in output, output
-    assert "qat-ladder stopped (Ctrl-C)" in output and "=== comparison+gate" not in output
-    print(output)
-    deadline = time.monotonic() + 30  # processes that were exiting when the ladder returned
-    while (left := processes_with("DAGSTER_HOME", str(home))) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert left == [], left  # the daemon, its code server and run workers, the warm server and its children
-
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    assert_every_run_ended_and_said_how(home, output, monkeypatch)
     with DagsterInstance.get() as instance:
         backfills = instance.get_backfills()
         assert len(backfills) == 2
-        assert all(backfill.status.value in ("CANCELED", "COMPLETED_FAILED", "FAILED") for backfill in backfills)
-        runs = instance.get_runs()
-        assert all(run.status in (DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE) for run in runs)
-        for run in runs:  # each said how it ended
-            assert f"(run {run.run_id}): " in output, (run.run_id, output)
         for backfill in backfills:
-            assert f"backfill {backfill.backfill_id}: {backfill.status.value}" in output
+            assert backfill.status.value == "CANCELED"
+            assert f"backfill {backfill.backfill_id}: CANCELED" in output
+
+
+def test_a_ladder_stopped_while_an_fp_run_trains_terminates_that_run_and_its_worker(storage, tmp_path, monkeypatch):
+    # 50 FP epochs: the run is surely still training when the stop comes.
+    home = tmp_path / "home"
+    output = interrupt_ladder(home, tmp_path, [], when="[yolo10n FP] pretrain: starting worker",
+                              QAT_PROFILE="smoke", QAT_PRETRAIN_EPOCHS="50")
+    runs = assert_every_run_ended_and_said_how(home, output, monkeypatch)
+    (fp_run,) = [run for run in runs if run.job_name == "yolo10n_pretrained_job"]
+    assert fp_run.status == DagsterRunStatus.CANCELED
+    assert f"yolo10n_pretrained_job (run {fp_run.run_id}): terminated while STARTED, now CANCELED" in output

@@ -4,9 +4,10 @@ dagster-ray 0.4.8's reader splits each chunk of the log stream on newlines and p
 message that reaches the stream in two chunks (a QAT step's ~7 KB final result does) becomes two broken
 lines, both forwarded to stdout as plain text, and a step whose worker succeeded ends "without a result";
 the stream also ends with a last line that has no newline yet, or breaks when the dashboard restarts. This
-reader keeps a partial line until its newline arrives, and once the step stops waiting for the job it
-reads the job's full log and handles the Pipes messages the stream did not deliver (the log holds them in
-the order the stream does, so those are the ones after the count handled).
+reader keeps a partial line until its newline arrives, follows a broken stream again (from the start of
+the log, skipping the lines already read), and once the step stops waiting for the job it reads the job's
+full log and handles the Pipes messages the stream did not deliver (the log holds them in the order the
+stream does, so those are the ones after the count handled).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qat_assets.execution.ray_jobs import is_pipes_message
 # After the step stops waiting for the job, how long the stream may take to deliver the rest before the
 # full log is read instead (Ray closes the stream once the job ended and its log is read out).
 STREAM_GRACE_S = 10.0
+RECONNECT_S = 5.0
 
 
 class CompleteLineRayJobMessageReader(PipesRayJobMessageReader):
@@ -38,6 +40,7 @@ class CompleteLineRayJobMessageReader(PipesRayJobMessageReader):
         super().__init__()
         self.log = log
         self.handled = 0  # Pipes messages handled so far, in log order
+        self.lines_read = 0  # complete lines of the log read so far: a stream followed again skips them
 
     def handle_job_logs(self, handler: PipesMessageHandler) -> None:
         try:
@@ -46,11 +49,15 @@ class CompleteLineRayJobMessageReader(PipesRayJobMessageReader):
                     return
                 time.sleep(POLL_SECONDS)
             self.thread_ready.set()
-            try:
-                asyncio.run(self.follow_stream(handler))
-            except Exception as exc:  # the stream broke (dashboard restart): the full log completes it below
-                self.log.warning(f"the log stream of Ray job {self.job_id} broke ({exc}); its messages are read "
-                                 "from its full log when the step stops waiting for it")
+            while True:
+                try:
+                    asyncio.run(self.follow_stream(handler))
+                    break
+                except Exception as exc:  # the stream broke (dashboard restart): follow it again from where it was
+                    self.log.warning(f"the log stream of Ray job {self.job_id} broke ({exc}); following it again "
+                                     f"in {RECONNECT_S:.0f}s (what it misses is read from the full log at the end)")
+                    if self.session_closed.wait(RECONNECT_S):
+                        break
             self.session_closed.wait()
             self.read_the_rest(handler)
         finally:
@@ -60,8 +67,8 @@ class CompleteLineRayJobMessageReader(PipesRayJobMessageReader):
         """Handle each complete line of the stream until it ends, or until STREAM_GRACE_S after the session closed.
 
         The next chunk is awaited as a task, not with a timeout: cancelling it would close the stream."""
-        stream = self.client.tail_job_logs(self.job_id)
-        pending, next_chunk, closed_at = "", None, None
+        stream = self.client.tail_job_logs(self.job_id)  # from the start of the log
+        pending, next_chunk, closed_at, line_index = "", None, None, 0
         try:
             while True:
                 if next_chunk is None:
@@ -80,7 +87,10 @@ class CompleteLineRayJobMessageReader(PipesRayJobMessageReader):
                 next_chunk = None
                 *lines, pending = (pending + chunk).split("\n")
                 for line in lines:
-                    self.handle_line(handler, line)
+                    if line_index >= self.lines_read:
+                        self.handle_line(handler, line)
+                        self.lines_read += 1
+                    line_index += 1
         finally:
             if next_chunk is not None:
                 next_chunk.cancel()
