@@ -18,18 +18,17 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
-# Dagster exports no public name for the status `DagsterInstance.get_backfill(...).status` holds.
-from dagster._core.execution.backfill import BulkActionStatus
 
 from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
+from qat_assets.execution.gpu_slots import parse_gpu_ids
 from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
 from qat_assets.execution.warm_server import running_warm_server
 
@@ -61,9 +60,23 @@ telemetry:
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 LADDER_TAG = "qat-ladder"
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-# A backfill in these states may still create runs.
-BACKFILL_CREATING_RUNS = {BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING, BulkActionStatus.FAILING}
+# A backfill in these states may still create runs. The values of `DagsterInstance.get_backfill(...).status`:
+# Dagster exports that enum only from a private module.
+BACKFILL_CREATING_RUNS = {"REQUESTED", "CANCELING", "FAILING"}
 POLL_SECONDS = 2.0
+# How long a stopping ladder waits for the runs it terminated to end and the daemon to finish its canceled backfills.
+STOP_TIMEOUT_S = 180.0
+RETERMINATE_S = 10.0
+# Dagster's public API for what the UI's "Cancel backfill" and "Terminate" buttons do: a backfill goes
+# CANCELING and the daemon cancels it once its runs are done; a queued run is canceled, a started one is sent
+# a termination request (its steps are interrupted, its heavy workers stopped) and ends CANCELED.
+CANCEL_BACKFILL = ("{name}: cancelPartitionBackfill(backfillId: ${name}) "
+                   "{{ __typename ... on PythonError {{ message }} }}")
+TERMINATE_RUNS = """terminateRuns(runIds: $runIds, terminatePolicy: SAFE_TERMINATE) {
+    __typename
+    ... on TerminateRunsResult { terminateRunResults { __typename ... on TerminateRunFailure { message } } }
+    ... on PythonError { message }
+  }"""
 
 
 def dataset_job():
@@ -189,12 +202,19 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
         return
     log_path = home / "qat-ladder-daemon.log"
     with open(log_path, "a") as log:
-        daemon = subprocess.Popen([daemon_cli, "run", "-m", "qat_assets"], stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own: a Ctrl-C in the terminal reaches the daemon (and the runs it launched, which stop
+        # through stop_ladder_runs) only through the ladder's own cleanup, in order.
+        daemon = subprocess.Popen([daemon_cli, "run", "-m", "qat_assets"], stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         try:
             yield lambda: None if daemon.poll() is None else f"dagster-daemon exited ({daemon.returncode}); see {log_path}"
         finally:
             daemon.terminate()
-            daemon.wait(timeout=60)
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # never leave a daemon behind
+                daemon.kill()
+                daemon.wait()
 
 
 def run_variants(
@@ -204,8 +224,8 @@ def run_variants(
     """Per variant, its FP run (when `with_fp`), then a backfill of its partitions once that run succeeded.
 
     Polls until every run finished and no backfill will create more, printing the FP runs' progress and
-    each run as it ends; the finished runs, and what failed. If it stops early (an error, Ctrl-C), the runs it
-    queued that have not started are canceled, so a later daemon on this instance does not launch them.
+    each run as it ends; the finished runs, and what failed. If it stops early (an error, Ctrl-C, SIGTERM), it
+    cancels its backfills and terminates its runs (stop_ladder_runs) before the exception goes on.
     """
     fp_runs: dict[str, str] = {}
     backfills: dict[str, str] = {}
@@ -231,7 +251,9 @@ def run_variants(
         while True:
             # Backfill states before their runs: a backfill done creating runs has all of them listed below.
             watched = len(backfills)
-            creating = [b for b in backfills.values() if instance.get_backfill(b).status in BACKFILL_CREATING_RUNS]
+            creating = [
+                b for b in backfills.values() if instance.get_backfill(b).status.value in BACKFILL_CREATING_RUNS
+            ]
             runs = [instance.get_run_by_id(run_id) for run_id in fp_runs.values()]
             for backfill_id in backfills.values():
                 runs += backfill_runs(instance, backfill_id)
@@ -246,7 +268,7 @@ def run_variants(
                 failed_fp = sum(1 for r in finished if r.run_id in fp_runs.values() and r.status != DagsterRunStatus.SUCCESS)
                 expected = len(fp_runs) + (len(variants) - failed_fp) * len(keys)
                 partition = run.tags.get("dagster/partition")
-                label = f"{run.job_name} {partition}" if partition else run.job_name
+                label = run_label(run)
                 print(f"=== [{len(reported)}/{expected}] {label}: {describe_finished(instance, run)}", flush=True)
                 if run.status != DagsterRunStatus.SUCCESS:
                     failures.append(f"{label} (run {run.run_id})")
@@ -266,7 +288,7 @@ def run_variants(
                 raise RuntimeError(f"the ladder's runs cannot finish: {stopped}")
             time.sleep(POLL_SECONDS)
     except BaseException:
-        cancel_unstarted(instance, list(fp_runs.values()), list(backfills.values()))
+        stop_ladder_runs(instance, list(fp_runs.values()), list(backfills.values()))
         raise
 
 
@@ -281,23 +303,98 @@ def describe_finished(instance: DagsterInstance, run) -> str:
     return f"{status} in {seconds:.0f}s (run {run.run_id})"
 
 
-def cancel_unstarted(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> None:
-    """Cancel the backfills still creating runs and the queued runs among `run_ids` and the backfills' runs;
-    say which runs are already running (they go on: cancel them in the UI if they should not)."""
+def stop_ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> None:
+    """Cancel the backfills and terminate the runs among `run_ids` and the backfills' runs, through Dagster's
+    GraphQL API (the daemon, still running, launched them and finishes the cancellation); wait up to
+    STOP_TIMEOUT_S for all of them to end; print how each ended. Further Ctrl-Cs and SIGTERMs only say to wait.
+
+    A run the daemon is launching (STARTING) cannot be terminated yet: the request is repeated every
+    RETERMINATE_S for the runs not ended nor CANCELING."""
+    def wait_please(signum, frame):
+        print("qat-ladder: still stopping its runs", flush=True)
+
+    previous = {signum: signal.signal(signum, wait_please) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runs = ladder_runs(instance, run_ids, backfill_ids)
+        before = {run.run_id: run.status for run in runs}
+        live = [run_id for run_id, status in before.items() if status not in FINISHED]
+        print(f"\nqat-ladder stopping: canceling {len(backfill_ids)} backfill(s), terminating {len(live)} run(s)",
+              flush=True)
+        to_cancel, requested_at = list(backfill_ids), float("-inf")
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while True:
+            runs = ladder_runs(instance, run_ids, backfill_ids)
+            statuses = {backfill_id: instance.get_backfill(backfill_id).status.value for backfill_id in backfill_ids}
+            ending = [run for run in runs if run.status not in FINISHED]
+            if (not ending and not set(statuses.values()) & BACKFILL_CREATING_RUNS) or time.monotonic() > deadline:
+                break
+            to_terminate = [run.run_id for run in ending if run.status != DagsterRunStatus.CANCELING]
+            if (to_cancel or to_terminate) and time.monotonic() - requested_at > RETERMINATE_S:
+                requested_at = time.monotonic()
+                try:
+                    print(stop_through_graphql(to_terminate, to_cancel), flush=True)
+                    to_cancel = []
+                except RuntimeError as exc:
+                    print(f"qat-ladder: {exc}", flush=True)
+            time.sleep(1.0)
+        for backfill_id, status in statuses.items():
+            print(f"  backfill {backfill_id}: {status}", flush=True)
+        for run in runs:
+            print(f"  {run_label(run)} (run {run.run_id}): {how_it_ended(before.get(run.run_id), run.status)}",
+                  flush=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ladder_runs(instance: DagsterInstance, run_ids: list[str], backfill_ids: list[str]) -> list:
     runs = [run for run_id in run_ids if (run := instance.get_run_by_id(run_id)) is not None]
     for backfill_id in backfill_ids:
-        backfill = instance.get_backfill(backfill_id)
-        if backfill is not None and backfill.status in BACKFILL_CREATING_RUNS:
-            instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
         runs += backfill_runs(instance, backfill_id)
-    running = []
-    for run in runs:
-        if run.status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED):
-            instance.report_run_canceled(run, message="qat-ladder stopped before this run started")
-        elif run.status not in FINISHED:
-            running.append(run.run_id)
-    print(f"qat-ladder stopped: canceled the runs it queued that had not started"
-          + (f"; still running: {', '.join(running)}" if running else ""), flush=True)
+    return runs
+
+
+def stop_through_graphql(run_ids: list[str], backfill_ids: list[str]) -> str:
+    """Cancel the backfills and terminate the runs with `dagster-graphql` against this instance (it loads the
+    code location, some seconds); a line per backfill and per run result."""
+    names = [f"backfill{index}" for index in range(len(backfill_ids))]
+    parameters = ", ".join(["$runIds: [String!]!", *(f"${name}: String!" for name in names)])
+    fields = "\n  ".join([*(CANCEL_BACKFILL.format(name=name) for name in names), TERMINATE_RUNS])
+    document = f"mutation Stop({parameters}) {{\n  {fields}\n}}"
+    variables = {"runIds": run_ids, **dict(zip(names, backfill_ids))}
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster-graphql"), "-m", "qat_assets", "-t", document,
+         "-v", json.dumps(variables)],
+        capture_output=True, text=True,
+    )
+    try:  # the response is the one JSON line among the code server's log lines
+        (data,) = [json.loads(line)["data"] for line in completed.stdout.splitlines() if line.startswith("{")]
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"`dagster-graphql` could not stop the runs:\n{completed.stdout}{completed.stderr}") from None
+    lines = [f"  backfill {backfill_id}: cancel -> {data[name]['__typename']}"
+             for name, backfill_id in zip(names, backfill_ids)]
+    terminated = data["terminateRuns"]
+    results = terminated.get("terminateRunResults", [terminated])
+    lines += [f"  run {run_id}: terminate -> {result['__typename']} {result.get('message', '')}".rstrip()
+              for run_id, result in zip(run_ids, results)]
+    return "\n".join(lines)
+
+
+def run_label(run) -> str:
+    partition = run.tags.get("dagster/partition")
+    return f"{run.job_name} {partition}" if partition else run.job_name
+
+
+def how_it_ended(before: DagsterRunStatus | None, after: DagsterRunStatus) -> str:
+    """What happened to a run while the ladder stopped, in words."""
+    if before in FINISHED:
+        return f"had already ended {before.value}"
+    if after not in FINISHED:
+        return f"STILL {after.value} after {STOP_TIMEOUT_S:.0f}s: terminate it in the UI"
+    if after == DagsterRunStatus.CANCELED:
+        return "canceled before it started" if before in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, None) \
+            else f"terminated while {before.value}, now CANCELED"
+    return f"ended {after.value} while the ladder stopped"
 
 
 def print_run_messages(instance: DagsterInstance, run_id: str, cursor: str | None, label: str) -> str | None:
@@ -342,19 +439,26 @@ def main(argv: list[str] | None = None) -> int:
 
         # The daemon starts first, so its start-up (a code server, the first queue check) overlaps the
         # dataset job; it stops before the gate, so a yolo10m sensor left on is not run by the ladder.
-        # The warm worker server saves every heavy step its imports; it goes with the daemon.
-        with run_queue(home) as queue_stopped, running_warm_server(
+        # The warm worker server saves every CPU heavy step its imports; it goes with the daemon.
+        warm = nullcontext() if steps_may_use_cuda(settings) else running_warm_server(
             settings.artifact_root(), home / "qat-ladder-warm-workers.log", wait=False
-        ):
-            if not args.skip_foundation:
-                run_job("dataset", dataset_job)
-            if not failures:
-                runs, run_failures = run_variants(
-                    instance, VALIDATION_VARIANTS, keys, not args.skip_foundation, queue_stopped
-                )
-                for run in runs:
-                    heavy.add_run(instance, run.run_id)
-                failures += run_failures
+        )
+        try:
+            with run_queue(home) as queue_stopped, warm:
+                if not args.skip_foundation:
+                    run_job("dataset", dataset_job)
+                if not failures:
+                    runs, run_failures = run_variants(
+                        instance, VALIDATION_VARIANTS, keys, not args.skip_foundation, queue_stopped
+                    )
+                    for run in runs:
+                        heavy.add_run(instance, run.run_id)
+                    failures += run_failures
+        except (KeyboardInterrupt, SystemExit) as stop:  # run_variants stopped its runs and said how they ended
+            why = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else f"exit {stop.code}"
+            print(f"qat-ladder stopped ({why}): no comparison or gate was run; the daemon and the warm worker "
+                  "server it started have exited", flush=True)
+            return 130 if isinstance(stop, KeyboardInterrupt) else stop.code
         run_job("comparison+gate", decision_job)
 
     total = time.time() - started
@@ -365,6 +469,19 @@ def main(argv: list[str] | None = None) -> int:
         print("runs that failed (see `dagster dev -w workspace.yaml`):\n  " + "\n  ".join(failures))
         return 1
     return 0
+
+
+def steps_may_use_cuda(settings) -> bool:
+    """Whether heavy steps may run on CUDA: then no warm worker server (launcher.worker_command says why).
+    An empty device picks the first GPU if any, so that asks torch (the NVML check: no CUDA context)."""
+    if settings.device:
+        return settings.device.startswith("cuda")
+    if parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")):
+        return True
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def print_outcome(root: Path) -> None:

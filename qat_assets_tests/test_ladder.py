@@ -1,15 +1,14 @@
 """`qat-ladder` as a user runs it: a real Dagster backfill the instance lists, then the table and the decision."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-
 from types import SimpleNamespace
 
-import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
-from dagster._core.execution.backfill import BulkActionStatus
 
 from qat_assets.execution.warm_client import ping, socket_path
 from qat_assets.definitions import defs
@@ -152,7 +151,7 @@ def test_a_variants_partitions_start_when_its_own_fp_run_succeeded_not_when_the_
 
     def submit_backfill(variant, keys):
         events.append(f"backfill {variant}")
-        instance.backfills[f"bf-{variant}"] = SimpleNamespace(status=BulkActionStatus.COMPLETED)
+        instance.backfills[f"bf-{variant}"] = SimpleNamespace(status=SimpleNamespace(value="COMPLETED"))
         for key in keys:
             instance.add_run(f"{variant}-{key}", f"{variant}_partition_job",
                              {"dagster/backfill": f"bf-{variant}", "dagster/partition": key})
@@ -177,25 +176,81 @@ def test_a_variants_partitions_start_when_its_own_fp_run_succeeded_not_when_the_
     assert "[6/6] yolo10s_partition_job ema|0: ok" in capsys.readouterr().out
 
 
-def test_a_ladder_stopped_midway_cancels_the_runs_it_queued_that_had_not_started(monkeypatch):
-    from qat_assets import ladder
+def processes_with(variable: str, value: str) -> list[str]:
+    """The live processes whose environment sets `variable` to `value` (all a ladder starts inherit its DAGSTER_HOME)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{variable}={value}".encode() in environ:
+            found.append(f"{pid}: {command}")
+    return found
 
-    instance = FakeInstance()
-    fp_ids = {}
 
-    def submit_fp(run_ids):
-        for variant, run_id in run_ids.items():
-            fp_ids[variant] = run_id
-            instance.add_run(run_id, f"{variant}_pretrained_job")
+def interrupt_ladder(home: Path, cwd: Path, args: list[str], when: str, **settings: str) -> str:
+    """Run `qat-ladder ARGS` against `home`; once it prints a line containing `when`, press Ctrl-C (SIGINT to
+    its whole foreground process group, as a terminal does). Its output; asserts it exited 130, saying so,
+    without running the gate, and left no process with its DAGSTER_HOME."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "QAT_SEEDS": "0", **settings}
+    ladder = subprocess.Popen(
+        [str(Path(sys.executable).parent / "qat-ladder"), *args], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    for line in ladder.stdout:
+        lines.append(line)
+        if when in line:
+            break
+    os.killpg(ladder.pid, signal.SIGINT)
+    output = "".join(lines) + ladder.stdout.read()
+    assert ladder.wait(timeout=600) == 130, output
+    assert "qat-ladder stopped (Ctrl-C)" in output and "=== comparison+gate" not in output, output
+    deadline = time.monotonic() + 30  # processes that were exiting when the ladder returned
+    while (left := processes_with("DAGSTER_HOME", str(home))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], left  # the daemon, its code server and run workers, the warm server and its children
+    return output
 
-    monkeypatch.setattr(ladder, "submit_pretrained_runs", submit_fp)
-    monkeypatch.setattr(ladder, "POLL_SECONDS", 0.0)
 
-    def interrupted():
-        instance.runs[fp_ids["yolo10n"]].status = DagsterRunStatus.STARTED  # one run has started, the other not
-        raise KeyboardInterrupt
+def assert_every_run_ended_and_said_how(home: Path, output: str, monkeypatch) -> list:
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        runs = list(instance.get_runs())
+    assert runs and all(run.status in (DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
+                                       DagsterRunStatus.SUCCESS) for run in runs), [r.status for r in runs]
+    for run in runs:  # the runs the daemon launched for it (the dataset job ran in the ladder's process before)
+        if run.job_name != "dataset_job":
+            assert f"{run.job_name}{' ' + run.tags['dagster/partition'] if 'dagster/partition' in run.tags else ''} " \
+                   f"(run {run.run_id}): " in output, (run.run_id, output[-3000:])
+    return runs
 
-    with pytest.raises(KeyboardInterrupt):
-        ladder.run_variants(instance, ("yolo10n", "yolo10s"), ["baseline|0"], True, interrupted)
-    assert instance.canceled == [fp_ids["yolo10s"]]
-    assert instance.runs[fp_ids["yolo10n"]].status == DagsterRunStatus.STARTED
+
+def test_a_ladder_stopped_by_ctrl_c_cancels_its_backfills_ends_its_runs_and_leaves_no_process(
+    storage, tmp_path, monkeypatch
+):
+    # Without the foundation the partition runs fail fast: what is tested is the stop, whatever state each
+    # run is in when it comes (queued, starting, started or ended).
+    home = tmp_path / "home"
+    output = interrupt_ladder(home, tmp_path, ["--skip-foundation"], when="of yolo10s_partition_job")
+    assert "qat-ladder stopping: canceling 2 backfill(s)" in output, output
+    assert_every_run_ended_and_said_how(home, output, monkeypatch)
+    with DagsterInstance.get() as instance:
+        backfills = instance.get_backfills()
+        assert len(backfills) == 2
+        for backfill in backfills:
+            assert backfill.status.value == "CANCELED"
+            assert f"backfill {backfill.backfill_id}: CANCELED" in output
+
+
+def test_a_ladder_stopped_while_an_fp_run_trains_terminates_that_run_and_its_worker(storage, tmp_path, monkeypatch):
+    # 50 FP epochs: the run is surely still training when the stop comes.
+    home = tmp_path / "home"
+    output = interrupt_ladder(home, tmp_path, [], when="[yolo10n FP] pretrain: starting worker",
+                              QAT_PROFILE="smoke", QAT_PRETRAIN_EPOCHS="50")
+    runs = assert_every_run_ended_and_said_how(home, output, monkeypatch)
+    (fp_run,) = [run for run in runs if run.job_name == "yolo10n_pretrained_job"]
+    assert fp_run.status == DagsterRunStatus.CANCELED
+    assert f"yolo10n_pretrained_job (run {fp_run.run_id}): terminated while STARTED, now CANCELED" in output

@@ -41,12 +41,15 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def worker_command(storage: Path, step: str, log_file: Path) -> tuple[list[str], Path | None]:
+def worker_command(storage: Path, step: str, log_file: Path, on_cuda: bool) -> tuple[list[str], Path | None]:
     """The local worker's command line, and the warm server it forks from: the one serving `storage` when one
-    answers (warm_server.py; no 6-7 s of imports), else None and a cold `python -m qat_assets.execution.worker`."""
+    answers (warm_server.py; no 6-7 s of imports), else None and a cold `python -m qat_assets.execution.worker`.
+
+    A step `on_cuda` always runs cold: a few seconds of imports are nothing beside hours on a GPU, and a fresh
+    process rules out any CUDA state a fork of the preloaded server could inherit."""
     worker_argv = [step, "--log-file", str(log_file)]
     server = socket_path(storage)
-    if ping(server) is not None:
+    if not on_cuda and ping(server) is not None:
         return [sys.executable, "-m", "qat_assets.execution.warm_client", str(server), *worker_argv], server
     return [sys.executable, "-m", "qat_assets.execution.worker", *worker_argv], None
 
@@ -106,8 +109,10 @@ class HeavyStepLauncher(ConfigurableResource):
                 threads, why = self._cpu_share(context)
                 env[WORKER_THREADS_ENV] = str(threads)
                 context.log.info(f"{step}: worker gets {threads} of {available_cores()} CPU cores: {why}")
-            command, server = worker_command(settings.artifact_root(), step, log_file)
-            how = f"asking the warm worker server at {server} to fork it" if server else "cold: no warm worker server runs"
+            on_cuda = gpu_id is not None or settings.device.startswith("cuda")
+            command, server = worker_command(settings.artifact_root(), step, log_file, on_cuda)
+            how = (f"asking the warm worker server at {server} to fork it" if server
+                   else "cold: the step runs on CUDA" if on_cuda else "cold: no warm worker server runs")
             context.log.info(f"{step}: starting worker ({how}); its full log is {log_file}")
             try:
                 invocation = self.pipes_client.run(
@@ -139,10 +144,12 @@ class HeavyStepLauncher(ConfigurableResource):
     def _run_on_ray(
         self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path
     ) -> tuple[PipesClientCompletedInvocation, dict[str, Any]]:
-        ray_step = RayStep.plan(context, step, request, env=WORKER_ENV)
+        threads, why = self._cpu_share(context)
+        ray_step = RayStep.plan(context, step, request, env=WORKER_ENV, cpu_threads=threads)
+        cpus = f" and {ray_step.num_cpus} CPU(s) for as many torch threads ({why})" if ray_step.num_cpus else ""
         context.log.info(
             f"{step}: submitting Ray job {ray_step.job_id} to {request.settings.ray_address} "
-            f"asking for {ray_step.num_gpus:g} GPU(s); its log is kept in {log_file}"
+            f"asking for {ray_step.num_gpus:g} GPU(s){cpus}; its log is kept in {log_file}"
         )
         try:
             invocation = self.pipes_client.run(
@@ -150,7 +157,8 @@ class HeavyStepLauncher(ConfigurableResource):
                 submit_job_params=ray_step.submit_job_params(),
                 extras={"request": ray_step.request.model_dump(mode="json")},
             )
-        except Exception as exc:  # dagster-ray raises RuntimeError for a FAILED or STOPPED job
+        # RuntimeError for a FAILED or STOPPED job; any error after the job started stopped it (pipes_clients.py).
+        except Exception as exc:
             status = ray_step.save_log(self.pipes_client.client, log_file)
             raise Failure(
                 description=f"the {step} Ray job {ray_step.job_id} did not finish (status {status}: {exc}); "
@@ -160,5 +168,5 @@ class HeavyStepLauncher(ConfigurableResource):
         ray_step.save_log(self.pipes_client.client, log_file)
         return invocation, {
             "launcher": "ray", "ray_address": request.settings.ray_address, "ray_job_id": ray_step.job_id,
-            "gpus": ray_step.num_gpus,
+            "gpus": ray_step.num_gpus, "cpus": ray_step.num_cpus,
         }

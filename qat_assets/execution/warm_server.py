@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import io
 import json
 import os
@@ -117,19 +118,59 @@ def run_child(request: dict, env: dict[str, str], fds: list[int]) -> None:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if not isinstance(exc.code, (int, type(None))):
             print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        # A cold interpreter whose main raised KeyboardInterrupt prints the traceback and ends killed by
+        # SIGINT (exit status -2, what a terminated step sees): so does the child.
+        traceback.print_exc()
+        code = -signal.SIGINT
     except BaseException:
         traceback.print_exc()
     finally:
         atexit._run_exitfuncs()  # what an interpreter does on exit (logging.shutdown among others)
         sys.stdout.flush()
         sys.stderr.flush()
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
+REQUEST_FIELDS = {"argv": list, "env": dict, "cwd": str, "executable": str}
+
+
+def parse_request(data: bytes) -> dict:
+    """A ping or a worker request (warm_client.request_for); ValueError naming what is wrong with anything else."""
+    request = json.loads(data)
+    if not isinstance(request, dict):
+        raise ValueError(f"a request is a JSON object, not {type(request).__name__}")
+    if request.get("ping"):
+        return request
+    for name, kind in REQUEST_FIELDS.items():
+        if not isinstance(request.get(name), kind):
+            raise ValueError(f"the request's {name!r} must be a JSON {kind.__name__}, got {request.get(name)!r}")
+    return request
+
+
+def claim_socket(path: Path) -> int:
+    """Lock `path`'s lock file for the life of this server; the open descriptor. Whoever holds the lock owns
+    the socket path: a second server for the same storage exits here instead of unlinking the first one's
+    socket (and the first one, on stopping, never removes a socket another server bound)."""
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"another warm worker server owns {path} (its lock {path.with_suffix('.lock')} is held); "
+                         "this one exits") from None
+    return fd
+
+
 class WarmServer:
-    def __init__(self, path: Path, imported: ImportedEnvironment):
+    def __init__(self, path: Path, imported: ImportedEnvironment, lock_fd: int):
+        """`lock_fd`: this server's claim on `path` (claim_socket)."""
         self.path = path
         self.imported = imported
+        self.lock_fd = lock_fd
         self.children: dict[int, socket.socket] = {}
         self.selector = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -165,6 +206,7 @@ class WarmServer:
     def accept(self) -> None:
         conn, _ = self.listener.accept()
         conn.settimeout(10.0)
+        fds: list[int] = []
         try:
             data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
             while not data.endswith(b"\n") and data:
@@ -172,14 +214,20 @@ class WarmServer:
                 if not chunk:
                     break
                 data += chunk
-            request = json.loads(data)
+            request = parse_request(data)
         except (OSError, ValueError) as exc:
+            # Answered and dropped, with the descriptors it carried: the server goes on serving.
             print(f"a request could not be read: {exc}", flush=True)
+            self.reply(conn, {"error": f"malformed request: {exc}"})
             conn.close()
+            for fd in fds:
+                os.close(fd)
             return
         if request.get("ping"):
             self.reply(conn, {"pid": os.getpid(), "executable": sys.executable, "children": len(self.children)})
             conn.close()
+            for fd in fds:
+                os.close(fd)
             return
         reason = self.imported.refusal(request) if len(fds) == 3 else "the request carried no stdin/stdout/stderr"
         if reason:
@@ -257,6 +305,7 @@ class WarmServer:
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
         self.listener.close()
+        os.close(self.lock_fd)  # the claim stays the server's: a child outliving it must not keep the lock
         for other in self.children.values():
             other.close()
         self.children.clear()
@@ -324,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
 
         storage = load_settings().artifact_root()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    path = socket_path(storage)
+    lock_fd = claim_socket(path)  # before the imports: a second server for this storage exits at once
     os.environ.update(WORKER_ENV)  # what the launcher gives its workers, so their requests match
     before = dict(os.environ)
     preload()
-    WarmServer(socket_path(storage), ImportedEnvironment(before, dict(os.environ))).serve()
+    WarmServer(path, ImportedEnvironment(before, dict(os.environ)), lock_fd).serve()
     return 0
 
 

@@ -31,7 +31,7 @@ WORKER_ENV = {
     "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
     "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
 }
-# The torch threads a local CPU worker may use, set by the launcher (its share of the cores, heavy_step_slots.py).
+# The torch threads a CPU worker may use, set by the launcher (its share of the cores, heavy_step_slots.py).
 WORKER_THREADS_ENV = "QAT_WORKER_THREADS"
 # Set by the warm server in the children it forks (its socket path): how a worker knows it ran warm. The
 # launcher cannot know beforehand, since a server may refuse a request and the client then runs it cold.
@@ -172,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         result = execute(args.step, pipes.extras["request"], log)
         import torch  # loaded by the step already
 
-        # What the step ran with, after Ultralytics had its say (use_worker_threads).
-        origin = {"warm_server": os.environ.get(FORKED_FROM_ENV), "cpu_threads": torch.get_num_threads()}
+        # What the step ran with, after Ultralytics had its say (use_worker_threads), and which qat_assets
+        # it imported (on Ray: the copy the job carried, ray_jobs.py).
+        origin = {"warm_server": os.environ.get(FORKED_FROM_ENV), "cpu_threads": torch.get_num_threads(),
+                  "code_dir": str(Path(__file__).resolve().parents[1])}
         pipes.report_custom_message(json.loads(json.dumps({**result, "worker_origin": origin}, default=str)))
     return 0
 

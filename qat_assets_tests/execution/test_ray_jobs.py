@@ -6,7 +6,7 @@ import pytest
 
 from qat_assets.core.requests import QCRequest
 from qat_assets.core.settings import SettingsError, load_settings
-from qat_assets.execution.ray_jobs import RayStep
+from qat_assets.execution.ray_jobs import QAT_ASSETS_DIR, RayStep
 
 SMOKE = {"QAT_PROFILE": "smoke"}
 
@@ -43,3 +43,9 @@ def test_a_ray_job_asks_for_one_gpu_on_cuda_and_none_on_cpu(environ, gpus):
     params = RayStep("job", "qc", request, settings.ray_gpus(), {}).submit_job_params()
     assert params.get("entrypoint_num_gpus", 0) == gpus
     assert params["entrypoint"] == "python -m qat_assets.execution.worker qc"
+    # The job carries this qat_assets, ahead of the job's working directory on sys.path.
+    assert params["runtime_env"]["py_modules"] == [str(QAT_ASSETS_DIR)]
+    assert params["runtime_env"]["env_vars"]["PYTHONSAFEPATH"] == "1"
+    assert "entrypoint_num_cpus" not in params
+    cpu_only = RayStep("job", "qc", request, 0.0, {}, num_cpus=3).submit_job_params()
+    assert cpu_only["entrypoint_num_cpus"] == 3 and "entrypoint_num_gpus" not in cpu_only

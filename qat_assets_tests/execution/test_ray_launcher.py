@@ -1,19 +1,25 @@
 """Heavy steps as Ray jobs through dagster-ray, against a real local Ray head started here (CPU only,
-two logical GPUs), compared with the local launcher on the same data."""
+two logical GPUs), compared with the local launcher on the same data; and the Ray Pipes client's faults:
+a dashboard outage mid-job, a message split across log chunks, a last log line without its newline."""
 
+import json
 import re
+import shlex
 import threading
 import time
 
 import pytest
 import torch
+from dagster import AssetExecutionContext, MaterializeResult, asset, materialize
+from dagster_pipes import PIPES_PROTOCOL_VERSION, PIPES_PROTOCOL_VERSION_FIELD
 
 from qat_assets.core import layout
 from qat_assets.core.settings import load_settings
 from qat_assets.execution.launcher import HeavyStepLauncher
-from qat_assets.execution.pipes_clients import pipes_client_for
-from qat_assets.execution.ray_jobs import is_pipes_message
+from qat_assets.execution.pipes_clients import RayJobPipesClient, pipes_client_for
+from qat_assets.execution.ray_jobs import QAT_ASSETS_DIR, is_pipes_message
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
+from qat_assets_tests.execution.tcp_proxy import outage_proxy
 from qat_assets_tests.servers import local_ray_head
 
 QAT_AND_QC = ["yolo10n/qat_checkpoint", "yolo10n/qc_checkpoint"]
@@ -55,6 +61,10 @@ def test_a_smoke_partition_on_ray_gives_the_local_metadata_and_holds_one_gpu(sto
         assert set(on_ray) == set(local)
         assert local["execution"]["launcher"] == "local" and on_ray["execution"]["launcher"] == "ray"
         assert on_ray["execution"]["gpus"] == 1.0 and on_ray["settings"]["launcher"] == "ray"
+        assert on_ray["execution"]["cpus"] == 0  # a GPU job: the GPU is what Ray reserves
+        # The job ran the qat_assets it carried (runtime_env py_modules), not the node's (this checkout).
+        assert local["execution"]["code_dir"] == str(QAT_ASSETS_DIR)
+        assert "runtime_resources" in on_ray["execution"]["code_dir"], on_ray["execution"]["code_dir"]
         state = torch.load(on_ray["checkpoint"], weights_only=True)
         assert "model" in state
     qat = latest_metadata(instance, "yolo10n/qat_checkpoint", "ema|1")
@@ -115,3 +125,77 @@ def test_a_stopped_ray_job_fails_its_step_with_the_log_tail_and_the_rerun_resume
     qat = latest_metadata(instance, "yolo10n/qat_checkpoint", "baseline|0")
     assert re.fullmatch(r"resumed after epoch [1-4] of 5", qat["resume"]), qat["resume"]
     assert qat["status"] == "5/5 epochs"
+    # A CPU-only job reserves one Ray CPU per torch thread it runs.
+    assert qat["execution"]["cpus"] == qat["execution"]["cpu_threads"] >= 1
+
+
+def pipes_message_line(payload: dict) -> str:
+    return json.dumps({PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": "report_custom_message",
+                       "params": {"payload": payload}})
+
+
+def run_ray_job(client: RayJobPipesClient, script: str) -> tuple[bool, list, str]:
+    """Run `python -c script` as a Ray job through `client` in a real Dagster step: (success, the custom
+    messages it read, the step's failure message); the job's submission id is the step's run id."""
+    outcome = {}
+
+    @asset
+    def ray_probe(context: AssetExecutionContext) -> MaterializeResult:
+        params = {"entrypoint": shlex.join(["python", "-c", script]), "submission_id": context.run.run_id}
+        outcome["messages"] = client.run(context=context, submit_job_params=params).get_custom_messages()
+        return MaterializeResult()
+
+    result = materialize([ray_probe], raise_on_error=False)
+    failures = [event.step_failure_data.error.to_string() for event in result.all_events if event.is_step_failure]
+    return result.success, outcome.get("messages", []), "".join(failures)
+
+
+def test_a_pipes_message_split_across_chunks_and_a_last_line_without_newline_are_both_read(ray_address):
+    # A ~40 KB message written in two parts 2 s apart reaches the log stream as two chunks (dagster-ray 0.4.8
+    # parses each part alone and drops both); the last message has no newline, so the stream never hands it over.
+    big, last = pipes_message_line({"n": 1, "pad": "x" * 40_000}), pipes_message_line({"n": 2})
+    script = (
+        "import sys, time\n"
+        f"big, last = {big!r}, {last!r}\n"
+        "sys.stdout.write('plain output\\n' + big[:1000]); sys.stdout.flush(); time.sleep(2)\n"
+        "sys.stdout.write(big[1000:] + '\\n' + last); sys.stdout.flush()\n"
+    )
+    success, messages, failure = run_ray_job(RayJobPipesClient(ray_address, poll_interval=0.2), script)
+    assert success, failure
+    assert list(messages) == [{"n": 1, "pad": "x" * 40_000}, {"n": 2}]
+
+
+def test_a_dashboard_outage_mid_job_fails_the_step_and_leaves_no_running_ray_job(ray_address):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    direct = JobSubmissionClient(ray_address)
+    with outage_proxy(ray_address) as proxy:
+        client = RayJobPipesClient(f"http://127.0.0.1:{proxy.port}", poll_interval=0.2, status_patience_s=3.0,
+                                   stop_patience_s=60.0)
+
+        def outage():  # once the job runs: the dashboard's port closes for 8 s, longer than the status patience
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                running = [job for job in direct.list_jobs() if job.status == JobStatus.RUNNING
+                           and "ray_probe" in (job.entrypoint or "") and job.submission_id not in seen]
+                if running:
+                    job_ids.append(running[0].submission_id)
+                    proxy.take_down()
+                    time.sleep(8)
+                    proxy.bring_back()
+                    return
+                time.sleep(0.2)
+
+        seen = {job.submission_id for job in direct.list_jobs()}
+        job_ids: list[str] = []
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        success, _, failure = run_ray_job(client, "import time; print('ray_probe', flush=True); time.sleep(600)")
+        thread.join(timeout=5)
+        assert proxy.refused > 0  # the client did meet the closed port
+    assert not success and "ConnectionError" in failure, failure
+    (job_id,) = job_ids
+    assert direct.get_job_status(job_id) == JobStatus.STOPPED
+    assert time.monotonic() - started < 120  # it gave up after its patience, not after the job's 600 s
+    assert not [job.submission_id for job in direct.list_jobs() if not job.status.is_terminal()]

@@ -4,16 +4,19 @@ fallback when no server runs. Each test starts its own server and stops it befor
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from qat_assets.core.artifacts import load_checkpoint, sha256_file
 from qat_assets.execution.heavy_step_slots import available_cores
+from qat_assets.execution.launcher import worker_command
 from qat_assets.execution.worker import WORKER_ENV
-from qat_assets.execution.warm_client import ping
+from qat_assets.execution.warm_client import ping, read_message
 from qat_assets.execution.warm_server import running_warm_server
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
 from qat_assets_tests.defs.test_variant import failure_of_a_killed_qat_worker
@@ -99,3 +102,73 @@ def test_a_partition_runs_through_the_warm_server_and_a_killed_warm_worker_fails
     server_log = (tmp_path / "server.log").read_text()
     assert f"exit status -{int(signal.SIGKILL)}" in server_log
     assert ping(server) is None
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def send_raw(path: Path, data: bytes, fds: list[int]) -> dict | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        socket.send_fds(conn, [data], fds)
+        conn.shutdown(socket.SHUT_WR)
+        return read_message(conn.makefile("rb"))
+
+
+def test_a_malformed_request_gets_an_error_reply_and_the_server_serves_on_without_leaking_fds(tmp_path):
+    with running_warm_server(tmp_path / "storage", tmp_path / "server.log") as server:
+        pid = ping(server)["pid"]
+        before = open_fds(pid)
+        stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+        try:
+            for data in (b"not json\n", b"[1, 2]\n", b'{"argv": "qat", "env": {}}\n', b"\xff\xfe\n"):
+                reply = send_raw(server, data, stdio)
+                assert reply is not None and reply["error"].startswith("malformed request"), (data, reply)
+        finally:
+            for fd in stdio:
+                os.close(fd)
+        assert ping(server)["children"] == 0  # it answers, and forked nothing
+        assert open_fds(pid) == before  # the descriptors each request carried were closed
+    assert "the request's 'argv' must be a JSON list" in (tmp_path / "server.log").read_text()
+
+
+def test_a_second_server_for_the_same_storage_exits_and_leaves_the_first_ones_socket_and_cuda_steps_run_cold(tmp_path):
+    storage = tmp_path / "storage"
+    with running_warm_server(storage, tmp_path / "server.log") as server:
+        first = ping(server)["pid"]
+        second = subprocess.run([sys.executable, "-m", "qat_assets.execution.warm_server", str(storage)],
+                                env=worker_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "another warm worker server owns" in second.stderr
+        assert server.exists() and ping(server)["pid"] == first
+        # While it serves, CPU steps fork from it and CUDA steps start cold.
+        log_file = tmp_path / "qat_worker.log"
+        assert worker_command(storage, "qat", log_file, on_cuda=False)[1] == server
+        command, used = worker_command(storage, "qat", log_file, on_cuda=True)
+        assert used is None and command[1:3] == ["-m", "qat_assets.execution.worker"]
+    assert not server.exists()
+
+
+def test_a_warm_worker_interrupted_by_sigint_exits_like_a_cold_one(tmp_path):
+    """Both block reading their request from a FIFO nobody writes (after setting up their log), get SIGINT,
+    and end killed by it (-2), as the subprocess Pipes client of a terminated step sees it."""
+    codes = {}
+    with running_warm_server(tmp_path / "storage", tmp_path / "server.log") as server:
+        for how, command in (
+            ("cold", [sys.executable, "-m", "qat_assets.execution.worker"]),
+            ("warm", [sys.executable, "-m", "qat_assets.execution.warm_client", str(server)]),
+        ):
+            request, log_file = tmp_path / f"{how}.fifo", tmp_path / f"{how}.log"
+            os.mkfifo(request)
+            worker = subprocess.Popen([*command, "qat", "--request", str(request), "--log-file", str(log_file)],
+                                      env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 120
+            while not log_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)  # past redirect_output, into the blocking open of the request
+            worker.send_signal(signal.SIGINT)
+            codes[how] = worker.wait(timeout=60)
+            assert "KeyboardInterrupt" in log_file.read_text()
+    assert codes == {"cold": -signal.SIGINT, "warm": -signal.SIGINT}
+    assert f"exit status -{int(signal.SIGINT)}" in (tmp_path / "server.log").read_text()
