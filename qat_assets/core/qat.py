@@ -20,7 +20,10 @@ import json
 import time
 from typing import Callable
 
+from ultralytics.utils.torch_utils import unwrap_model
+
 from .artifacts import exclusive_lock, save_checkpoint, write_json_atomic
+from .diagnostics import CollapseDiagnostics
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import load_float_model
 from .oscillation import OscillationTracker
@@ -139,6 +142,7 @@ def train_trajectory(
     if state is not None and "oscillation" in state:
         oscillation.load_state_dict(state["oscillation"])
 
+    diagnostics = CollapseDiagnostics(oscillation, batch_images=settings.batch, seed=request.seed)
     other = "baseline" if request.method == "ema" else "ema"
 
     def describe(record: dict) -> str:
@@ -175,6 +179,7 @@ def train_trajectory(
             validation_model=freeze_quantized_weights,
             validate_live=True,
             after_optimizer_step=oscillation.update_model,
+            epoch_diagnostics=lambda trainer: diagnostics.measure(unwrap_model(trainer.model), trainer.train_loader.dataset),
             extra_state=lambda: {
                 "epoch_fields": {"oscillating_fraction": oscillation.oscillating_fraction()},
                 "tensors": {"oscillation": oscillation.state_dict()},

@@ -15,6 +15,8 @@ What the subclass changes, and why:
   depend on how often the run validated;
 - `validate_epoch` can skip validations (an FP run needs its plateau window, not every epoch); a skipped
   epoch is recorded with no metrics rather than with the last validated epoch's;
+- `epoch_diagnostics(trainer)` runs after each validation and its result is the epoch record's
+  `diagnostics` (core/diagnostics.py: why a run collapses);
 - each finished epoch is reported through `on_epoch` as a plain dict;
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
   LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
@@ -139,6 +141,7 @@ class ResumableTrainer(DetectionTrainer):
         lr_hold_epochs: int = 0,
         validate_epoch: Callable[[int], bool] | None = None,
         validate_live: bool = False,
+        epoch_diagnostics: Callable[["ResumableTrainer"], dict[str, Any]] | None = None,
     ):
         if validate_live and validation_model is None:
             raise ValueError("validate_live needs a validation_model: the live weights are validated through a copy")
@@ -156,6 +159,8 @@ class ResumableTrainer(DetectionTrainer):
         self.lr_hold_epochs = lr_hold_epochs
         self.validate_epoch = validate_epoch
         self.validate_live = validate_live
+        self.epoch_diagnostics = epoch_diagnostics
+        self._diagnostics: dict[str, Any] | None = None
         self._validated_epoch: int | None = None
         self._live_metrics: dict[str, float] | None = None
         self._epoch_started = time.time()
@@ -244,6 +249,9 @@ class ResumableTrainer(DetectionTrainer):
                     # copy's; the validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
                     self.ema.ema = self.validation_model(unwrap_model(self.model))
                     self._live_metrics = metrics_from_ultralytics(self.validator(self))
+                if self.epoch_diagnostics is not None:
+                    # Once per validated epoch, on the live weights, outside the training step.
+                    self._diagnostics = self.epoch_diagnostics(self)
             finally:
                 self.ema.ema = held
         if self.validate_live and not math.isfinite(self._live_metrics["map50_95"]):
@@ -271,6 +279,7 @@ class ResumableTrainer(DetectionTrainer):
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "seconds": time.time() - self._epoch_started,
             **self.extra_state().get("epoch_fields", {}),
+            **({"diagnostics": self._diagnostics if validated else None} if self.epoch_diagnostics else {}),
         }
         self.history = [h for h in self.history if h["epoch"] < record["epoch"]] + [record]
         # History first, then the state that names the epoch: a kill in between leaves a history one

@@ -15,6 +15,7 @@ from qat_assets.core.qat import method_history, quant_options, run_qat, train_tr
 from qat_assets.core.quantize import freeze_quantized_weights, quantize_w4a16
 from qat_assets.core.requests import QATRequest
 from qat_assets.core.settings import load_settings
+from qat_assets.core.summary import EpochRecord
 from qat_assets.core.trainer import ema_schedule
 from qat_assets_tests.execution.test_worker import pretrained  # noqa: F401 (a fixture: a smoke set and a 1-epoch FP yolo10n)
 
@@ -62,6 +63,11 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
     assert baseline["ema"]["decay"] == 0.0 and ema["ema"]["decay"] > 0
     assert [h["epoch"] for h in baseline["history"]] == [h["epoch"] for h in ema["history"]] == [0, 1, 2]
     assert baseline["history"][0] == ema["history"][0]  # PTQ: one model before any averaging
+    # Every trained epoch records the collapse diagnostics of the live weights, in the summary's schema.
+    for record in baseline["history"][1:]:
+        diagnostics = EpochRecord(**record).diagnostics
+        assert diagnostics.model["layers"] == sum(1 for row in diagnostics.layers if row.bit_width == 4) > 0
+        assert len(diagnostics.bn) > 0 and all(row.log_var_mismatch >= 0 for row in diagnostics.bn)
     # PTQ, then per epoch the EMA copy and the live weights: the last two are the checkpoints' ema and model
     assert len(validated) == 1 + 2 * 2
     for expected, seen in ((ema_state["ema"], validated[-2]), (ema_state["model"], validated[-1])):
