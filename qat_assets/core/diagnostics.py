@@ -13,7 +13,8 @@ Each quantity is the signature of one candidate mechanism (issue 25):
 
 They describe the live weights (what training trains and the baseline evaluates), measured once per
 epoch at validation time, outside the training step: everything is read back with a few host syncs per
-epoch, none per step. The BN mismatch costs one no-grad forward of a training batch through a frozen copy
+epoch, none per step. The weights are quantized once for all of it (`quantize_all`, one flat pass); the BN
+mismatch costs one no-grad forward of a training batch through a frozen copy kept from epoch to epoch
 (benchmarks/bench_qat.py prints the cost against a training step).
 
 Model-level summaries are taken over the layers at the model's lowest bit width (the body: 8-bit first and
@@ -24,25 +25,29 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from .oscillation import OscillationTracker
-from .quantize import freeze_quantized_weights, integer_codes, quantized_modules
+from .flat_weight_quant import StepWeights
+from .quantize import freeze_quantized_weights, quantize_all, quantized_modules
 from .trainer import preserved_random_state
 
 
 @torch.no_grad()
-def weight_code_statistics(model: nn.Module) -> list[dict[str, Any]]:
+def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights] | None = None) -> list[dict[str, Any]]:
     """Per quantized conv: bit width, weight count, output channels, fraction of codes at 0, output channels
-    whose codes are all 0, max|w| / RMS(w) of the latent weights and the mean step size."""
+    whose codes are all 0, max|w| / RMS(w) of the latent weights and the mean step size.
+
+    `quantized`: the layers' weights as `quantize_all(model)` gives them, when the caller has them already."""
+    quantized_layers = quantize_all(model) if quantized is None else quantized
     names, sizes, per_layer = [], [], []
     for name, module in quantized_modules(model):
-        quantized = module.quant_weight()
-        zero = integer_codes(quantized) == 0
+        quantized, codes = quantized_layers[name]
+        zero = codes == 0
         weight = module.weight.detach().float()
         rms = weight.square().mean().sqrt()
         names.append(name)
@@ -61,31 +66,55 @@ def weight_code_statistics(model: nn.Module) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def bn_variance_mismatch(model: nn.Module, images: torch.Tensor) -> list[dict[str, Any]]:
-    """Per BatchNorm: mean over channels of |log((running_var + eps) / (batch_var + eps))| on `images`.
+    """Per BatchNorm of `model`: mean over channels of |log((running_var + eps) / (batch_var + eps))| on `images`.
 
     The batch variance is the one training normalizes with: each BN's input under a train-mode forward (so
     every earlier BN also normalizes with batch statistics), unbiased as BN's running update uses it. The
-    forward runs on a frozen copy, so the model's running statistics and prepared weights stay untouched.
+    forward updates `model`'s running statistics: pass a copy (`FrozenShadow`), never the trained model.
     """
-    copy = freeze_quantized_weights(model).train()
     rows: list[tuple[str, torch.Tensor]] = []
 
     def record(name: str):
         def hook(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
             batch_var = inputs[0].float().var(dim=(0, 2, 3), unbiased=True)
-            running_var = module.running_var.float()
+            running_var = module.running_var.float()  # before this forward's update: the pre-hook runs first
             rows.append((name, (torch.log(running_var + module.eps) - torch.log(batch_var + module.eps)).abs().mean()))
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in copy.named_modules()
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
                if isinstance(module, nn.BatchNorm2d) and module.running_var is not None]
     try:
-        copy(images)
+        model.train()(images)
     finally:
         for handle in handles:
             handle.remove()
     values = torch.stack([value for _, value in rows]).tolist() if rows else []
     return [{"name": name, "log_var_mismatch": value} for (name, _), value in zip(rows, values)]
+
+
+class FrozenShadow:
+    """A frozen copy of a quantized model (`freeze_quantized_weights`), built once and refreshed in place.
+
+    Why: deep-copying the model costs about as much as a training step on the CPU; copying its current
+    weights and buffers into a kept copy costs next to nothing. The refreshed copy equals a fresh
+    `freeze_quantized_weights(model)`.
+    """
+
+    def __init__(self) -> None:
+        self._copy: nn.Module | None = None
+
+    @torch.no_grad()
+    def of(self, model: nn.Module, quantized: Mapping[str, StepWeights]) -> nn.Module:
+        if self._copy is None:
+            self._copy = freeze_quantized_weights(model, quantized)
+            return self._copy
+        source = model.state_dict()
+        for key, tensor in self._copy.state_dict().items():
+            if key in source:
+                tensor.copy_(source[key])
+        for name, _ in quantized_modules(model):  # the quantized convs hold their fake-quantized weights
+            self._copy.get_submodule(name).weight.copy_(quantized[name].quantized.value)
+        return self._copy
 
 
 def fixed_training_images(dataset, count: int, seed: int = 0) -> torch.Tensor:
@@ -145,6 +174,7 @@ class CollapseDiagnostics:
         self.batch_images = batch_images
         self.seed = seed
         self._images: torch.Tensor | None = None
+        self._shadow = FrozenShadow()
 
     def measure(self, model: nn.Module, dataset) -> dict[str, Any]:
         """The epoch's record: model-level summary, per-layer rows (codes, scales, oscillation) and per-BN rows."""
@@ -152,8 +182,9 @@ class CollapseDiagnostics:
         if self._images is None:
             self._images = fixed_training_images(dataset, self.batch_images, self.seed)
         device = next(model.parameters()).device
-        layers = weight_code_statistics(model)
-        bn = bn_variance_mismatch(model, self._images.to(device).float() / 255)
+        quantized = quantize_all(model)
+        layers = weight_code_statistics(model, quantized)
+        bn = bn_variance_mismatch(self._shadow.of(model, quantized), self._images.to(device).float() / 255)
         oscillation = self.oscillation.layer_statistics()
         for layer in layers:
             fraction, frequency = oscillation.get(layer["name"], (None, None))

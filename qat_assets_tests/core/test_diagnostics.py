@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from qat_assets.core.diagnostics import (
+    FrozenShadow,
     bn_variance_mismatch,
     fixed_training_images,
     model_summary,
     weight_code_statistics,
 )
-from qat_assets.core.quantize import StepQuantConv2d, weight_quantizer
+from qat_assets.core.quantize import StepQuantConv2d, freeze_quantized_weights, quantize_all, weight_quantizer
 
 # Per-tensor 4-bit max-abs scale: max|w| = 7 gives a step of exactly 1, so a code is 0 exactly where |w| < 0.5.
 WEIGHTS = torch.tensor([
@@ -51,7 +52,7 @@ def test_a_healthy_layer_has_no_dead_channel():
     assert row["dead_channels"] == 0 and row["zero_code_fraction"] == pytest.approx(2 / 8)
 
 
-def test_bn_mismatch_is_the_mean_absolute_log_variance_ratio_and_leaves_the_model_alone():
+def test_bn_mismatch_is_the_mean_absolute_log_variance_ratio():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(2, eps=1e-3)
     model = nn.Sequential(nn.Identity(), bn)
@@ -60,9 +61,25 @@ def test_bn_mismatch_is_the_mean_absolute_log_variance_ratio_and_leaves_the_mode
     # (running + eps) / (batch + eps) = 4 for channel 0 and 1/9 for channel 1: mean |log| = (log 4 + log 9) / 2.
     with torch.no_grad():
         bn.running_var.copy_(torch.stack([4 * (batch_var[0] + bn.eps), (batch_var[1] + bn.eps) / 9]) - bn.eps)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     [row] = bn_variance_mismatch(model, images)
     assert row == {"name": "1", "log_var_mismatch": pytest.approx(math.log(6.0), rel=1e-5)}
+
+
+def test_the_shadow_copy_equals_a_fresh_frozen_copy_after_training_and_keeps_the_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(quantized_conv(torch.randn(4, 1, 2, 2), learned_scales=True), nn.BatchNorm2d(4))
+    images = torch.randn(2, 1, 5, 5)
+    shadow = FrozenShadow()
+    bn_variance_mismatch(shadow.of(model, quantize_all(model)), images)  # moves the shadow's running stats
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(images).square().mean().backward()  # training moves weights, scale and running statistics
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refreshed = shadow.of(model, quantize_all(model))
+    fresh = freeze_quantized_weights(model)
+    assert refreshed.state_dict().keys() == fresh.state_dict().keys()
+    assert all(torch.equal(refreshed.state_dict()[k], v) for k, v in fresh.state_dict().items())
+    bn_variance_mismatch(refreshed, images)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
