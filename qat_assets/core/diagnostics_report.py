@@ -45,7 +45,7 @@ def diagnostics_markdown(summaries: Sequence[RunSummary]) -> list[str]:
         runs.setdefault((summary.variant, summary.seed), summary)
     rows = []
     for (variant, seed), summary in sorted(runs.items()):
-        trained = [h for h in summary.history if h.epoch > 0 and h.diagnostics is not None]
+        trained = [h for h in summary.history if h.epoch > 0 and h.diagnostics is not None and h.map50_95 is not None]
         if not trained:
             continue
         peak = max(trained, key=lambda h: h.map50_95)
