@@ -30,8 +30,8 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
