@@ -1,7 +1,8 @@
 """Step-time benchmark: the QAT, FP and QC training steps and the evaluation forwards the ladder runs.
 
 Random tensors, no data loading, so the numbers isolate the cost of fake quantization and of QC's
-correction. The QAT step includes the oscillation tracker's update after every optimizer step, as QAT
+correction. The collapse diagnostics QAT measures once per epoch (core/diagnostics.py) are timed against a
+QAT step and as a share of an epoch. The QAT step includes the oscillation tracker's update after every optimizer step, as QAT
 runs it; QC's batch differs from QAT's, so QC is compared per image. All training-side steps are
 interleaved in one loop (then the two evaluations in another) and medians are reported, which keeps the
 ratios meaningful on a machine shared with other jobs. Each ratio is printed with its two absolute times.
@@ -28,9 +29,11 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from qat_assets.core.quantize import (  # noqa: E402
     QuantOptions,
     freeze_quantized_weights,
+    quantize_all,
     quantize_w4a16,
     quantized_modules,
 )
+from qat_assets.core.diagnostics import FrozenShadow, bn_variance_mismatch, model_summary, weight_code_statistics  # noqa: E402
 from qat_assets.core.oscillation import OscillationTracker  # noqa: E402
 from qat_assets.core.qc import correction_step, correction_trainee, prepare_correction_training  # noqa: E402
 
@@ -71,9 +74,8 @@ def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], after_
     return step
 
 
-def tracked_qat_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+def tracked_qat_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], tracker: OscillationTracker):
     """The ladder's QAT step: train step, then the oscillation tracker (whose quantized weights the next forward reuses)."""
-    tracker = OscillationTracker()
     tracker.update_model(model)  # the first call only sets reference values
     return train_step_fn(model, batch, after_step=tracker.update_model)
 
@@ -106,6 +108,21 @@ def qc_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
     def step() -> None:
         correction_step(trainee, batch, optimizer)
+
+    return step
+
+
+def diagnostics_fn(model: torch.nn.Module, images: torch.Tensor, tracker: OscillationTracker):
+    """The collapse diagnostics as QAT measures them once per epoch (CollapseDiagnostics.measure, without drawing
+    its fixed batch from a dataset: that happens once per run)."""
+
+    shadow = FrozenShadow()
+
+    def step() -> None:
+        quantized = quantize_all(model)
+        layers = weight_code_statistics(model, quantized)
+        bn = bn_variance_mismatch(shadow.of(model, quantized), images)
+        model_summary(layers, bn, tracker.layer_statistics())
 
     return step
 
@@ -150,6 +167,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the ladder's CPU workers run two at a time on one thread each (2 cores)")
+    parser.add_argument("--epoch-steps", type=int, default=32,
+                        help="optimizer steps per epoch, to express the once-per-epoch diagnostics as a share of an epoch")
     parser.add_argument("--statistics-scales", action="store_true", help="max-abs scales instead of learned ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,11 +180,13 @@ def main() -> None:
     batch = synthetic_batch(args.batch, args.imgsz)
     qc_batch = synthetic_batch(args.qc_batch, args.imgsz)
 
+    tracker = OscillationTracker()
     # One interleaved loop for every training-side step, so each ratio is taken under the same load.
     train = interleaved_medians(
         {
             "fp": train_step_fn(float_model, batch),
-            "qat": tracked_qat_step_fn(quant_model, batch),
+            "qat": tracked_qat_step_fn(quant_model, batch, tracker),
+            "diagnostics": diagnostics_fn(quant_model, batch["img"], tracker),
             "qat before": brevitas_path_qat_step_fn(quant_model, batch),
             "qc": qc_step_fn(quant_model, qc_batch),
         },
@@ -187,6 +208,8 @@ def main() -> None:
     print(ratio_line("QAT step / FP step", train["qat"], train["fp"], ("QAT+tracker", "FP"), "<= 1.10"))
     print(ratio_line("  before: Brevitas path + own pass", train["qat before"], train["fp"], ("QAT+tracker", "FP")))
     qat_per_image, qc_per_image = train["qat"] / args.batch, train["qc"] / args.qc_batch
+    print(ratio_line("diagnostics (once/epoch) / QAT step", train["diagnostics"], train["qat"], ("diagnostics", "QAT"))
+          + f"   = {train['diagnostics'] / (args.epoch_steps * train['qat']):.4f} of a {args.epoch_steps}-step epoch")
     print(ratio_line("QC / QAT, per image", qc_per_image, qat_per_image, ("QC", "QAT"), "<= 0.40"))
     print(ratio_line("  QC step / QAT step", train["qc"], train["qat"], ("QC", "QAT")))
     print(ratio_line("quantized eval / FP eval", evaluation["w4a16 frozen"], evaluation["fp"], ("W4A16", "FP"),

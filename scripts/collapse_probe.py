@@ -129,14 +129,24 @@ def main() -> None:
         "final": final, "final_over_best": final / best["map50_95"] if best and best["map50_95"] > 0 else None,
         "diverged_at": result["diverged_at_epoch"], "history": [round(h["map50_95"], 4) for h in result["history"]],
         "oscillating": [round(h.get("oscillating_fraction", 0.0), 4) for h in trained],
+        # The live weights' model-level collapse diagnostics (core/diagnostics.py) at the peak and at the end.
+        "diagnostics": {"peak": model_diagnostics(best), "end": model_diagnostics(trained[-1] if trained else None)},
         "minutes": (time.time() - started) / 60,
     })
 
 
+def model_diagnostics(record: dict | None) -> dict | None:
+    """An epoch record's model-level diagnostics, or None (no record, or an epoch that did not validate)."""
+    diagnostics = (record or {}).get("diagnostics")
+    return diagnostics["model"] if diagnostics else None
+
+
 def print_table(work: Path) -> None:
-    """The QAT rows of WORK/results.jsonl as the markdown table of docs/collapse_search.md."""
-    print("| variant | settings | seed | FP | PTQ | best (epoch) | final | final/best | collapsed | min |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    """The QAT rows of WORK/results.jsonl as the markdown table of docs/collapse_search.md, with the model-level
+    collapse diagnostics at the peak → at the end (rows from before the diagnostics show "-")."""
+    print("| variant | settings | seed | FP | PTQ | best (epoch) | final | final/best | collapsed | min "
+          "| zero codes | dead channels | max/RMS median | BN mean abs log var ratio | oscillating | mean osc. freq. |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---|---|---|")
     for line in (work / "results.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["stage"] != "qat":
@@ -146,8 +156,26 @@ def print_table(work: Path) -> None:
         print(
             f"| {row['variant']} | {' '.join(row['overrides'])} | {row['seed']} | {row['fp_map50_95']:.3f} | "
             f"{row['ptq']:.3f} | {row['best']:.3f} ({row['best_epoch']}) | {row['final']:.3f} | "
-            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} |"
+            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} | {diagnostics_cells(row)} |"
         )
+
+
+DIAGNOSTIC_CELLS = (  # model-level field, format
+    ("zero_code_fraction", ".3f"), ("dead_channels", "d"), ("max_over_rms", ".1f"), ("bn_log_var_mismatch", ".3f"),
+    ("oscillating_fraction", ".4f"), ("oscillation_frequency", ".4f"),
+)
+
+
+def diagnostics_cells(row: dict) -> str:
+    """'peak → end' per diagnostic, as table cells."""
+    peak, end = (row.get("diagnostics", {}).get(role) or {} for role in ("peak", "end"))
+
+    def cell(key: str, spec: str) -> str:
+        if key not in peak or key not in end:
+            return "-"
+        return f"{format(peak[key], spec)} → {format(end[key], spec)}"
+
+    return " | ".join(cell(key, spec) for key, spec in DIAGNOSTIC_CELLS)
 
 
 def print_fp_table(work: Path) -> None:

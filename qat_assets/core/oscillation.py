@@ -136,6 +136,15 @@ class OscillationTracker:
         """Fraction of each layer's weights whose oscillation frequency is above the threshold."""
         return {name: (frequency > self.threshold).float().mean().item() for name, frequency in self._frequency.items()}
 
+    def layer_statistics(self) -> dict[str, tuple[float, float]]:
+        """Per layer: (fraction of weights oscillating, mean oscillation frequency), read with one host sync."""
+        names = list(self._frequency)
+        if not names:
+            return {}
+        per_layer = torch.stack([torch.stack([(f > self.threshold).float().mean(), f.float().mean()])
+                                 for f in self._frequency.values()]).tolist()
+        return {name: (fraction, frequency) for name, (fraction, frequency) in zip(names, per_layer)}
+
     def oscillating_fraction(self) -> float:
         """Fraction of all tracked weights that are oscillating (0.0 before any layer is tracked)."""
         oscillating = sum(int((f > self.threshold).sum()) for f in self._frequency.values())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qat_assets.core.artifacts import atomic_path, write_json_atomic, write_text_atomic
 from qat_assets.core.comparison import Comparison, deployment_markdown
+from qat_assets.core.diagnostics_report import diagnostics_markdown
 from qat_assets.core.gate import GateDecision
 from qat_assets.core.summary import RunSummary
 
@@ -210,7 +211,7 @@ def write_comparison_report(
     summary_md = write_text_atomic(
         out_dir / "summary.md",
         render_summary_md(comparison, decision, plots, relative_to=out_dir, summaries=summaries)
-        + "\n" + deployment_markdown(onnx_results),
+        + "\n" + deployment_markdown(onnx_results) + "\n" + "\n".join(diagnostics_markdown(summaries)) + "\n",
     )
     comparison_json = write_json_atomic(out_dir / "comparison.json", comparison.to_dict())
     return ComparisonReport(plots, summary_md, comparison_json)

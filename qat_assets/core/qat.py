@@ -20,7 +20,10 @@ import json
 import time
 from typing import Callable
 
+from ultralytics.utils.torch_utils import unwrap_model
+
 from .artifacts import exclusive_lock, save_checkpoint, write_json_atomic
+from .diagnostics import CollapseDiagnostics
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import load_float_model
 from .oscillation import OscillationTracker
@@ -28,7 +31,7 @@ from .pretrain import describe_epoch
 from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
 from .settings import QAT_FIELDS, Settings
-from .trainer import HISTORY_FILE, ResumableTrainer, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
+from .trainer import HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
 DIVERGED_FILE = "diverged.json"  # in the trajectory: the epoch and reason it diverged
@@ -139,6 +142,7 @@ def train_trajectory(
     if state is not None and "oscillation" in state:
         oscillation.load_state_dict(state["oscillation"])
 
+    diagnostics = CollapseDiagnostics(oscillation, batch_images=settings.batch, seed=request.seed)
     other = "baseline" if request.method == "ema" else "ema"
 
     def describe(record: dict) -> str:
@@ -175,6 +179,8 @@ def train_trajectory(
             validation_model=freeze_quantized_weights,
             validate_live=True,
             after_optimizer_step=oscillation.update_model,
+            scale_training=ScaleTraining(settings.scale_optimizer, settings.scale_lr) if settings.lsq_scales else None,
+            epoch_diagnostics=lambda trainer: diagnostics.measure(unwrap_model(trainer.model), trainer.train_loader.dataset),
             extra_state=lambda: {
                 "epoch_fields": {"oscillating_fraction": oscillation.oscillating_fraction()},
                 "tensors": {"oscillation": oscillation.state_dict()},

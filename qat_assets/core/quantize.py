@@ -10,16 +10,20 @@ not trained, and quantizing it costs a lot of mAP (see research.md).
 
 Learned scales are LSQ-style: a trainable per-channel scale parameter, initialised from the max-abs of
 the copied float weights during the transform (so it is in the state dict from the start and a freshly
-transformed model loads a saved one strictly). Statistics-based scales are recomputed from the latent
+transformed model loads a saved one strictly). By default they train with the weights' optimizer; with
+`lsq_scales` the trainer gives them LSQ's gradient scale and their own optimizer (`learned_scales`). Statistics-based scales are recomputed from the latent
 weights on every forward and have no state of their own.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
+from brevitas.core.scaling import ParameterFromStatsFromParameterScaling
 from brevitas.inject.enum import ScalingImplType
 from brevitas.nn import QuantConv2d
 from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
@@ -206,24 +210,78 @@ def prepare_step_weights(
     forward reuses them. Layers whose quantizer `quantize_flat` replays are quantized together, per `group_key`;
     the others by Brevitas, one by one. Pass the same `workspaces` dict every step to reuse each group's
     buffers (`FlatQuantWorkspace`); the codes are then valid until the next call."""
+    prepared = quantize_all(model, workspaces)
+    for name, module in quantized_modules(model):
+        if isinstance(module, StepQuantConv2d):
+            module.prepare_quant_weight(prepared[name].quantized)
+    return prepared
+
+
+def quantize_all(model: nn.Module, workspaces: dict[tuple, FlatQuantWorkspace] | None = None) -> dict[str, StepWeights]:
+    """Every quantized conv's fake-quantized weights and integer codes under the current scales, keyed by layer
+    name: the layers `quantize_flat` replays in one pass per `group_key`, the others by Brevitas. With autograd
+    as the caller has it enabled; nothing is kept on the modules (see `prepare_step_weights` for that)."""
     modules = quantized_modules(model)
     groups: dict[tuple, list[tuple[str, StepQuantConv2d]]] = {}
     for name, module in modules:
         if isinstance(module, StepQuantConv2d) and flat_quantizable(module):
             groups.setdefault(group_key(module), []).append((name, module))
-    prepared: dict[str, StepWeights] = {}
+    quantized: dict[str, StepWeights] = {}
     for key, members in groups.items():
         workspace = None if workspaces is None else workspaces.setdefault(
             (key, tuple(name for name, _ in members)), FlatQuantWorkspace()
         )
-        for (name, module), weights in zip(members, quantize_flat([module for _, module in members], workspace)):
-            module.prepare_quant_weight(weights.quantized)
-            prepared[name] = weights
+        for (name, _), weights in zip(members, quantize_flat([module for _, module in members], workspace)):
+            quantized[name] = weights
     for name, module in modules:
-        if name not in prepared:
-            quantized = module.prepare_quant_weight() if isinstance(module, StepQuantConv2d) else module.quant_weight()
-            prepared[name] = StepWeights(quantized, integer_codes(quantized))
-    return {name: prepared[name] for name, _ in modules}
+        if name not in quantized:
+            weights = module.quant_weight()
+            quantized[name] = StepWeights(weights, integer_codes(weights))
+    return {name: quantized[name] for name, _ in modules}
+
+
+@dataclass(frozen=True)
+class LearnedScale:
+    """One learned weight-scale parameter of a quantized conv, with what LSQ's gradient scale needs.
+
+    Brevitas' parameter holds the clipping threshold t = Q_p * s (s the step size LSQ learns; Q_p = 7 at 4
+    bits, narrow range), so its gradient is dL/dt = dL/ds / Q_p: LSQ's step gradient (Esser et al. 2020, eq. 3)
+    up to that constant per layer. LSQ scales the gradient of the step by g = 1 / sqrt(N * Q_p), N the number
+    of weights the step quantizes (a whole layer in the paper; one output channel with per-channel scales).
+    """
+
+    name: str  # the parameter's name in the model
+    parameter: nn.Parameter
+    weights_per_scale: int  # N
+    max_int: int  # Q_p
+
+    @property
+    def lsq_gradient_factor(self) -> float:
+        return 1.0 / math.sqrt(self.weights_per_scale * self.max_int)
+
+
+def learned_scales(model: nn.Module) -> list[LearnedScale]:
+    """Every learned weight scale of the model's quantized convs (none under statistics scales)."""
+    scales = []
+    for name, module in quantized_modules(model):
+        tensor_quant = getattr(module.weight_quant, "tensor_quant", None)
+        scaling = getattr(tensor_quant, "scaling_impl", None)
+        if not isinstance(scaling, ParameterFromStatsFromParameterScaling):
+            continue
+        parameter = scaling.value
+        bit_width = tensor_quant.msb_clamp_bit_width_impl()
+        [parameter_name] = [f"{name}.{local}" for local, p in module.named_parameters() if p is parameter]
+        scales.append(LearnedScale(parameter_name, parameter, module.weight.numel() // parameter.numel(),
+                                   int(tensor_quant.int_quant.max_int(bit_width))))
+    return scales
+
+
+@torch.no_grad()
+def scale_lsq_gradients(scales: list[LearnedScale]) -> None:
+    """Multiply each learned scale's gradient by LSQ's g, in place (call between backward and the optimizer step)."""
+    for scale in scales:
+        if scale.parameter.grad is not None:
+            scale.parameter.grad.mul_(scale.lsq_gradient_factor)
 
 
 def _quant_conv_like(conv: nn.Conv2d, bit_width: int, options: QuantOptions) -> QuantConv2d:
@@ -273,18 +331,21 @@ def integer_weights(module: QuantConv2d) -> torch.Tensor:
 
 
 @torch.no_grad()
-def freeze_quantized_weights(model: nn.Module) -> nn.Module:
+def freeze_quantized_weights(model: nn.Module, quantized: Mapping[str, StepWeights] | None = None) -> nn.Module:
     """Deep copy of `model` with every QuantConv2d replaced by a plain conv holding its fake-quantized weights.
 
     Same outputs, none of the per-forward quantizer work: for evaluation and QC, where weights do not change.
     Plain convs also survive Ultralytics' conv+BN fusing, which would silently drop a QuantConv2d's quantizer.
+    `quantized`: the weights as `quantize_all(model)` gave them, when the caller has them already.
     """
+    # All layers quantized in one flat pass (bit-identical to Brevitas' layer by layer, several times faster).
+    quantized = quantize_all(model) if quantized is None else quantized
     # The plain convs stand in for the quantized ones during the copy itself (deepcopy's memo), so the Brevitas
     # quantizers, most of the time of a QAT model's deep copy, are never copied: this runs at every validation.
     memo: dict[int, nn.Module] = {}
-    for _, module in quantized_modules(model):
+    for name, module in quantized_modules(model):
         conv = nn.Conv2d(**_conv_geometry(module))
-        conv.weight.copy_(module.quant_weight().value)
+        conv.weight.copy_(quantized[name].quantized.value)
         if module.bias is not None:
             conv.bias.copy_(module.bias)
         conv.requires_grad_(module.weight.requires_grad)

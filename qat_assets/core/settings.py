@@ -82,6 +82,11 @@ class Settings(BaseModel):
     keep_first_last_8bit: bool = True
     learned_scales: bool = True
     per_channel_scales: bool = Field(True, description="False: one weight scale per conv (Brevitas' layerwise default)")
+    lsq_scales: bool = Field(
+        False, description="learned scales as LSQ trains them: gradient x 1/sqrt(N*Q_p), own optimizer and LR"
+    )
+    scale_optimizer: Literal["Adam", "SGD"] = Field("Adam", description="with lsq_scales: the scales' optimizer")
+    scale_lr: float = Field(1e-5, gt=0, description="with lsq_scales: the scales' LR (Qualcomm's oscillations-qat: 1e-5)")
     qat_lrf: float = Field(0.01, gt=0, le=1, description="QAT final LR as a fraction of qat_lr; 1 keeps the LR sustained")
     qat_warmup_epochs: float = Field(0.0, ge=0, description="Ultralytics warmup_epochs for QAT")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
@@ -165,6 +170,12 @@ class Settings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_lsq_scales(self) -> "Settings":
+        if self.lsq_scales and not self.learned_scales:
+            raise ValueError("lsq_scales trains learned scales; set learned_scales=true too (or lsq_scales=false)")
+        return self
+
+    @model_validator(mode="after")
     def _check_launcher(self) -> "Settings":
         if self.launcher == "ray" and not self.ray_address:
             raise ValueError("launcher 'ray' needs ray_address: set QAT_RAY_ADDRESS=http://HEAD_HOST:8265")
@@ -225,6 +236,7 @@ class Settings(BaseModel):
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
+            "lsq_scales", "scale_optimizer", "scale_lr",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -250,7 +262,7 @@ PRETRAIN_FIELDS = (
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
-    "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
+    "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr",
 )
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -21,6 +21,42 @@ Status = Literal["completed-success", "completed-failed", "incomplete"]
 Method = Literal["baseline", "ema"]
 
 
+class LayerDiagnostics(BaseModel):
+    """One quantized conv at the end of an epoch (core/diagnostics.py defines each quantity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    bit_width: int
+    weights: int
+    out_channels: int
+    zero_code_fraction: float
+    dead_channels: int  # output channels whose codes are all 0
+    max_over_rms: float  # max|w| / RMS(w) of the latent weights
+    scale: float  # mean step size
+    oscillating_fraction: float | None = None  # None: not tracked (above the tracker's bit width)
+    oscillation_frequency: float | None = None
+
+
+class BNDiagnostics(BaseModel):
+    """One BatchNorm: mean over channels of |log(running_var / batch_var)| on the fixed training batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    log_var_mismatch: float
+
+
+class EpochDiagnostics(BaseModel):
+    """Why a run collapses, per epoch: a whole-model summary (`model`, see `diagnostics.model_summary`), per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: dict[str, float | int | str]
+    layers: list[LayerDiagnostics]
+    bn: list[BNDiagnostics]
+
+
 class EpochRecord(BaseModel):
     """One row of a QAT history. Epoch 0 is the freshly quantized pretrained model (PTQ), not training."""
 
@@ -37,6 +73,7 @@ class EpochRecord(BaseModel):
     lr: float | None = None
     oscillating_fraction: float | None = None
     seconds: float | None = None
+    diagnostics: EpochDiagnostics | None = None  # of the live weights; None at epoch 0 and in older summaries
 
 
 class QCLayerMovement(BaseModel):

@@ -9,12 +9,15 @@ What the subclass changes, and why:
   forward), and can validate the live weights as well (`validate_live`): the EMA never feeds back into
   training, so one run then gives both the EMA method's history and the no-EMA baseline's;
 - a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
-- learned quantizer scales get no weight decay;
+- learned quantizer scales get no weight decay; with `scale_training` (LSQ) they get LSQ's gradient scale
+  and their own optimizer and LR;
 - validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
   `random`, which the training augmentations also draw from, so without this the trained weights would
   depend on how often the run validated;
 - `validate_epoch` can skip validations (an FP run needs its plateau window, not every epoch); a skipped
   epoch is recorded with no metrics rather than with the last validated epoch's;
+- `epoch_diagnostics(trainer)` runs after each validation and its result is the epoch record's
+  `diagnostics` (core/diagnostics.py: why a run collapses);
 - each finished epoch is reported through `on_epoch` as a plain dict;
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
   LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
@@ -27,8 +30,9 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -38,6 +42,7 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 from .artifacts import atomic_path, on_cpu, write_json_atomic
 from .evaluate import metrics_from_ultralytics
 from .models import variant_yaml
+from .quantize import LearnedScale, learned_scales, scale_lsq_gradients
 from .settings import Settings
 
 STATE_FILE = "train_state.pt"
@@ -119,6 +124,41 @@ def trainer_overrides(
     )
 
 
+@dataclass(frozen=True)
+class ScaleTraining:
+    """Learned scales as LSQ trains them: their gradient scaled by 1/sqrt(N * Q_p), and their own optimizer and
+    LR (the reference, Qualcomm's oscillations-qat, uses Adam at 1e-5), following the weights' LR schedule."""
+
+    optimizer: Literal["Adam", "SGD"]
+    lr: float
+
+
+def separate_scale_optimizer(
+    optimizer: torch.optim.Optimizer, scales: list[LearnedScale], training: ScaleTraining
+) -> torch.optim.Optimizer:
+    """Move `scales` out of `optimizer`'s groups into an optimizer of their own, stepped (and zeroed) right after
+    every step of `optimizer`, so Ultralytics' step, clipping included, drives both. No weight decay."""
+    if not scales:
+        raise ValueError("lsq_scales needs learned scales: set learned_scales=true (statistics scales have no parameter)")
+    moved = {id(scale.parameter) for scale in scales}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in moved]
+    parameters = [scale.parameter for scale in scales]
+    if training.optimizer == "Adam":
+        own = torch.optim.Adam(parameters, lr=training.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    elif training.optimizer == "SGD":
+        own = torch.optim.SGD(parameters, lr=training.lr, momentum=0.9, weight_decay=0.0)
+    else:
+        raise ValueError(f"scale_optimizer {training.optimizer!r} is not one of Adam, SGD")
+
+    def step_scales(*_) -> None:
+        own.step()
+        own.zero_grad()
+
+    optimizer.register_step_post_hook(step_scales)
+    return own
+
+
 class ResumableTrainer(DetectionTrainer):
     """DetectionTrainer on a prepared nn.Module, checkpointing state dicts to `run_dir` every epoch."""
 
@@ -139,6 +179,8 @@ class ResumableTrainer(DetectionTrainer):
         lr_hold_epochs: int = 0,
         validate_epoch: Callable[[int], bool] | None = None,
         validate_live: bool = False,
+        epoch_diagnostics: Callable[["ResumableTrainer"], dict[str, Any]] | None = None,
+        scale_training: ScaleTraining | None = None,
     ):
         if validate_live and validation_model is None:
             raise ValueError("validate_live needs a validation_model: the live weights are validated through a copy")
@@ -156,6 +198,11 @@ class ResumableTrainer(DetectionTrainer):
         self.lr_hold_epochs = lr_hold_epochs
         self.validate_epoch = validate_epoch
         self.validate_live = validate_live
+        self.epoch_diagnostics = epoch_diagnostics
+        self.scale_training = scale_training
+        self.scale_optimizer: torch.optim.Optimizer | None = None
+        self._lsq_scales: list[LearnedScale] = []
+        self._diagnostics: dict[str, Any] | None = None
         self._validated_epoch: int | None = None
         self._live_metrics: dict[str, float] | None = None
         self._epoch_started = time.time()
@@ -172,6 +219,8 @@ class ResumableTrainer(DetectionTrainer):
         self.ema.ema.load_state_dict(state["ema"])
         self.ema.updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scale_optimizer is not None:
+            self.scale_optimizer.load_state_dict(state["scale_optimizer"])
         self.start_epoch = int(state["epoch"])
         self.best_fitness = state.get("best_fitness")
         self.scheduler.last_epoch = self.start_epoch - 1
@@ -195,6 +244,12 @@ class ResumableTrainer(DetectionTrainer):
 
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
+        if self.scale_training is not None:
+            if self.amp:
+                raise ValueError("lsq_scales needs AMP off: GradScaler unscales the weights' optimizer only")
+            self._lsq_scales = learned_scales(unwrap_model(model))
+            self.scale_optimizer = separate_scale_optimizer(optimizer, self._lsq_scales, self.scale_training)
+            return optimizer
         # Learned quantizer scales are step sizes, not weights: weight decay would shrink the grid.
         scales = {id(p) for name, p in unwrap_model(model).named_parameters() if "scaling_impl" in name}
         groups = {group.get("param_group"): group for group in optimizer.param_groups}
@@ -206,6 +261,9 @@ class ResumableTrainer(DetectionTrainer):
 
     def _start_epoch(self) -> None:
         self._epoch_started = time.time()
+        if self.scale_optimizer is not None:  # the weights' schedule (self.lf), at the scales' own LR
+            for group in self.scale_optimizer.param_groups:
+                group["lr"] = self.scale_training.lr * self.lf(self.epoch)
         if self.validate_epoch is not None:
             # Ultralytics validates an epoch when args.val is set, and always the last one.
             self.args.val = self.validate_epoch(self.epoch + 1)
@@ -219,6 +277,7 @@ class ResumableTrainer(DetectionTrainer):
         self._check_loss_finite()
         if gradients_diverged(self.model.parameters(), self.scaler):
             raise TrainingDiverged(self.epoch + 1, "a gradient")
+        scale_lsq_gradients(self._lsq_scales)  # before Ultralytics clips the gradients, as in LSQ's graph
         super().optimizer_step()
         if self.after_optimizer_step is None:
             return
@@ -244,6 +303,9 @@ class ResumableTrainer(DetectionTrainer):
                     # copy's; the validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
                     self.ema.ema = self.validation_model(unwrap_model(self.model))
                     self._live_metrics = metrics_from_ultralytics(self.validator(self))
+                if self.epoch_diagnostics is not None:
+                    # Once per validated epoch, on the live weights, outside the training step.
+                    self._diagnostics = self.epoch_diagnostics(self)
             finally:
                 self.ema.ema = held
         if self.validate_live and not math.isfinite(self._live_metrics["map50_95"]):
@@ -271,6 +333,7 @@ class ResumableTrainer(DetectionTrainer):
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "seconds": time.time() - self._epoch_started,
             **self.extra_state().get("epoch_fields", {}),
+            **({"diagnostics": self._diagnostics if validated else None} if self.epoch_diagnostics else {}),
         }
         self.history = [h for h in self.history if h["epoch"] < record["epoch"]] + [record]
         # History first, then the state that names the epoch: a kill in between leaves a history one
@@ -282,6 +345,7 @@ class ResumableTrainer(DetectionTrainer):
             "ema": self.ema.ema.state_dict(),
             "ema_updates": int(self.ema.updates),
             "optimizer": self.optimizer.state_dict(),
+            **({"scale_optimizer": self.scale_optimizer.state_dict()} if self.scale_optimizer is not None else {}),
             "best_fitness": None if self.best_fitness is None else float(self.best_fitness),
             "fingerprint": self.state_fingerprint,
             **self.extra_state().get("tensors", {}),

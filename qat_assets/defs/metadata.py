@@ -9,6 +9,7 @@ from dagster import Failure, MetadataValue, TableColumn, TableRecord, TableSchem
 
 from qat_assets.core.artifacts import ArtifactError
 from qat_assets.core.coco import DatasetError
+from qat_assets.core.diagnostics_report import LAYER_COLUMNS, MODEL_COLUMNS, last_diagnostics, model_rows
 from qat_assets.core.settings import SettingsError
 from qat_assets.core.summary import RunSummary
 
@@ -108,6 +109,11 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "mean_epoch_wall_time_s": round(sum(epoch_seconds) / len(epoch_seconds), 1) if epoch_seconds else None,
         "ema": MetadataValue.json(result["ema"]),
         "history": history_table(result["history"]),
+        # Why a run collapses (core/diagnostics.py): the model-level figures per epoch, the layers at the end.
+        "diagnostics": table(model_rows(result["history"]), MODEL_COLUMNS),
+        "diagnostics_layers_last_epoch": table((last_diagnostics(result["history"]) or {}).get("layers", []), LAYER_COLUMNS),
+        "diagnostics_bn_last_epoch": table((last_diagnostics(result["history"]) or {}).get("bn", []),
+                                           (("name", "string"), ("log_var_mismatch", "float"))),
         "quantization_counts": MetadataValue.json(result["quantization_counts"]),
         "quantization_report": table(
             result["quantization"]["layers"],

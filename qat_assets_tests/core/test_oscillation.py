@@ -141,3 +141,10 @@ def test_a_run_with_no_layer_at_or_below_the_tracked_bit_width_tracks_nothing():
     tracker.update_model(model)
     tracker.update_model(model)
     assert tracker.per_layer() == {} and tracker.oscillating_fraction() == 0.0
+
+
+def test_layer_statistics_give_the_oscillating_fraction_and_the_mean_frequency():
+    tracker = OscillationTracker(momentum=0.5, threshold=0.3)
+    feed(tracker, SEQUENCE)
+    [(fraction, frequency)] = tracker.layer_statistics().values()
+    assert fraction == 0.25 and frequency == pytest.approx((0.875 + 0.25) / 4)

@@ -12,9 +12,10 @@ from qat_assets.core import qat
 from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
 from qat_assets.core.models import load_float_model
 from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
-from qat_assets.core.quantize import freeze_quantized_weights, quantize_w4a16
+from qat_assets.core.quantize import freeze_quantized_weights, learned_scales, quantize_w4a16
 from qat_assets.core.requests import QATRequest
 from qat_assets.core.settings import load_settings
+from qat_assets.core.summary import EpochRecord
 from qat_assets.core.trainer import ema_schedule
 from qat_assets_tests.execution.test_worker import pretrained  # noqa: F401 (a fixture: a smoke set and a 1-epoch FP yolo10n)
 
@@ -62,6 +63,11 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
     assert baseline["ema"]["decay"] == 0.0 and ema["ema"]["decay"] > 0
     assert [h["epoch"] for h in baseline["history"]] == [h["epoch"] for h in ema["history"]] == [0, 1, 2]
     assert baseline["history"][0] == ema["history"][0]  # PTQ: one model before any averaging
+    # Every trained epoch records the collapse diagnostics of the live weights, in the summary's schema.
+    for record in baseline["history"][1:]:
+        diagnostics = EpochRecord(**record).diagnostics
+        assert diagnostics.model["layers"] == sum(1 for row in diagnostics.layers if row.bit_width == 4) > 0
+        assert len(diagnostics.bn) > 0 and all(row.log_var_mismatch >= 0 for row in diagnostics.bn)
     # PTQ, then per epoch the EMA copy and the live weights: the last two are the checkpoints' ema and model
     assert len(validated) == 1 + 2 * 2
     for expected, seen in ((ema_state["ema"], validated[-2]), (ema_state["model"], validated[-1])):
@@ -113,3 +119,24 @@ def test_a_diverged_trajectory_is_the_result_of_both_methods_and_is_not_trained_
     ema = run_qat(request_for(poisoned, "ema", trajectory, tmp_path / "ema"), log=lines.append)
     assert ema["diverged_at_epoch"] == 1 and ema["completed_epochs"] == 0
     assert any("the trajectory DIVERGED in epoch 1 when it was trained" in line for line in lines)
+
+
+def test_lsq_scales_train_with_their_own_optimizer_and_their_trajectory_is_recorded(pretrained, tmp_path):
+    request = request_for(pretrained, "baseline", tmp_path / "lsq", tmp_path / "unused")
+    settings = request.settings.model_copy(update={"lsq_scales": True, "scale_lr": 1e-3})
+    request = request.model_copy(update={"settings": settings})
+    model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    quantize_w4a16(model, quant_options(settings))
+    initial = {scale.name: scale.parameter.detach().clone() for scale in learned_scales(model)}
+    history, state, diverged_at, _ = train_trajectory(request, model, ema_schedule(0.0, None, 4, 2), lambda line: None)
+    assert diverged_at is None
+    saved = torch.load(request.trajectory_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    steps = 2 * 2  # 16 images, batch 8, 2 epochs
+    assert all(entry["step"] == steps for entry in saved["scale_optimizer"]["state"].values())
+    assert len(saved["scale_optimizer"]["state"]) == len(initial)
+    moved = max(float((state["model"][name].cpu() - value).abs().max()) for name, value in initial.items())
+    # Adam moves a scale by about its LR per step (at most ~3x), whatever the size of the gradient.
+    assert 0 < moved <= 3.2 * 1e-3 * steps
+    # The mean step size of every layer is recorded per epoch: the scale trajectory.
+    trajectories = [[row["scale"] for row in record["diagnostics"]["layers"]] for record in history[1:]]
+    assert len(trajectories) == 2 and trajectories[0] != trajectories[1]

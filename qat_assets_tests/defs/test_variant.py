@@ -31,6 +31,9 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
     assert qat["status"] == "2/2 epochs" and qat["partition"] == "ema|0"
     assert [row.data["epoch"] for row in qat["history"].records] == [0, 1, 2]  # epoch 0 is the PTQ model
     assert qat["quantization_counts"]["float"] == 1  # the DFL conv
+    # The collapse diagnostics: model-level per trained epoch, the layers and BatchNorms of the last one.
+    assert [row.data["epoch"] for row in qat["diagnostics"].records] == [1, 2]
+    assert qat["diagnostics_layers_last_epoch"].records and qat["diagnostics_bn_last_epoch"].records
     state = torch.load(qat["checkpoint"], weights_only=True)
     assert set(state) == {"model", "ema"}
 
@@ -41,6 +44,7 @@ def test_one_partition_goes_from_data_to_verdict(storage, instance):
 
     summary = RunSummary.read(layout.run_dir(storage, "yolo10n", "stability_verdict", "ema", 0) / "run_summary.json")
     assert summary.planned_epochs == 2 and len(summary.history) == 3
+    assert summary.history[0].diagnostics is None and summary.history[-1].diagnostics.layers
     assert summary.qc is not None and summary.qc.map50_95_before == qc["map50_95_before"]
     settings = summary.training
     assert summary.qc.steps == qc["qc_steps"] == settings["qc_epochs"] * -(-settings["calibration_images"] // settings["qc_batch"])
