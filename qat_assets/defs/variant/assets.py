@@ -93,7 +93,7 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
     def stage_inputs(context: AssetExecutionContext, experiment: ExperimentSettings, asset_name: str) -> StageInputs:
         if gated:
             state = require_passing_gate(context.instance, f"{variant}/{asset_name}")
-            context.log.info(f"gate passed (materialization {state.storage_id}); running {variant}/{asset_name}")
+            context.log.info(f"gate passed (version {state.data_version}); running {variant}/{asset_name}")
         with clear_failures():
             settings = experiment.settings()
             subset = SubsetResult.read(layout.subset_dir(settings.artifact_root()))
