@@ -164,3 +164,19 @@ def test_a_yolo10m_step_behind_a_passing_gate_gets_past_the_gate(storage, instan
     report_gate(instance, True, [])
     (message,) = step_failure_messages(run_assets(instance, ["yolo10m/pretrained_checkpoint"]))
     assert "gate" not in message and "coco" in message.lower()  # it stops at the missing dataset instead
+
+
+def test_the_sensor_waits_for_dagsters_run_retry_which_belongs_to_the_same_attempt(storage, instance):
+    daemon = Daemon(instance)
+    report_gate(instance, True, [])
+    (first,) = daemon.tick().run_requests
+    daemon.launch([first])  # fails for real: coco_subset was never materialized
+    failed = daemon.launched[first.run_key]
+    # What Dagster's run-retry daemon marks on a failed run it will re-execute (`add_run_tags` is the instance
+    # method it uses, outside Dagster's documented API).
+    instance.add_run_tags(failed.run_id, {"dagster/will_retry": "true"})
+    result = daemon.tick()
+    assert not result.run_requests and "waiting for Dagster's run retry of: pretrained" in result.skip_message
+    daemon.succeed(first)  # the retry keeps the run's tags and run key, and succeeds
+    partitions = daemon.tick().run_requests
+    assert len(partitions) == 4 and {r.tags["qat/attempt"] for r in partitions} == {"1"}
