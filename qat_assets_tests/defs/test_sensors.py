@@ -128,8 +128,10 @@ def test_two_identical_passing_gates_start_yolo10m_once_and_a_changed_decision_a
     for request in partitions[:2]:
         daemon.succeed(request)
 
-    # The same decision on the same evidence: the same data version; nothing starts over, and only the two
-    # partitions not yet materialized from this version are requested again, under the keys already launched.
+    # The same decision on the same evidence (a verdict written again from the same checkpoints): the same data
+    # version; nothing starts over, and only the two partitions not yet materialized from this version are
+    # requested again, under the keys already launched.
+    assert run_assets(instance, ["yolo10n/stability_verdict"], "ema|0").success
     assert run_assets(instance, ["comparison", "gate"]).success
     assert data_version(instance, "gate") == first_version
     assert data_version(instance, "comparison") is not None

@@ -75,7 +75,10 @@ def decision_data_version(decision: GateDecision, summaries: list[RunSummary], r
     so the UI does not mark downstream stale and the yolo10m sensor does not start over (automation/sensors.py)."""
     evidence = {
         "decision": decision.to_dict(),
-        "summaries": sorted((s.model_dump(mode="json") for s in summaries), key=lambda s: json.dumps(s, sort_keys=True)),
+        # Without the time a summary was written: a verdict written again from the same checkpoints is the same evidence.
+        "summaries": sorted(
+            (s.model_dump(mode="json", exclude={"created_at"}) for s in summaries), key=lambda s: json.dumps(s, sort_keys=True)
+        ),
         "references": references,
         "onnx_results": onnx_results,
     }
