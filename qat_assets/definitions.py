@@ -19,7 +19,7 @@ from qat_assets.defs.automation.schedules import build_seed_backfill_schedule
 from qat_assets.defs.automation.sensors import build_yolo10m_sensor
 
 graph_settings = load_settings()
-jobs = build_jobs()
+jobs = build_jobs(graph_settings.profile)
 
 defs = Definitions(
     assets=[

@@ -54,6 +54,21 @@ concurrency:
 # The run queue looks for runs to launch every second (default 5 s): a backfill's runs start sooner.
 run_queue:
   dequeue_interval_seconds: 1
+# Runs that die are noticed (README, "Runs that die"): the daemon fails a run that has not started
+# 300 s after launch, or that runs past its `dagster/max_runtime` tag (heavy jobs: by profile), checking
+# every 30 s; the `gpu` slot a dead run held is freed 60 s after it ended. A run whose worker process
+# dies is failed at once by the code server that launched it.
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 300
+  cancel_timeout_seconds: 300
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 60
+# Dagster re-executes a failed run only when its job asks (`dagster/max_retries`: the heavy jobs, once, and
+# only when no step failed, i.e. its worker died or hung).
+run_retries:
+  enabled: true
+  max_retries: 0
 telemetry:
   enabled: false
 """

@@ -87,3 +87,20 @@ def test_heavy_assets_carry_code_versions():
     graph = defs.resolve_asset_graph()
     for stage in HEAVY:
         assert graph.get(AssetKey(["yolo10s", stage])).code_version
+
+
+def test_heavy_jobs_carry_the_profiles_max_runtime_and_retry_only_a_dead_run():
+    from qat_assets.core.settings import PROFILES
+    from qat_assets.defs.automation.jobs import MAX_RUN_SECONDS, build_jobs
+
+    assert set(MAX_RUN_SECONDS) == set(PROFILES)
+    heavy = ["foundation_job", "validation_partition_job"] + [f"{v}_{kind}_job" for v in VARIANTS for kind in ("pretrained", "partition")]
+    for profile in PROFILES:
+        jobs = build_jobs(profile)
+        for name in heavy:
+            tags = jobs[name].tags
+            assert tags["dagster/max_runtime"] == str(MAX_RUN_SECONDS[profile])
+            assert tags["dagster/max_retries"] == "1" and tags["dagster/retry_on_asset_or_op_failure"] == "false"
+        assert "dagster/max_runtime" not in jobs["decision_job"].tags
+    assert MAX_RUN_SECONDS["smoke"] < MAX_RUN_SECONDS["embedded"] < MAX_RUN_SECONDS["coco"]
+    assert defs.resolve_job_def("yolo10m_partition_job").tags["dagster/max_runtime"] == str(MAX_RUN_SECONDS["smoke"])

@@ -1,5 +1,6 @@
 """`comparison` (tables, plots, summary.md) and `gate` (the decision, with its blocking check)."""
 
+import hashlib
 import json
 
 from dagster import (
@@ -8,6 +9,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -66,6 +68,23 @@ def gate_decision(settings: Settings, summaries: list[RunSummary], references: d
     )
 
 
+def decision_data_version(decision: GateDecision, summaries: list[RunSummary], references: dict[str, dict],
+                          onnx_results: list[dict] | None = None) -> DataVersion:
+    """A hash of the decision and of the evidence it was made from: the run summaries, the FP references and
+    (for the comparison) the ONNX results. Materializing again on unchanged evidence gives the same version,
+    so the UI does not mark downstream stale and the yolo10m sensor does not start over (automation/sensors.py)."""
+    evidence = {
+        "decision": decision.to_dict(),
+        # Without the time a summary was written: a verdict written again from the same checkpoints is the same evidence.
+        "summaries": sorted(
+            (s.model_dump(mode="json", exclude={"created_at"}) for s in summaries), key=lambda s: json.dumps(s, sort_keys=True)
+        ),
+        "references": references,
+        "onnx_results": onnx_results,
+    }
+    return DataVersion(hashlib.sha256(json.dumps(evidence, sort_keys=True, default=str).encode()).hexdigest()[:16])
+
+
 @asset(group_name="decision", deps=VERDICT_KEYS + ONNX_KEYS, kinds={"python"})
 def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -> MaterializeResult:
     """baseline / baseline+QC / EMA / EMA+QC per variant and seed, means over seeds, plots and summary.md."""
@@ -91,7 +110,8 @@ def comparison(context: AssetExecutionContext, experiment: ExperimentSettings) -
             },
             "gate_preview": decision.headline(),
             "evidence": MetadataValue.md("\n".join(f"- {line}" for line in result.evidence_lines()) or "- no runs"),
-        }
+        },
+        data_version=decision_data_version(decision, summaries, references, onnx_results),
     )
 
 
@@ -139,7 +159,8 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
     check `gate_passed` carries the same decision, so a failing gate stops the yolo10m chain.
     """
     settings = experiment.settings()
-    decision = gate_decision(settings, collect_summaries(settings), fp_references(settings))
+    summaries, references = collect_summaries(settings), fp_references(settings)
+    decision = gate_decision(settings, summaries, references)
     path = write_json_atomic(layout.gate_file(settings.artifact_root()), decision.to_dict())
     for line in [decision.headline(), *decision.reasons, *decision.evidence_lines()]:
         (context.log.info if decision.passed else context.log.warning)(line)
@@ -157,4 +178,5 @@ def gate(context: AssetExecutionContext, experiment: ExperimentSettings) -> Mate
             "require_informative": decision.require_informative,
         },
         check_results=gate_check_results(decision),
+        data_version=decision_data_version(decision, summaries, references),
     )

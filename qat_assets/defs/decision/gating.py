@@ -1,15 +1,19 @@
 """Reading the latest `gate` result: used by the yolo10m sensor and by the gated assets.
 
-The gate passes when its blocking check `gate_passed` passed on its latest materialization; the
-reasons come from that materialization's metadata.
+The decision is read from the latest gate materialization's own metadata (`passed`, `reasons`), the
+same decision its blocking check `gate_passed` carries, written in the same step. It is not read from
+the check's latest record: a queued or running gate run plans a new check evaluation, and a run that
+is then canceled or fails leaves that planned record as the latest one, with no result, while the
+latest materialization still holds a decision. A materialization exists only once the gate decided.
 """
 
 from dataclasses import dataclass
 
-from dagster import AssetCheckKey, AssetKey, DagsterInstance, Failure
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, Failure
 
 GATE_KEY = AssetKey("gate")
-GATE_PASSED = AssetCheckKey(GATE_KEY, "gate_passed")
+# Where Dagster records a materialization's data version (the value of the `DataVersion` the asset returned).
+DATA_VERSION_TAG = "dagster/data_version"
 
 
 @dataclass(frozen=True)
@@ -17,36 +21,32 @@ class GateState:
     passed: bool
     reasons: list[str]
     storage_id: int | None  # of the gate materialization; None when the gate never materialized
+    # The gate's data version: a hash of its decision and of the evidence it read (decision/assets.py).
+    # Two gate materializations with the same decision on the same evidence share it.
+    data_version: str | None
 
 
 def latest_materialization_record(instance: DagsterInstance, key: AssetKey):
-    records = instance.fetch_materializations(key, limit=1).records
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key), limit=1).records
     return records[0] if records else None
 
 
-def gate_check_passed(instance: DagsterInstance, gate_record) -> bool | None:
-    """Whether `gate_passed` passed on the gate materialization `gate_record` (None: not evaluated on it).
-
-    `event_log_storage` is a public attribute of the instance, but this query on it is not in Dagster's
-    documented API: 1.13 has no top-level call that reads an asset check's latest result.
-    """
-    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([GATE_PASSED]).get(GATE_PASSED)
-    evaluation = record.evaluation if record is not None else None
-    if evaluation is None or record.event.timestamp < gate_record.timestamp:
-        return None  # not evaluated yet, or the latest evaluation belongs to an older gate
-    return bool(evaluation.passed)
-
-
 def latest_gate(instance: DagsterInstance) -> GateState:
+    """The decision of the latest gate materialization; never raises on a gate run queued, running,
+    canceled or failed (those leave the latest materialization as it was)."""
     record = latest_materialization_record(instance, GATE_KEY)
     if record is None:
-        return GateState(False, ["gate has never been materialized"], None)
-    metadata = record.asset_materialization.metadata
+        return GateState(False, ["gate has never been materialized"], None, None)
+    materialization = record.asset_materialization
+    metadata = materialization.metadata
     reasons = list(metadata["reasons"].value) if "reasons" in metadata else ["gate recorded no reasons"]
-    passed = gate_check_passed(instance, record)
-    if passed is None:
-        return GateState(False, [f"the check {GATE_PASSED.name} has no result for the latest gate", *reasons], record.storage_id)
-    return GateState(passed, reasons, record.storage_id)
+    # A gate older than its data version records the storage id instead: still one value per materialization.
+    version = (materialization.tags or {}).get(DATA_VERSION_TAG) or f"storage-{record.storage_id}"
+    decided = metadata.get("passed")
+    if decided is None or not isinstance(decided.value, bool):
+        reasons = [f"the gate materialization {record.storage_id} records no decision (`passed` metadata)", *reasons]
+        return GateState(False, reasons, record.storage_id, version)
+    return GateState(decided.value, reasons, record.storage_id, version)
 
 
 def require_passing_gate(instance: DagsterInstance, asset_label: str) -> GateState:

@@ -45,15 +45,17 @@ from qat_assets.defs.resources import ExperimentSettings
 from qat_assets.execution.launcher import HeavyStepLauncher
 
 HEAVY_POOL = "gpu"
-# Derived from the source of the core modules each step runs (core/code_versions.py), so the UI marks
-# materializations stale after a change of the training, QAT or QC code.
-CODE_VERSIONS = {
-    "pretrained_checkpoint": source_code_version("pretrain"),
-    "qat_checkpoint": source_code_version("qat"),
-    "qc_checkpoint": source_code_version("qc_stage"),
-    "stability_verdict": source_code_version("verdict"),
-    "onnx_model": source_code_version("export_stage"),
+# The core module each step runs. Its code version is derived from the source of that module and of every
+# package module it imports (core/code_versions.py), so the UI marks materializations stale after a change
+# of the training, QAT, QC or export code.
+STEP_MODULES = {
+    "pretrained_checkpoint": "pretrain",
+    "qat_checkpoint": "qat",
+    "qc_checkpoint": "qc_stage",
+    "stability_verdict": "verdict",
+    "onnx_model": "export_stage",
 }
+CODE_VERSIONS = {stage: source_code_version(module) for stage, module in STEP_MODULES.items()}
 
 
 def checkpoint_result(metadata: dict, result: dict) -> MaterializeResult:
@@ -91,7 +93,7 @@ def variant_assets(variant: str, seeds: tuple[int, ...], gated: bool) -> list[As
     def stage_inputs(context: AssetExecutionContext, experiment: ExperimentSettings, asset_name: str) -> StageInputs:
         if gated:
             state = require_passing_gate(context.instance, f"{variant}/{asset_name}")
-            context.log.info(f"gate passed (materialization {state.storage_id}); running {variant}/{asset_name}")
+            context.log.info(f"gate passed (version {state.data_version}); running {variant}/{asset_name}")
         with clear_failures():
             settings = experiment.settings()
             subset = SubsetResult.read(layout.subset_dir(settings.artifact_root()))
