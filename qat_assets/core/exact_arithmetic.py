@@ -1,4 +1,4 @@
-"""IEEE fp32 arithmetic for checks that compare two models to a tight tolerance (QC's fold check, export parity).
+"""IEEE arithmetic for checks that compare two models to a tight tolerance (export parity, QC's fold check).
 
 On Ampere and newer GPUs PyTorch runs cuDNN convolutions in TF32 by default (`torch.backends.cudnn.allow_tf32`
 is True): inputs and weights are rounded to a 10-bit mantissa before the products. Two models that compute the
@@ -22,7 +22,7 @@ def exact_fp32() -> Iterator[None]:
 
     Only the TF32 flags change: cuDNN stays enabled, with its benchmark and determinism settings as they are.
     On the CPU nothing rounds to TF32 anyway, so this costs nothing there. The tensors' own dtype is the
-    caller's business (`require_fp32`).
+    caller's business: QC's fold check computes in float64 inside it, which no GPU rounds to TF32.
     """
     # Two plain flags, saved and restored by hand: `torch.backends.cudnn.flags` would also reset cuDNN's
     # enabled/benchmark/depthwise settings to its own defaults unless every one is passed.
@@ -34,18 +34,3 @@ def exact_fp32() -> Iterator[None]:
             yield
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
-
-
-def require_fp32(model: torch.nn.Module, what: str) -> None:
-    """Refuse a model with non-fp32 floating-point weights: an exact check of half-precision weights is not exact."""
-    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
-    if dtypes - {torch.float32}:
-        raise ValueError(
-            f"{what} has {sorted(str(d) for d in dtypes)} weights; an exact check needs fp32: call .float() on it first"
-        )
-
-
-def precision_label(device: str | torch.device) -> str:
-    """What `exact_fp32` computes in on this device, for the metadata of a check run inside it."""
-    device = torch.device(device)
-    return "fp32, TF32 and autocast off (cuda)" if device.type == "cuda" else f"fp32 ({device.type})"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qat_assets.core.exact_arithmetic import exact_fp32, precision_label, require_fp32
+from qat_assets.core.exact_arithmetic import exact_fp32
 
 
 @pytest.fixture
@@ -33,11 +33,3 @@ def test_autocast_is_off_inside():
         with exact_fp32():
             assert conv(x).dtype == torch.float32
         assert conv(x).dtype == torch.bfloat16
-
-
-def test_a_half_precision_model_is_refused_and_the_precision_is_named():
-    require_fp32(torch.nn.Conv2d(3, 4, 3), "conv")
-    with pytest.raises(ValueError, match=r"folded model has \['torch.bfloat16'\] weights"):
-        require_fp32(torch.nn.Conv2d(3, 4, 3).bfloat16(), "the folded model")
-    assert precision_label("cpu") == "fp32 (cpu)"
-    assert precision_label("cuda:1") == "fp32, TF32 and autocast off (cuda)"
