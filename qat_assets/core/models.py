@@ -52,7 +52,7 @@ def read_user_checkpoint(path: Path, variant: str, names: list[str], on_class_mi
 
     path = Path(path)
     try:
-        loaded, _ = ultralytics_load(str(path))
+        loaded, saved = ultralytics_load(str(path))
     except Exception as exc:
         raise CheckpointError(
             f"{path} is not a readable Ultralytics checkpoint ({type(exc).__name__}: {exc}); "
@@ -67,9 +67,17 @@ def read_user_checkpoint(path: Path, variant: str, names: list[str], on_class_mi
             f"{yaml.get('scale')!r}), not a YOLOv10 {variant}; put the matching yolov10{variant[-1]}.pt there"
         )
     model = build_detection_model(variant, names)
+    state = loaded.float().state_dict()
+    _check_state_keys(path, model.state_dict(), state, version_of(saved))
     classes = int(loaded.model[-1].nc)
     if classes == len(names):
-        model.load_state_dict(loaded.float().state_dict())
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # same names, other shapes: PyTorch lists them
+            raise CheckpointError(
+                f"{path} (written by Ultralytics {version_of(saved)}) has tensors of other shapes than this "
+                f"Ultralytics' {variant}: {exc}"
+            ) from exc
         return model, {"head": "kept", "checkpoint_classes": classes, "dataset_classes": len(names)}
     if on_class_mismatch == "fail":
         raise CheckpointError(
@@ -78,3 +86,38 @@ def read_user_checkpoint(path: Path, variant: str, names: list[str], on_class_mi
         )
     model.load(loaded.float(), verbose=False)  # copies every tensor whose name and shape match
     return model, {"head": "re-initialised", "checkpoint_classes": classes, "dataset_classes": len(names)}
+
+
+def version_of(saved: object) -> str:
+    """The Ultralytics version recorded in a loaded checkpoint dict (Ultralytics' trainer writes `version`)."""
+    version = saved.get("version") if isinstance(saved, dict) else None
+    return str(version) if version else "of unknown version (none recorded)"
+
+
+# Keys listed in a mismatch error; a module renamed between Ultralytics versions can account for hundreds.
+LISTED_KEYS = 10
+
+
+def _check_state_keys(path: Path, expected: dict, found: dict, version: str) -> None:
+    """Refuse a checkpoint whose tensor names differ from this Ultralytics' model of the same variant.
+
+    A checkpoint written by another Ultralytics version can pickle modules whose parameters or buffers were
+    added, dropped or renamed since; a strict load would stop with a bare PyTorch error, and Ultralytics'
+    own partial load (used when the head is re-initialised) would silently leave the missing tensors at
+    their random initialisation. Shapes are not compared here: the class-output convs differ in shape by
+    design when the class count does, and a strict load reports any other shape difference itself.
+    """
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if not missing and not unexpected:
+        return
+    from ultralytics import __version__ as installed
+
+    def listed(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - LISTED_KEYS} more)" if len(keys) > LISTED_KEYS else ""
+        return (", ".join(keys[:LISTED_KEYS]) + more) if keys else "none"
+
+    raise CheckpointError(
+        f"{path} does not fit this Ultralytics' yolov10 model: written by Ultralytics {version}, read with {installed}; "
+        f"{len(missing)} missing keys: {listed(missing)}; {len(unexpected)} unexpected keys: {listed(unexpected)}. "
+        f"Use a checkpoint written by Ultralytics {installed}, or run with the Ultralytics version that wrote this one"
+    )

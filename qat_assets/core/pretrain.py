@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import save_checkpoint
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
-from .models import build_detection_model, read_user_checkpoint
+from .models import CheckpointError, build_detection_model, read_user_checkpoint
 from .requests import PretrainRequest
 from .settings import PRETRAIN_FIELDS
 from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides
@@ -88,6 +88,12 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         source = f"user-checkpoint:{user_checkpoint}"
         epochs = settings.pretrain_epochs if head["head"] == "re-initialised" else 0
         log(f"{request.variant}: starting from {user_checkpoint} (head {head['head']}, {epochs} fine-tune epochs)")
+    elif not settings.pretrain_from_scratch:
+        raise CheckpointError(
+            f"no {user_checkpoint.name} in QAT_CHECKPOINT_DIR={settings.checkpoint_dir}, and QAT_PRETRAIN_FROM_SCRATCH "
+            f"is false (the coco profile's default): put the release checkpoint there, or set "
+            f"QAT_PRETRAIN_FROM_SCRATCH=true to train {request.variant} here ({settings.pretrain_epochs} FP epochs)"
+        )
     else:
         # Seeded here: the weights are initialised before Ultralytics' trainer seeds anything, so without
         # this every run starts from different random weights (the 0.318-0.366 spread of identical runs).

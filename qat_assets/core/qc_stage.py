@@ -74,6 +74,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
         "map50_95_before": before["map50_95"], "map50_95_after": after["map50_95"],
         "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
         "max_fold_rel_diff": report["fold_max_relative_difference"],
+        "fold_check_precision": report["fold_check_precision"], "fixed_gamma_layers": report["fixed_gamma_layers"],
         "qc_settings": {
             "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": config.optimizer,
             "calibration_images": report["images"] // max(config.epochs, 1), "steps": report["steps"],

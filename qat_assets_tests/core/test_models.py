@@ -53,3 +53,32 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path):
     path.write_bytes(path.read_bytes()[:4096])
     with pytest.raises(CheckpointError, match="yolov10n.pt is not a readable Ultralytics checkpoint"):
         read_user_checkpoint(path, "yolo10n", NAMES, "reinit_head")
+
+
+def checkpoint_of(path, model, version):
+    """An Ultralytics-format checkpoint of `model` as a given Ultralytics version wrote it."""
+    torch.save({"model": model.half(), "train_args": {}, "version": version}, path)
+    return path
+
+
+def test_a_checkpoint_lacking_a_key_names_it_and_the_version_that_wrote_it(tmp_path):
+    model = DetectionModel("yolov10n.yaml", nc=3, verbose=False)
+    model.model[0].bn.register_buffer("num_batches_tracked", None)  # as a BN of an older PyTorch/Ultralytics
+    path = checkpoint_of(tmp_path / "yolov10n.pt", model, "8.1.34")
+    for on_class_mismatch in ("reinit_head", "fail"):
+        with pytest.raises(CheckpointError) as error:
+            read_user_checkpoint(path, "yolo10n", NAMES, on_class_mismatch)
+        message = str(error.value)
+        assert "written by Ultralytics 8.1.34" in message
+        assert "1 missing keys: model.0.bn.num_batches_tracked; 0 unexpected keys: none" in message
+
+
+def test_a_checkpoint_with_an_extra_key_names_it_also_when_the_head_is_reinitialised(tmp_path):
+    # With another class count the head is re-initialised through Ultralytics' partial load, which would
+    # silently skip a key it does not know.
+    model = DetectionModel("yolov10n.yaml", nc=80, verbose=False)
+    model.model[2].register_buffer("legacy_anchors", torch.zeros(3))
+    path = checkpoint_of(tmp_path / "yolov10n.pt", model, "8.2.0")
+    with pytest.raises(CheckpointError, match=r"written by Ultralytics 8\.2\.0.*0 missing keys: none; "
+                       r"1 unexpected keys: model\.2\.legacy_anchors"):
+        read_user_checkpoint(path, "yolo10n", NAMES, "reinit_head")

@@ -4,9 +4,10 @@ sparse FP validation schedule, which must not change what is trained."""
 import pytest
 
 from qat_assets.core.coco import convert_coco_subset
+from qat_assets.core.models import CheckpointError
 from qat_assets.core.pretrain import plateau_check, run_pretrain, validated_fp_epochs
 from qat_assets.core.requests import PretrainRequest
-from qat_assets.core.settings import load_settings
+from qat_assets.core.settings import SettingsError, load_settings
 from qat_assets.core.synthetic import write_synthetic_coco
 
 
@@ -85,3 +86,17 @@ def test_pretraining_holds_the_final_lr_over_the_last_epochs_and_validates_only_
     assert dense["metrics"] == sparse["metrics"] and dense["history"][1:] == [
         {**h, "seconds": d["seconds"]} for h, d in zip(sparse["history"][1:], dense["history"][1:])
     ]
+
+
+def test_the_coco_profile_refuses_to_train_the_fp_model_from_scratch_unless_asked(tmp_path):
+    with pytest.raises(SettingsError, match="QAT_CHECKPOINT_DIR is unset and QAT_PRETRAIN_FROM_SCRATCH is false"):
+        load_settings({"profile": "coco"}, environ={})
+    assert load_settings({"profile": "coco"}, environ={"QAT_PRETRAIN_FROM_SCRATCH": "true"}).pretrain_from_scratch
+    assert load_settings({"profile": "coco"}, environ={"QAT_CHECKPOINT_DIR": str(tmp_path)}).checkpoint_dir == tmp_path
+    assert load_settings({"profile": "embedded"}, environ={}).pretrain_from_scratch  # the CPU profiles train here
+
+
+def test_without_the_variants_checkpoint_in_the_folder_pretraining_stops_before_training(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no yolov10n\.pt in QAT_CHECKPOINT_DIR=.*QAT_PRETRAIN_FROM_SCRATCH=true"):
+        pretrain(tmp_path, "fp", checkpoint_dir=str(tmp_path / "weights"), pretrain_from_scratch=False)
+    assert not (tmp_path / "fp").exists()

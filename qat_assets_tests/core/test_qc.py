@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from qat_assets.core.qc import (
     correction_stats,
     correction_trainee,
     corrected_layers,
+    _raw_predictions,
+    fixed_gamma_layers,
     fold_corrections,
     fold_equivalence,
     insert_corrections,
@@ -45,8 +48,7 @@ def calibration_yaml(tmp_path_factory) -> str:
     return write_tiny_yolo_set(tmp_path_factory.mktemp("calib"), 6, IMGSZ)
 
 
-@pytest.fixture(scope="module")
-def quantized_model(calibration_yaml) -> nn.Module:
+def quantized_yolo(calibration_yaml: str, options: QuantOptions) -> nn.Module:
     """W4A16 yolov10n whose BNs hold statistics of the calibration images measured in float.
 
     Quantizing after that shifts every channel away from its BN statistics, which is what QC corrects;
@@ -63,8 +65,13 @@ def quantized_model(calibration_yaml) -> nn.Module:
     model.train()
     with torch.no_grad():
         model(batch["img"].float() / 255)
-    quantize_w4a16(model, QuantOptions())
+    quantize_w4a16(model, options)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def quantized_model(calibration_yaml) -> nn.Module:
+    return quantized_yolo(calibration_yaml, QuantOptions())
 
 
 @pytest.fixture
@@ -81,10 +88,12 @@ def images(n: int = 2) -> torch.Tensor:
 
 
 def randomize_corrections(model: nn.Module) -> None:
+    """Every trainable gamma uniform in [0.5, 1.5], every beta ~ N(0, 0.1); a fixed gamma stays at 1."""
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, layer in corrected_layers(model):
-            layer.gamma.copy_(torch.empty_like(layer.gamma).uniform_(0.5, 1.5, generator=generator))
+            if isinstance(layer.gamma, nn.Parameter):
+                layer.gamma.copy_(torch.empty_like(layer.gamma).uniform_(0.5, 1.5, generator=generator))
             layer.beta.copy_(torch.randn(layer.beta.shape, generator=generator) * 0.1)
 
 
@@ -244,3 +253,134 @@ def test_qc_gives_the_same_result_whatever_the_process_torch_seed(model, calibra
         reports.append(run_qc(copy.deepcopy(model), calibration_yaml, config(epochs=2, seed=7))[1])
     assert reports[0]["loss_before"] == reports[1]["loss_before"]
     assert reports[0]["loss_after"] == reports[1]["loss_after"]
+
+
+# --- one weight scale per conv (per_channel_scales=false) ------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["learned-scales", "statistics-scales"])
+def per_tensor_model(request, calibration_yaml) -> nn.Module:
+    return quantized_yolo(calibration_yaml, QuantOptions(per_channel_scales=False, learned_scales=request.param))
+
+
+def head_output_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in quantized_modules(model) if name.startswith("model.23.") and name.endswith(".2")]
+
+
+def test_with_one_weight_scale_per_conv_the_head_outputs_keep_gamma_at_one(per_tensor_model, quantized_model):
+    names = [name for name, _ in quantized_modules(per_tensor_model)]
+    assert fixed_gamma_layers(per_tensor_model, names) == head_output_names(per_tensor_model)
+    assert len(head_output_names(per_tensor_model)) == 12
+    assert fixed_gamma_layers(quantized_model, names) == []  # per-channel scales take any gamma
+
+    trainee = correction_trainee(per_tensor_model)
+    fixed = {name for name, layer in corrected_layers(trainee) if not isinstance(layer.gamma, nn.Parameter)}
+    assert fixed == set(head_output_names(per_tensor_model))
+    trainable = {id(p) for p in correction_parameters(trainee)}
+    assert len(trainable) == 2 * len(names) - len(fixed)
+    assert all(id(trainee.get_submodule(name).beta) in trainable for name in fixed)
+
+
+def test_per_tensor_fold_is_exact_and_keeps_the_integer_grid(per_tensor_model):
+    trainee = correction_trainee(per_tensor_model)
+    randomize_corrections(trainee)
+    corrections = learned_corrections(trainee)
+    heads = head_output_names(per_tensor_model)
+    before = {name: (integer_weights(per_tensor_model.get_submodule(name)),
+                     per_tensor_model.get_submodule(name).quant_weight().scale.clone(),
+                     per_tensor_model.get_submodule(name).bias.detach().clone()) for name in heads}
+
+    folded = fold_corrections(copy.deepcopy(per_tensor_model), corrections)
+    assert fold_equivalence(trainee, folded, images()) < 1e-4
+    for name in heads:  # the grid and its one scale are untouched; beta went into the bias
+        conv, (codes, scale, bias) = folded.get_submodule(name), before[name]
+        assert torch.equal(integer_weights(conv), codes)
+        assert torch.equal(conv.quant_weight().scale, scale)
+        assert torch.equal(conv.bias, bias + corrections[name][1])
+
+    # A per-channel gamma on such a conv has nowhere exact to go: refused, never folded approximately.
+    gamma, beta = corrections[heads[0]]
+    with pytest.raises(ValueError, match="share one scale"):
+        fold_corrections(copy.deepcopy(per_tensor_model), {heads[0]: (gamma * 1.1, beta)})
+
+
+def test_run_qc_with_one_weight_scale_per_conv(per_tensor_model, calibration_yaml):
+    model = copy.deepcopy(per_tensor_model)
+    folded, report = run_qc(model, calibration_yaml, config())  # the paper's Adam, lr 1e-4
+    assert not corrected_layers(folded)
+    assert report["fixed_gamma_layers"] == head_output_names(per_tensor_model)
+    assert report["fold_max_relative_difference"] < 1e-4
+    assert report["fold_check_precision"] == "float64, autocast off"
+    assert math.isfinite(report["loss_after"])  # what QC gains is test_run_qc_lowers_the_task_loss's business
+    rows = {row["name"]: row for row in report["corrections"]}
+    assert all(rows[name]["max_abs_gamma_minus_1"] == 0 for name in report["fixed_gamma_layers"])
+    assert any(rows[name]["max_abs_beta"] > 0 for name in report["fixed_gamma_layers"])
+    assert any(row["max_abs_gamma_minus_1"] > 0 for row in rows.values())
+
+
+# --- exact arithmetic: the fold check under a GPU's TF32 convolutions -------------------------------------
+
+
+def round_to_tf32(tensor: torch.Tensor) -> torch.Tensor:
+    """Round an fp32 tensor to TF32's 10-bit mantissa (to nearest, ties away from zero), as tensor cores read it."""
+    bits = tensor.detach().contiguous().view(torch.int32)
+    return (bits + 0x1000).bitwise_and(-0x2000).view(torch.float32)
+
+
+def emulate_tf32_convolutions(models: list[nn.Module]) -> None:
+    """Forward pre-hooks on every conv of `models`: inputs and weights rounded to TF32 while cuDNN's TF32 flag is on.
+
+    What an Ampere GPU does by default (torch.backends.cudnn.allow_tf32 is True). The weights a conv uses
+    are computed inside its forward for a quantized conv, so the hook hands the conv rounded fake-quantized
+    weights through a one-call override of `_conv_forward`.
+    """
+
+    def hook(conv, args):
+        if not torch.backends.cudnn.allow_tf32 or args[0].dtype != torch.float32:  # TF32 rounds fp32 only
+            return None
+        original = type(conv)._conv_forward
+        conv._conv_forward = lambda x, weight, bias: (
+            conv.__dict__.pop("_conv_forward"), original(conv, round_to_tf32(x), round_to_tf32(weight), bias))[1]
+        return None
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.register_forward_pre_hook(hook)
+
+
+def fp32_difference(unfolded: nn.Module, folded: nn.Module, images: torch.Tensor) -> float:
+    """The fold check as it was: the models run as they are (fp32, under whatever TF32 flag is set)."""
+    pairs = zip(_raw_predictions(unfolded, images), _raw_predictions(folded, images), strict=True)
+    return max(float((a - b).abs().max() / a.abs().max()) for a, b in pairs)
+
+
+@pytest.fixture
+def corrected_pair(model):
+    """run_qc's check, set up with random corrections: the trainee (BNs absorbed) and the folded quantized model."""
+    trainee = correction_trainee(model)
+    randomize_corrections(trainee)
+    corrections = learned_corrections(trainee)
+    return trainee, model, corrections
+
+
+def test_the_fold_check_passes_under_emulated_tf32_and_still_catches_a_dropped_gamma(corrected_pair, monkeypatch):
+    """The check computes in float64 with TF32 flags off; the TF32 emulation must not reach it."""
+    trainee, quantized, corrections = corrected_pair
+    folded = fold_corrections(copy.deepcopy(quantized), corrections)
+    # One layer's gamma left out of the fold (its beta kept): the block before the head.
+    name = "model.22.cv2.conv"
+    wrong = fold_corrections(copy.deepcopy(quantized), {**corrections, name: (torch.ones_like(corrections[name][0]),
+                                                                          corrections[name][1])})
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # the GPU default
+    emulate_tf32_convolutions([trainee, folded, wrong])
+
+    tf32_difference = fp32_difference(trainee, folded, images())  # what the check computed before, on a GPU
+    exact_difference = fold_equivalence(trainee, folded, images())
+    print(f"fold difference: {exact_difference:.2e} exact, {tf32_difference:.2e} in emulated TF32")
+    # Measured: 2.3e-2 in emulated TF32, where the check (tolerance 1e-4) would reject a right fold.
+    assert exact_difference < 1e-4 < tf32_difference
+    assert torch.backends.cudnn.allow_tf32  # restored after the check
+    wrong_difference = fold_equivalence(trainee, wrong, images())
+    print(f"with {name}'s gamma dropped: {wrong_difference:.2e}")
+    assert wrong_difference > 1e-4

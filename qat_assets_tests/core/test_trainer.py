@@ -44,7 +44,7 @@ def test_the_ema_schedule_scales_with_run_length_and_gives_back_the_paper_at_coc
     per_epoch = -(-embedded.train_images // embedded.batch)
     short = ema_schedule(embedded.ema_decay, None, embedded.qat_epochs * per_epoch, per_epoch)
     assert short["decay"] == pytest.approx(1 - 1 / per_epoch)  # a 32-step run still averages over an epoch
-    coco = load_settings({"profile": "coco"})
+    coco = load_settings({"profile": "coco", "pretrain_from_scratch": True})
     per_epoch = -(-coco.train_images // coco.batch)
     paper = ema_schedule(coco.ema_decay, None, coco.qat_epochs * per_epoch, per_epoch)
     assert paper["decay"] == pytest.approx(0.9999) and paper["tau"] == 2000.0
