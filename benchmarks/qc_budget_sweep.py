@@ -87,7 +87,7 @@ def table(out: Path) -> str:
         finite = [w for w in won if math.isfinite(w)]
         diverged = sum(r["rejected"] == "diverged" for r in cells)
         rejected = sum(bool(r["rejected"]) and r["rejected"] != "diverged" for r in cells)
-        name = f"SGD, momentum 0.9" if optimizer == "SGD" else "Adam"
+        name = "SGD, momentum 0.9" if optimizer == "SGD" else "Adam"
         lines.append(
             f"| {name} | {lr:g} | {sum(w >= 0.5 for w in won)}/{len(won)} | "
             f"{statistics.mean(finite):.0%} | {min(won):.0%} | {max(finite):.0%} | {rejected} | {diverged} |"

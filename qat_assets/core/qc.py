@@ -357,6 +357,8 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.op
     while plain SGD at 1e-3 x 32 steps won back all of it (0.807 -> 0.673, error-free 0.674). Adam moves
     every one of the ~10k gammas/betas by about lr per step whatever its gradient, and a few of them
     (early layers, whose change compounds through the network) have curvature that such a step overshoots.
+    Those numbers come from one realization of a model that was not at a plateau (issue 26); the defaults'
+    evidence across seeds and CPU kernel families is in docs/qc_budget.md.
     """
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr)
