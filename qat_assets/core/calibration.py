@@ -79,3 +79,37 @@ def select_calibration_subset(subset: SubsetResult, out_dir: Path, *, size: int,
         )
         (staging / "calibration.json").write_text(result.model_dump_json(indent=2) + "\n")
     return result
+
+
+def select_heldout_set(dataset_yaml: Path, calibration_yaml: Path, out_dir: Path, *, size: int) -> Path | None:
+    """Up to `size` training images of `dataset_yaml` that are not in D_c, as a dataset at `out_dir`; its YAML.
+
+    QC trains on D_c, so its calibration loss falls almost by construction; whether QC made the model worse is
+    judged on these images instead (see `qc.run_qc`). The first `size` by file name: deterministic, and unrelated
+    to how D_c was drawn. Linked into their own folders like D_c, so Ultralytics' label cache for them lands
+    here and not in the subset. None when D_c holds every training image.
+    """
+    from ultralytics.data.utils import img2label_paths
+
+    data = yaml.safe_load(Path(dataset_yaml).read_text())
+    image_dir = Path(data["path"]) / data["train"]
+    if not image_dir.is_dir():
+        raise DatasetError(f"{dataset_yaml}: train split {image_dir} is not a folder of images; re-materialize coco_subset")
+    calibration_data = yaml.safe_load(Path(calibration_yaml).read_text())
+    calibration_list = Path(calibration_data["path"]) / calibration_data["train"]  # images.txt, as written above
+    calibration = {Path(line).name for line in calibration_list.read_text().split()}
+    chosen = sorted(p for p in image_dir.iterdir() if p.name not in calibration)[:size]
+    if not chosen:
+        return None
+    out_dir = Path(out_dir).absolute()
+    with staging_directory(out_dir) as staging:
+        (staging / "images" / "heldout").mkdir(parents=True)
+        (staging / "labels" / "heldout").mkdir(parents=True)
+        for image, label in zip(chosen, img2label_paths([str(p) for p in chosen])):
+            link_file(image, staging / "images" / "heldout" / image.name)
+            if Path(label).is_file():  # an image without objects has no label file
+                shutil.copyfile(label, staging / "labels" / "heldout" / Path(label).name)
+        (staging / "dataset.yaml").write_text(yaml.safe_dump({
+            "path": str(out_dir), "train": "images/heldout", "val": "images/heldout", "names": data["names"],
+        }, sort_keys=False))
+    return out_dir / "dataset.yaml"

@@ -91,16 +91,24 @@ def qc_markdown(summaries: Sequence[RunSummary]) -> list[str]:
         "depends on that budget. Max |γ−1| and max |β| show how far it actually moved.",
         "",
         "| variant | run | steps | epochs | optimizer | lr | batch | calibration images | loss before → after "
-        "| max \\|γ−1\\| (layer) | max \\|β\\| (layer) | mAP50-95 delta |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| max \\|γ−1\\| (layer) | max \\|β\\| (layer) | mAP50-95 delta | outcome |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def outcome(qc):
+        if qc.rejected:
+            return f"{qc.rejected} ({qc.check_set} images), uncorrected model kept"
+        if qc.check_loss_before is None:
+            return "kept (not checked)"
+        return f"kept ({qc.check_set} loss {qc.check_loss_before:.4f} → {qc.check_loss_after:.4f})"
+
     for s in runs:
         qc = s.qc
         lines.append(
             f"| {s.variant} | {s.partition_key} | {num(qc.steps, 'd')} | {num(qc.epochs, 'd')} | {qc.optimizer or '–'} "
             f"| {num(qc.lr, 'g')} | {num(qc.batch, 'd')} | {num(qc.calibration_images, 'd')} "
             f"| {num(qc.loss_before, '.4f')} → {num(qc.loss_after, '.4f')} | {top(qc, 'max_abs_gamma_minus_1')} "
-            f"| {top(qc, 'max_abs_beta')} | {qc.delta:+.4f} |"
+            f"| {top(qc, 'max_abs_beta')} | {qc.delta:+.4f} | {outcome(qc)} |"
         )
     for s in runs:
         if not s.qc.layers:

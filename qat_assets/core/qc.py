@@ -413,6 +413,8 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.op
     while plain SGD at 1e-3 x 32 steps won back all of it (0.807 -> 0.673, error-free 0.674). Adam moves
     every one of the ~10k gammas/betas by about lr per step whatever its gradient, and a few of them
     (early layers, whose change compounds through the network) have curvature that such a step overshoots.
+    Those numbers come from one realization of a model that was not at a plateau (issue 26); the defaults'
+    evidence across seeds and CPU kernel families is in docs/qc_budget.md.
     """
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr)
@@ -478,23 +480,50 @@ def train_corrections(
     }
 
 
+def qc_rejection(check_loss_before: float, check_loss_after: float) -> str | None:
+    """Why QC's corrections are discarded, or None to keep them: QC must never make the model worse."""
+    if check_loss_after > check_loss_before:
+        return f"QC rejected: loss rose from {check_loss_before:.4f} to {check_loss_after:.4f}"
+    return None
+
+
 def run_qc(
     quantized_model: nn.Module,
     data_yaml: str,
     config: QCConfig,
     log: Callable[[str], None] | None = None,
     max_fold_difference: float = 1e-4,
+    check_yaml: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The whole QC stage on a quantized QAT model (EMA weights loaded): returns it folded, in place, and a report.
 
     Trains the corrections on a frozen copy, folds the learned values into `quantized_model`, and checks
     on a calibration batch that the folded quantized model reproduces the corrected frozen copy.
+
+    QC never makes the model worse: the task loss on `check_yaml`'s training images (held-out images, outside
+    D_c; D_c itself when None) is measured before and after, in a fixed order, and when it rose the
+    corrections are discarded: `quantized_model` is returned untouched and the report's `rejected` says why.
     """
     trainee = correction_trainee(quantized_model)
     torch.manual_seed(config.seed)
     loader = build_calibration_loader(data_yaml, trainee, config)
+    check_loader = build_calibration_loader(check_yaml or data_yaml, trainee, config, shuffle=False)
+    attach_task_loss(trainee.to(config.device))
+    check_before = calibration_loss(trainee, check_loader, config.device)  # corrections at the identity
     training = train_corrections(trainee, loader, config, log=log)
+    check_after = calibration_loss(trainee, check_loader, config.device)
+    check = {
+        "check_set": "held-out" if check_yaml else "calibration", "check_images": len(check_loader.dataset),
+        "check_loss_before": check_before, "check_loss_after": check_after,
+        "rejected": qc_rejection(check_before, check_after),
+    }
     corrections = learned_corrections(trainee)
+    if check["rejected"]:
+        if log is not None:
+            log(f"{check['rejected']} ({check['check_set']} images); keeping the uncorrected model")
+        # Nothing was folded, so the returned model is exactly the uncorrected one (difference 0).
+        return quantized_model, {**training, **check, "layers": len(corrections),
+                                 "fold_max_relative_difference": 0.0, "corrections": correction_stats(corrections)}
     fold_corrections(quantized_model.to(config.device), corrections)
     images = _to_device(next(iter(loader)), torch.device(config.device))["img"]
     difference = fold_equivalence(trainee, quantized_model, images)
@@ -505,6 +534,7 @@ def run_qc(
         )
     report = {
         **training,
+        **check,
         "layers": len(corrections),
         "fixed_gamma_layers": [name for name, module in corrected_layers(trainee)
                                if not isinstance(module.gamma, nn.Parameter)],

@@ -19,6 +19,7 @@ from torch import nn
 
 from .artifacts import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path, write_json_atomic
 from .bn_reestimation import reestimate_bn_statistics
+from .calibration import select_heldout_set
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model
 from .qat import quant_options
@@ -65,8 +66,14 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
         batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
         workers=0, optimizer=settings.qc_optimizer, seed=request.seed,
     )
-    model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"))
-    after = evaluate(model)
+    heldout = select_heldout_set(
+        request.dataset_yaml, request.calibration_yaml, request.out_dir / "heldout",
+        size=settings.calibration_images,
+    )
+    model, report = run_qc(model, str(request.calibration_yaml), config, log=lambda m: log(f"{label}: {m}"),
+                           check_yaml=str(heldout) if heldout else None)
+    # A rejected QC returns the model it was given: its evaluation is the one before.
+    after = before if report["rejected"] else evaluate(model)
     delta = after["map50_95"] - before["map50_95"]
     log(f"{label}: after QC mAP50-95 {after['map50_95']:.4f} ({delta:+.4f})")
     sidecar = {
@@ -79,6 +86,8 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
             "epochs": config.epochs, "lr": config.lr, "batch": config.batch, "optimizer": config.optimizer,
             "calibration_images": report["images"] // max(config.epochs, 1), "steps": report["steps"],
             "loss_before": report["loss_before"], "loss_after": report["loss_after"],
+            **{key: report[key] for key in ("check_set", "check_images", "check_loss_before", "check_loss_after")},
+            "rejected": report["rejected"],
             "calibration_fingerprint": request.calibration_fingerprint,
         },
         "bn_reestimation": bn,

@@ -104,7 +104,7 @@ class Settings(BaseModel):
     qc_lr: float = Field(1e-4, gt=0)
     qc_batch: int = Field(gt=1)
     qc_optimizer: Literal["SGD", "Adam"] = Field(
-        "SGD", description="Adam is the paper's; SGD (momentum 0.9) is what corrected a known error here, see core/qc.py"
+        "SGD", description="Adam is the paper's; SGD (momentum 0.9) corrects a known error here on every kernel family, see docs/qc_budget.md"
     )
 
     # BN re-estimation after QAT (Nagel et al.): training batches of `batch` images, at most this many

@@ -115,6 +115,12 @@ class QCResult(PostHocResult):
     calibration_images: int | None = None
     loss_before: float | None = None
     loss_after: float | None = None
+    # QC's check that it did not make the model worse: task loss on these images (held-out, or D_c) before and
+    # after; `rejected` ("QC rejected: loss rose from X to Y") when it rose and the uncorrected model was kept.
+    check_set: str | None = None
+    check_loss_before: float | None = None
+    check_loss_after: float | None = None
+    rejected: str | None = None
     max_abs_gamma_minus_1: float | None = None
     max_abs_beta: float | None = None
     layers: list[QCLayerMovement] = []
