@@ -23,6 +23,7 @@ from typing import Callable
 from ultralytics.utils.torch_utils import unwrap_model
 
 from .artifacts import exclusive_lock, save_checkpoint, write_json_atomic
+from .bn_reestimated_validation import BNReestimatedValidation
 from .diagnostics import CollapseDiagnostics
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import load_float_model
@@ -63,6 +64,8 @@ def method_history(trajectory_history: list[dict], method: str) -> list[dict]:
         live = record.pop("live", None)
         if method == "baseline" and live is not None:
             record.update(live)
+        if record.get("bn_reestimated"):  # the +BN metrics of the weights this method evaluates
+            record["bn_reestimated"] = record["bn_reestimated"]["live" if method == "baseline" else "ema"]
         view.append(record)
     return view
 
@@ -182,10 +185,14 @@ def train_trajectory(
             scale_training=ScaleTraining(settings.scale_optimizer, settings.scale_lr) if settings.lsq_scales else None,
             epoch_diagnostics=lambda trainer: diagnostics.measure(unwrap_model(trainer.model), trainer.train_loader.dataset),
             extra_state=lambda: {
-                "epoch_fields": {"oscillating_fraction": oscillation.oscillating_fraction()},
+                "epoch_fields": {
+                    "oscillating_fraction": oscillation.oscillating_fraction(), **(bn_curve.epoch_fields() if bn_curve else {}),
+                },
                 "tensors": {"oscillation": oscillation.state_dict()},
             },
         )
+        bn_curve = (BNReestimatedValidation(trainer, settings.bn_reestimation_batches, request.seed)
+                    if settings.bn_reestimate_every_eval else None)
         try:
             trainer.train()
         except TrainingDiverged as exc:

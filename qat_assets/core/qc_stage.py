@@ -19,11 +19,12 @@ from torch import nn
 
 from .artifacts import load_checkpoint, read_sidecar, save_checkpoint, sidecar_path, write_json_atomic
 from .bn_reestimation import reestimate_bn_statistics
+from .bn_reestimation_data import qat_training_hyperparameters, seeded_random_state, shuffled_image_batches, training_dataset
 from .calibration import select_heldout_set
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model
 from .qat import quant_options
-from .qc import QCConfig, build_calibration_loader, run_qc
+from .qc import QCConfig, run_qc
 from .quantize import freeze_quantized_weights, quantize_w4a16
 from .requests import QCRequest
 
@@ -122,13 +123,14 @@ def run_bn_reestimation(
     model: nn.Module, before: dict, request: QCRequest, device: str, evaluate: Callable[[nn.Module], dict],
     log: Callable[[str], None],
 ) -> dict:
-    """Re-estimate BN statistics of a frozen copy on training batches (letterboxed, no augmentation); evaluate it."""
+    """Re-estimate BN statistics of a frozen copy on the QAT run's training pipeline (core/bn_reestimation_data.py); evaluate it."""
     settings = request.settings
     frozen = freeze_quantized_weights(model)
-    config = QCConfig(batch=settings.batch, imgsz=settings.imgsz, device=device, workers=0)
-    loader = build_calibration_loader(str(request.dataset_yaml), frozen, config, shuffle=False)
-    images = (batch["img"].to(device).float() / 255 for batch in loader)
-    report = reestimate_bn_statistics(frozen, images, settings.bn_reestimation_batches, log=log)
+    hyperparameters = qat_training_hyperparameters(settings, request.variant, request.dataset_yaml, device, request.seed)
+    dataset = training_dataset(hyperparameters, request.dataset_yaml, frozen)
+    with seeded_random_state(request.seed):
+        images = shuffled_image_batches(dataset, settings.batch, settings.workers, device, seed=request.seed)
+        report = reestimate_bn_statistics(frozen, images, settings.bn_reestimation_batches, log=log)
     after = evaluate(frozen)
     delta = after["map50_95"] - before["map50_95"]
     log(f"after BN re-estimation mAP50-95 {after['map50_95']:.4f} ({delta:+.4f})")
@@ -136,4 +138,5 @@ def run_bn_reestimation(
         "map50_95_before": before["map50_95"], "map50_95_after": after["map50_95"],
         "map50_before": before["map50"], "map50_after": after["map50"], "delta": delta,
         "batches": report["batches"], "images": report["images"], "seconds": report["seconds"],
+        "data": "training pipeline (mode train, QAT augmentation, shuffled)",
     }

@@ -109,6 +109,12 @@ class Settings(BaseModel):
 
     # BN re-estimation after QAT (Nagel et al.): training batches of `batch` images, at most this many
     bn_reestimation_batches: int = Field(50, gt=0)
+    bn_reestimate_every_eval: bool = Field(
+        False,
+        description="also validate BN-re-estimated copies of the EMA and live weights at every QAT validation "
+        "(the reference's evaluation protocol), recorded as a +BN curve; costs a forward pass over "
+        "bn_reestimation_batches training batches and two validations per validated epoch",
+    )
 
     # Deployment (ONNX export)
     onnx_source: Literal["qc", "qat"] = Field(
