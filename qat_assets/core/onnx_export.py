@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_path
+from .bn_fold import fold_batchnorms
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
@@ -37,7 +38,8 @@ DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: 
 
 
 def deployable_copy(model: nn.Module, max_det: int) -> nn.Module:
-    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, with the head our evaluations use."""
+    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, with the head our evaluations use,
+    every BatchNorm folded into its conv (integer codes kept, `bn_fold`)."""
     model = copy.deepcopy(model).float().eval()
     head = model.model[-1]
     # Ultralytics' validator (AutoBackend, nms=None) evaluates YOLOv10 with end2end off; match it, then drop
@@ -45,6 +47,7 @@ def deployable_copy(model: nn.Module, max_det: int) -> nn.Module:
     head.end2end = False
     head.fuse()
     head.export, head.format, head.dynamic, head.max_det = True, "onnx", True, max_det
+    fold_batchnorms(model)
     return model
 
 

@@ -38,6 +38,7 @@ def test_w4_file_holds_4bit_qcdq_weights_and_runs_in_onnxruntime(exported):
     assert {(r["low"], r["high"]) for r in rows if r["bits"] == 4} == {(-7, 7)}
     ops = onnx_export.op_counts(graph)
     assert ops["DequantizeLinear"] == ops["Clip"] == counts["int4"] + counts["int8"]
+    assert "BatchNormalization" not in ops  # folded into the per-channel scales and biases before export
     metadata = {p.key: p.value for p in graph.metadata_props}
     assert metadata["end2end"] == "False" and metadata["stride"] == "32"
     session = onnx_export.runtime_session(path)
