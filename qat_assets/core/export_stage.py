@@ -29,6 +29,8 @@ RESULT_NAME = "onnx_model.json"
 # The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP.
 PARITY_GOAL_REL = 1e-3
 MAP_GOAL_ABS = 0.002
+# Issue 24: the INT4 file holds little beyond its parameters at their bit width (graph and names: the rest).
+INT4_SIZE_GOAL_OVER_FLOOR = 1.15
 
 
 def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
@@ -57,13 +59,16 @@ def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[
 
 
 def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
-    """The INT4-storage variant of the QCDQ file, and how far its onnxruntime outputs are from the QCDQ file's."""
-    path = onnx_export.save_graph(destination, onnx_export.int4_storage(qcdq_graph))
+    """The INT4-storage variant of the QCDQ file, its size against the floor of its parameters, and how far its
+    onnxruntime outputs are from the QCDQ file's."""
+    packed = onnx_export.int4_storage(qcdq_graph)
+    path = onnx_export.save_graph(destination, packed)
     feed = {onnx_export.INPUT_NAME: images.numpy()}
     (qcdq,) = onnx_export.runtime_session(qcdq_graph).run([onnx_export.OUTPUT_NAME], feed)
     (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
     return {
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
+        "floor_bytes": onnx_export.storage_floor_bytes(packed),
         "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
         "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
     }
@@ -108,9 +113,12 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     failures = goal_failures(head, map_delta, divergence)
     int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
     if int4 is not None:
-        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB, outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
+        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB (floor {int4['floor_bytes'] / 1e6:.2f} MB), outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
         if int4["max_rel_vs_qcdq"] > PARITY_GOAL_REL:
             failures.append(f"the INT4-storage file differs from the QCDQ file by {int4['max_rel_vs_qcdq']:.2e} relative")
+        if int4["bytes"] > INT4_SIZE_GOAL_OVER_FLOOR * int4["floor_bytes"]:
+            failures.append(f"the INT4 file is {int4['bytes'] / int4['floor_bytes']:.2f}x the floor of its parameters "
+                            f"({int4['floor_bytes'] / 1e6:.2f} MB; goal <= {INT4_SIZE_GOAL_OVER_FLOOR}x)")
 
     result = {
         "variant": request.variant, "method": request.method, "seed": request.seed, "source": request.source,

@@ -18,6 +18,7 @@ and compared with the PyTorch fake-quant model on real val images.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -107,34 +108,32 @@ def export_float(model: nn.Module, destination: Path, *, imgsz: int, opset: int,
 
 
 INT4_OPSET = 21  # first opset whose DequantizeLinear takes INT4 inputs
+WEIGHT_BITS_KEY = "weight_bits"  # metadata: {conv node: {"bits", "low", "high"}} of its integer weight codes
 
 
 def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same network with every weight whose Clip range fits 4 bits stored as packed INT4 (opset 21).
+    """The same network with integer weights stored at their bit width and nothing else around them (opset 21).
 
-    Brevitas' QCDQ exporter stores 4-bit weights in int8 (Clip keeps them in [-7, 7]); ONNX opset 21 lets
-    DequantizeLinear read INT4 directly, which halves those weights on disk. Neither Brevitas nor onnx ships
-    this repacking (onnxruntime's quantizers start from float models), so it is done here on the exported
-    graph: same integers, same scales, the Clip dropped because INT4 cannot leave the range anyway.
+    Brevitas' QCDQ exporter stores 4-bit weights in int8, behind a Clip to [-7, 7] and a DequantizeLinear with an
+    all-zero zero point. Here every weight whose stored codes are already inside its Clip range loses the Clip
+    (it changes nothing) and the zero point (0 is DequantizeLinear's default); 4-bit codes are packed two per
+    byte as INT4 `raw_data` (onnx's `numpy_helper.from_array` of an `ml_dtypes.int4` array does the packing
+    the spec defines). The bit width and declared range of each layer, which the Clips carried, go to the model
+    metadata (`WEIGHT_BITS_KEY`). Neither Brevitas nor onnx ships this repacking (onnxruntime's quantizers start from
+    float models), so it is done here on the exported graph: same integers, same scales.
     """
+    import ml_dtypes
     from onnx import version_converter
 
     model = version_converter.convert_version(graph_model, INT4_OPSET)
     graph = model.graph
     constants = _constants(graph)
     producer = {output: node for node in graph.node for output in node.output}
-    initializers = {init.name: init for init in graph.initializer}
-    dropped, packed = [], {}
-
-    def as_int4(name: str) -> str:  # zero points are shared between layers: pack each initializer once
-        if name not in packed:
-            values = constants[name]
-            packed[name] = name + "_int4"
-            graph.initializer.append(
-                onnx.helper.make_tensor(packed[name], onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
-            )
-        return packed[name]
-
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, ranges = [], {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
@@ -142,17 +141,55 @@ def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
         if clip is None or clip.op_type != "Clip" or clip.input[0] not in constants:
             continue
         low, high = (int(constants[name]) for name in clip.input[1:3])
-        if integer_range_bits(low, high) > 4:
-            continue
-        node.input[0], node.input[2] = as_int4(clip.input[0]), as_int4(node.input[2])
+        codes = constants[clip.input[0]]
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if codes.min() < low or codes.max() > high or (zero_point is not None and zero_point.any()):
+            continue  # the Clip or the zero point does something here: keep the QCDQ form
+        convs = [c for c in consumers.get(node.output[0], []) if c.op_type == "Conv"]
+        stored = (convs[0].name.strip("/").replace("/", ".") if convs else clip.input[0]) + "_codes"
+        dtype = ml_dtypes.int4 if integer_range_bits(low, high) <= 4 else np.int8
+        graph.initializer.append(onnx.numpy_helper.from_array(codes.astype(dtype), stored))
+        node.input[0] = stored
+        del node.input[2:]
         dropped.append(clip)
+        for conv in convs:
+            ranges[conv.name] = {"bits": integer_range_bits(low, high), "low": low, "high": high}
     for clip in dropped:
         graph.node.remove(clip)
+    # Intermediate shapes are an exporter's annotation, not part of the network (~4 % of a yolov10n INT4 file);
+    # runtimes infer them on load.
+    del graph.value_info[:]
     used = {name for node in graph.node for name in node.input}
-    for name, init in initializers.items():
-        if name not in used:
-            graph.initializer.remove(init)
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_BITS_KEY: json.dumps(ranges)}
+    )
     return model
+
+
+def storage_floor_bytes(graph_model: onnx.ModelProto) -> int:
+    """Bytes the conv parameters need at their precision: codes at their bit width (float weights at 32 bit), and
+    one float32 scale per quantized output channel and one float32 bias per channel. A file cannot be smaller
+    than this without compressing; what it holds above it is graph structure, names and metadata."""
+    shapes = {init.name: int(np.prod(init.dims)) for init in graph_model.graph.initializer}
+    producer = {output: node for node in graph_model.graph.node for output in node.output}
+    precision = {row["conv"]: row["bits"] for row in conv_weight_precisions(graph_model)}
+    total_bits = 0
+    for node in graph_model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, dequantize = node.input[1], producer.get(node.input[1])
+        bits = precision[node.name]
+        if bits is None:
+            total_bits += 32 * shapes.get(weight, 0)
+        else:
+            source = producer.get(dequantize.input[0])
+            codes = source.input[0] if source is not None else dequantize.input[0]
+            total_bits += bits * shapes[codes] + 32 * shapes[dequantize.input[1]]
+        if len(node.input) > 2:
+            total_bits += 32 * shapes.get(node.input[2], 0)
+    return total_bits // 8
 
 
 def save_graph(destination: Path, graph_model: onnx.ModelProto) -> Path:
@@ -182,9 +219,13 @@ STORED_RANGES = {
 
 
 def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """For each Conv: its name and how its weight is stored (bits of the integer range, or float)."""
+    """For each Conv: its name and how its weight is stored (bits of the integer range, or float).
+
+    The range is the Clip's in a QCDQ file; without a Clip, the one recorded in the metadata by `int4_storage`,
+    else the full range of the stored integer type."""
     graph = graph_model.graph
     constants = _constants(graph)
+    recorded = json.loads({p.key: p.value for p in graph_model.metadata_props}.get(WEIGHT_BITS_KEY, "{}"))
     producer = {output: node for node in graph.node for output in node.output}
     stored_types = {init.name: init.data_type for init in graph.initializer}
     rows = []
@@ -197,7 +238,9 @@ def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]
             stored = producer.get(source.input[0])
             if stored is not None and stored.op_type == "Clip":
                 low, high = (int(constants[name]) for name in stored.input[1:3])
-            else:  # no Clip: the full range of the stored integer type (an int8 or INT4 initializer)
+            elif node.name in recorded:
+                low, high = recorded[node.name]["low"], recorded[node.name]["high"]
+            else:  # no Clip, no record: the full range of the stored integer type (an int8 or INT4 initializer)
                 low, high = STORED_RANGES[stored_types.get(source.input[0], onnx.TensorProto.INT8)]
             row.update(weight="integer", bits=integer_range_bits(low, high), low=low, high=high)
         rows.append(row)

@@ -73,14 +73,50 @@ def test_int4_storage_packs_4bit_weights_and_runs_identically(exported, tmp_path
     _, path, graph = exported
     packed = onnx_export.int4_storage(graph)
     saved = onnx_export.save_graph(tmp_path / "int4.onnx", packed)
-    rows = onnx_export.conv_weight_precisions(packed)
-    assert {(r["low"], r["high"]) for r in rows if r["bits"] == 4} == {(-8, 7)}  # stored as INT4, no Clip left
-    assert onnx_export.op_counts(packed)["Clip"] == onnx_export.precision_counts(rows)["int8"]
-    assert saved.stat().st_size < 0.85 * path.stat().st_size
+    # The declared ranges survive in the metadata: 4-bit narrow range, 8-bit narrow range, one float conv.
+    rows = onnx_export.conv_weight_precisions(onnx.load(str(saved)))
+    assert [(r["bits"], r["low"], r["high"]) for r in rows] == [
+        (r["bits"], r["low"], r["high"]) for r in onnx_export.conv_weight_precisions(graph)
+    ]
+    assert "Clip" not in onnx_export.op_counts(packed)  # every stored code was inside its Clip range
+    stored = {i.name: i for i in packed.graph.initializer}
+    four_bit = [i for i in stored.values() if i.data_type == onnx.TensorProto.INT4]
+    assert len(four_bit) == sum(r["bits"] == 4 for r in rows)
+    for init in four_bit:  # two codes per byte in raw_data, nothing in the varint fields
+        assert len(init.raw_data) == (int(np.prod(init.dims)) + 1) // 2 and not init.int32_data
+    floor = onnx_export.storage_floor_bytes(packed)
+    assert floor < saved.stat().st_size <= 1.15 * floor
     images = {"images": np.random.rand(2, 3, IMGSZ, IMGSZ).astype(np.float32)}
     (a,) = onnx_export.runtime_session(graph).run(None, images)
     (b,) = onnx_export.runtime_session(saved).run(None, images)
     assert onnx_export.relative_difference(a, b) < 1e-6
+
+
+def test_storage_floor_counts_codes_at_their_bit_width():
+    """A one-conv QCDQ graph, built by hand: 8x4x3x3 codes at 4 bit, 8 scales and 8 biases in float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = numpy_helper.from_array(np.zeros((8, 4, 3, 3), np.int8), "codes")
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
+    zero = numpy_helper.from_array(np.zeros(8, np.int8), "zero")
+    bias = numpy_helper.from_array(np.zeros(8, np.float32), "bias")
+    low, high = numpy_helper.from_array(np.array(-7, np.int8), "low"), numpy_helper.from_array(np.array(7, np.int8), "high")
+    nodes = [
+        helper.make_node("Clip", ["codes", "low", "high"], ["clipped"]),
+        helper.make_node("DequantizeLinear", ["clipped", "scale", "zero"], ["weight"], axis=0),
+        helper.make_node("Conv", ["x", "weight", "bias"], ["y"], name="conv"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [codes, scale, zero, bias, low, high],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert onnx_export.storage_floor_bytes(model) == 8 * 4 * 9 // 2 + 8 * 4 + 8 * 4
+    packed = onnx_export.int4_storage(model)
+    assert onnx_export.op_counts(packed) == {"Conv": 1, "DequantizeLinear": 1}
+    assert onnx_export.storage_floor_bytes(packed) == onnx_export.storage_floor_bytes(model)
+    (init,) = [i for i in packed.graph.initializer if i.data_type == TensorProto.INT4]
+    assert len(init.raw_data) == 8 * 4 * 9 // 2
 
 
 def test_missed_goals_are_sentences_that_name_the_first_diverging_layer():

@@ -26,6 +26,7 @@ def test_onnx_model_materializes_with_a_4bit_qcdq_file_and_parity_figures(storag
     assert meta["weight_tensors"]["int4"] > 50 and meta["weight_tensors"]["float"] == 1
     assert meta["w4_bytes"] < 0.5 * meta["fp_bytes"] and meta["int4_bytes"] < meta["w4_bytes"]
     assert meta["int4_max_rel_vs_qcdq"] <= 1e-6
+    assert meta["int4_floor_bytes"] < meta["int4_bytes"] <= 1.15 * meta["int4_floor_bytes"]
 
     w4 = meta["w4_onnx"]
     runtime_session(w4)  # loads in onnxruntime
