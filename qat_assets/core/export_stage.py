@@ -9,6 +9,7 @@ mAP is measured through Ultralytics' validator next to the PyTorch figure for th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import onnx
@@ -26,9 +27,13 @@ W4_NAME = "w4a16_qcdq.onnx"
 INT4_NAME = "w4a16_int4.onnx"
 FP_NAME = "fp32.onnx"
 RESULT_NAME = "onnx_model.json"
-# The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP.
-PARITY_GOAL_REL = 1e-3
+# The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP. Parity is per
+# channel of the raw head outputs (issue 24), near what float32 achieves there (~1e-6 measured on yolo10n).
+PARITY_GOAL_REL = 1e-5
 MAP_GOAL_ABS = 0.002
+# A layer "diverges" above this: inside the network a channel of small values reaches ~3e-5 by float rounding
+# alone (yolo10n, random BN statistics), so the goal itself would name innocent layers.
+DIVERGENCE_REL = 1e-3
 # Issue 24: the INT4 file holds little beyond its parameters at their bit width (graph and names: the rest).
 INT4_SIZE_GOAL_OVER_FLOOR = 1.15
 
@@ -43,16 +48,19 @@ def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
 
 
 def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[str]:
-    """One sentence per missed goal; the parity sentence names the first layer where outputs diverge."""
+    """One sentence per missed goal; the parity sentence names the worst channel and the first diverging layer."""
     failures = []
     if head["max_rel"] > PARITY_GOAL_REL:
         where = f"first diverging at {divergence['layer']} (relative {divergence['max_rel']})" if divergence else ""
-        failures.append(f"raw head outputs differ by {head['max_rel']:.2e} relative (goal <= {PARITY_GOAL_REL:g}); {where}")
+        failures.append(
+            f"raw head outputs differ by {head['max_rel']:.2e} relative in channel {head.get('worst_channel')} of "
+            f"{head.get('worst_layer')} (goal <= {PARITY_GOAL_REL:g} per channel); {where}"
+        )
     for key, delta in map_delta.items():
         if abs(delta) > MAP_GOAL_ABS:
             where = (
-                f"first layer over {PARITY_GOAL_REL:g}: {divergence['layer']}" if divergence
-                else f"no layer differs by more than {PARITY_GOAL_REL:g}, so the gap comes after the head (top-k, evaluation)"
+                f"first layer over {DIVERGENCE_REL:g}: {divergence['layer']}" if divergence
+                else f"no layer differs by more than {DIVERGENCE_REL:g}, so the gap comes after the head (top-k, evaluation)"
             )
             failures.append(f"ONNX {key} differs from PyTorch by {delta:+.4f} (goal within {MAP_GOAL_ABS}); {where}")
     return failures
@@ -70,7 +78,7 @@ def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
         "floor_bytes": onnx_export.storage_floor_bytes(packed),
         "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
-        "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
+        "max_rel_vs_qcdq": onnx_export.channel_relative_difference(qcdq, packed)[0],
     }
 
 
@@ -99,9 +107,9 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     images = onnx_export.val_images(request.dataset_yaml, settings.imgsz, settings.onnx_parity_images)
     layers = onnx_export.layer_parity(model, graph, images, max_det)
     head = onnx_export.head_parity(layers)
-    divergence = onnx_export.first_divergence(layers, PARITY_GOAL_REL)
+    divergence = onnx_export.first_divergence(layers, DIVERGENCE_REL)
     log(f"{label}: onnxruntime vs PyTorch on {len(images)} val images: raw head max abs {head['max_abs']:.3e}, "
-        f"max rel {head['max_rel']:.3e}")
+        f"worst channel {head['max_rel']:.3e} relative (channel {head['worst_channel']} of {head['worst_layer']})")
 
     # Both on the CPU: onnxruntime runs there, and the comparison is about the runtime, not the device.
     common = dict(imgsz=settings.imgsz, batch=settings.batch, work_dir=out / "eval")
@@ -113,6 +121,11 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     failures = goal_failures(head, map_delta, divergence)
     int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
     if int4 is not None:
+        int4["onnx_metrics"] = onnx_export.evaluate_onnx(Path(int4["path"]), request.dataset_yaml, **common)
+        int4["map50_95_delta"] = int4["onnx_metrics"]["map50_95"] - torch_metrics["map50_95"]
+        log(f"{label}: INT4 file mAP50-95 onnxruntime {int4['onnx_metrics']['map50_95']:.4f}")
+        if abs(int4["map50_95_delta"]) > MAP_GOAL_ABS:
+            failures.append(f"INT4 file map50_95 differs from PyTorch by {int4['map50_95_delta']:+.4f} (goal within {MAP_GOAL_ABS})")
         log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB (floor {int4['floor_bytes'] / 1e6:.2f} MB), outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
         if int4["max_rel_vs_qcdq"] > PARITY_GOAL_REL:
             failures.append(f"the INT4-storage file differs from the QCDQ file by {int4['max_rel_vs_qcdq']:.2e} relative")
@@ -131,7 +144,8 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
         "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),
         "parity_images": len(images), "parity": head, "layer_parity": layers,
         "first_divergence": divergence, "onnx_metrics": onnx_metrics, "torch_metrics": torch_metrics,
-        "map_delta": map_delta, "goals": {"parity_max_rel": PARITY_GOAL_REL, "map_abs": MAP_GOAL_ABS},
+        "map_delta": map_delta, "goals": {"parity_max_rel_per_channel": PARITY_GOAL_REL, "divergence_rel": DIVERGENCE_REL,
+                                        "map_abs": MAP_GOAL_ABS, "int4_size_over_floor": INT4_SIZE_GOAL_OVER_FLOOR},
         "failures": failures, "evaluation": evaluation_settings(settings.imgsz, settings.batch),
         "settings": settings.model_dump(mode="json"), "seconds": time.time() - started,
     }

@@ -161,6 +161,7 @@ def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "int4_onnx": MetadataValue.path(result["int4"]["path"]) if result.get("int4") else "not written (QAT_ONNX_INT4=false)",
         "int4_bytes": result["int4"]["bytes"] if result.get("int4") else None,
         "int4_floor_bytes": result["int4"]["floor_bytes"] if result.get("int4") else None,
+        "int4_onnx_map50_95": result["int4"]["onnx_metrics"]["map50_95"] if result.get("int4") else None,
         "int4_max_rel_vs_qcdq": result["int4"]["max_rel_vs_qcdq"] if result.get("int4") else None,
         "opset": result["opset"],
         "format": result["format"],
