@@ -47,8 +47,11 @@ def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
     return {ours: float(results.get(theirs, 0.0)) for ours, theirs in METRIC_KEYS.items()}
 
 
-def evaluate_model(model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path) -> dict[str, float]:
-    """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel)."""
+def evaluate_model(
+    model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path, nms: bool | None = None
+) -> dict[str, float]:
+    """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel); `nms=False`
+    evaluates a YOLOv10's one-to-one (NMS-free) head, as Ultralytics' `val(nms=False)` does."""
     from ultralytics.models.yolo.detect import DetectionValidator
 
     settings = evaluation_settings(imgsz, batch)
@@ -56,7 +59,7 @@ def evaluate_model(model, data_yaml: Path, *, imgsz: int, batch: int, device: st
     validator = DetectionValidator(
         args=dict(
             data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=0, **settings,
+            project=str(work_dir), name="val", exist_ok=True, workers=0, nms=nms, **settings,
         )
     )
     # The validator fuses Conv+BN in place; evaluate a copy so the caller's model keeps its structure.

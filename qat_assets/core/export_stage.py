@@ -25,6 +25,7 @@ from .requests import ExportRequest
 
 W4_NAME = "w4a16_qcdq.onnx"
 INT4_NAME = "w4a16_int4.onnx"
+E2E_NAME = "w4a16_e2e.onnx"  # the one-to-one head with its top-k output, what an NMS-free deployment runs
 FP_NAME = "fp32.onnx"
 RESULT_NAME = "onnx_model.json"
 # The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP. Parity is per
@@ -82,6 +83,30 @@ def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
     }
 
 
+def export_end2end(
+    model: torch.nn.Module, destination: Path, images: torch.Tensor, *, int4: bool, dataset_yaml: Path,
+    shape: dict, common: dict,
+) -> dict:
+    """The end-to-end W4 file (YOLOv10's one-to-one head and its top-k, Ultralytics' `nms=False`), INT4-stored
+    unless INT4 is off, its per-channel parity with PyTorch, and both sides' mAP of the one-to-one head."""
+    path = onnx_export.export_quantized(model, destination, end2end=True, **shape)
+    graph = onnx.load(str(path))
+    if int4:
+        graph = onnx_export.int4_storage(graph)
+        onnx_export.save_graph(path, graph)
+    layers = onnx_export.layer_parity(model, graph, images, shape["max_det"], end2end=True)
+    (detections,) = onnx_export.runtime_session(path).run(None, {onnx_export.INPUT_NAME: images.numpy()})
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), dataset_yaml, device="cpu", nms=False, **common)
+    onnx_metrics = onnx_export.evaluate_onnx(path, dataset_yaml, end2end=True, **common)
+    return {
+        "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        "format": "INT4 storage (opset 21)" if int4 else "QCDQ", "output_shape": list(detections.shape),
+        "parity": onnx_export.head_parity(layers), "first_divergence": onnx_export.first_divergence(layers, DIVERGENCE_REL),
+        "torch_metrics": torch_metrics, "onnx_metrics": onnx_metrics,
+        "map_delta": {key: onnx_metrics[key] - torch_metrics[key] for key in ("map50_95", "map50")},
+    }
+
+
 def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict:
     settings = request.settings
     label = f"{request.variant} {request.method}|{request.seed}"
@@ -133,12 +158,19 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
             failures.append(f"the INT4 file is {int4['bytes'] / int4['floor_bytes']:.2f}x the floor of its parameters "
                             f"({int4['floor_bytes'] / 1e6:.2f} MB; goal <= {INT4_SIZE_GOAL_OVER_FLOOR}x)")
 
+    log(f"{label}: exporting the end-to-end W4 file (one-to-one head, top-k output) and measuring its head")
+    e2e = export_end2end(model, out / E2E_NAME, images, int4=settings.onnx_int4, dataset_yaml=request.dataset_yaml,
+                         shape=shape, common=common)
+    log(f"{label}: one-to-one head mAP50-95 onnxruntime {e2e['onnx_metrics']['map50_95']:.4f} vs PyTorch "
+        f"{e2e['torch_metrics']['map50_95']:.4f}; output {e2e['output_shape']}")
+    failures += [f"end-to-end file: {failure}" for failure in goal_failures(e2e["parity"], e2e["map_delta"], e2e["first_divergence"])]
+
     result = {
         "variant": request.variant, "method": request.method, "seed": request.seed, "source": request.source,
         "source_checkpoint": str(request.checkpoint), "source_sha256": request.checkpoint_sha256,
         "w4_onnx": str(w4_path), "w4_bytes": w4_path.stat().st_size, "w4_sha256": sha256_file(w4_path),
         "fp_onnx": str(fp_path), "fp_bytes": fp_path.stat().st_size, "fp_sha256": sha256_file(fp_path),
-        "opset": settings.onnx_opset, "int4": int4, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
+        "opset": settings.onnx_opset, "int4": int4, "end2end": e2e, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
         "weight_tensors": onnx_export.precision_counts(precisions), "conv_weights": precisions,
         "op_counts": onnx_export.op_counts(graph),
         "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),

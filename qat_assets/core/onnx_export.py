@@ -38,30 +38,65 @@ OUTPUT_NAME = "output0"
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
 
 
-def deployable_copy(model: nn.Module, max_det: int) -> nn.Module:
-    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, with the head our evaluations use,
-    every BatchNorm folded into its conv (integer codes kept, `bn_fold`)."""
+def deployable_copy(model: nn.Module, max_det: int, end2end: bool = False) -> nn.Module:
+    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, every BatchNorm folded into its conv
+    (integer codes kept, `bn_fold`).
+
+    end2end=False: the one-to-many head, decoded boxes and scores for an external NMS (Ultralytics' default,
+    `nms=None`, and the head every PyTorch figure of this project is measured with). end2end=True: YOLOv10's
+    one-to-one head and its top-k, output (batch, max_det, 6) = x1, y1, x2, y2, score, class (`nms=False`).
+    """
     model = copy.deepcopy(model).float().eval()
     head = model.model[-1]
-    # Ultralytics' validator (AutoBackend, nms=None) evaluates YOLOv10 with end2end off; match it, then drop
-    # the branch that is not used.
-    head.end2end = False
-    head.fuse()
+    if end2end and getattr(head, "one2one_cv2", None) is None:
+        raise ValueError(f"{type(head).__name__} has no one-to-one branch; export it with end2end=False")
+    head.end2end = end2end
+    head.fuse()  # drops the branch that is not used
     head.export, head.format, head.dynamic, head.max_det = True, "onnx", True, max_det
     fold_batchnorms(model)
     return model
 
 
-def ultralytics_metadata(model: nn.Module, imgsz: int, description: str) -> dict[str, str]:
-    """The metadata Ultralytics' exporter writes, so AutoBackend knows stride, classes and dynamic shapes."""
+def ultralytics_metadata(model: nn.Module, imgsz: int, description: str, end2end: bool = False) -> dict[str, str]:
+    """The metadata Ultralytics' exporter writes, so AutoBackend knows stride, classes, head and dynamic shapes."""
     from ultralytics import __version__
 
     return {
         "description": description, "author": "qat_assets", "version": __version__, "task": "detect",
         "stride": str(int(max(model.stride))), "batch": "1", "imgsz": str([imgsz, imgsz]),
-        "names": str(dict(model.names)), "args": str({"dynamic": True}), "channels": "3",
-        "end2end": str(bool(getattr(model, "end2end", False))), "head": type(model.model[-1]).__name__,
+        "names": str(dict(model.names)), "args": str({"dynamic": True, "nms": False if end2end else None}),
+        "channels": "3", "end2end": str(end2end), "head": type(model.model[-1]).__name__,
     }
+
+
+def dynamic_topk(graph_model: onnx.ModelProto, max_det: int) -> onnx.ModelProto:
+    """The end-to-end graph with its top-k count computed per input, min(max_det, anchors), as PyTorch does.
+
+    Ultralytics' head takes `k = min(max_det, anchors)` in Python, so tracing bakes the export size's k into
+    both TopK nodes (anchors first, then anchor x class); a smaller image (a rectangular validation batch, an
+    edge camera's 320 px) then has fewer anchors than k and onnxruntime refuses the TopK. Here both take k
+    from the first TopK's input shape. Returns a new model.
+    """
+    model = copy.deepcopy(graph_model)
+    graph = model.graph
+    topks = [node for node in graph.node if node.op_type == "TopK"]
+    if len(topks) != 2:
+        raise ValueError(f"expected the one-to-one head's two TopK nodes, found {len(topks)}; was this exported with end2end=True?")
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([max_det], np.int64), "max_det"))
+    anchors = "topk_anchors"
+    nodes = [
+        onnx.helper.make_node("Shape", [topks[0].input[0]], [anchors], name="/topk_k/Shape", start=1, end=2),
+        onnx.helper.make_node("Min", [anchors, "max_det"], ["topk_k"], name="/topk_k/Min"),
+    ]
+    first = list(graph.node).index(topks[0])
+    for offset, node in enumerate(nodes):
+        graph.node.insert(first + offset, node)
+    for node in topks:
+        node.input[1] = "topk_k"
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    return model
 
 
 def _write_with_metadata(destination: Path, graph: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -77,11 +112,13 @@ def exporter_output(destination: Path) -> Iterator[Path]:
         yield Path(scratch) / destination.name
 
 
-def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
-    """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter."""
+def export_quantized(
+    model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int, end2end: bool = False
+) -> Path:
+    """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter (head: `deployable_copy`)."""
     from brevitas.export import export_onnx_qcdq
 
-    deployable = deployable_copy(model, max_det)
+    deployable = deployable_copy(model, max_det, end2end)
     with exporter_output(destination) as raw:
         export_onnx_qcdq(
             deployable, args=torch.zeros(1, 3, imgsz, imgsz), export_path=str(raw), opset_version=opset,
@@ -90,7 +127,10 @@ def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: 
             output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES,
         )
         graph = onnx.load(str(raw))
-    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, "W4A16 QCDQ (Brevitas)"))
+    if end2end:
+        graph = dynamic_topk(graph, max_det)
+    description = "W4A16 QCDQ (Brevitas), " + ("one-to-one head, top-k output" if end2end else "one-to-many head")
+    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, description, end2end))
     return destination
 
 
@@ -300,7 +340,7 @@ def probe_points(graph_model: onnx.ModelProto, model: nn.Module) -> list[tuple[s
             points.append((f"model.{index} ({type(layer).__name__})", outputs[-1], layer))
     head_index = len(layers) - 1
     head = layers[-1]
-    for branch in ("cv2", "cv3"):  # the branch deployable_copy keeps
+    for branch in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):  # deployable_copy keeps one of the two pairs
         for level, seq in enumerate(getattr(head, branch, None) or ()):
             scope = f"/model.{head_index}/{branch}.{level}/{branch}.{level}.{len(seq) - 1}/"
             convs = [node.output[0] for node in graph.node if node.name.startswith(scope) and node.op_type == "Conv"]
@@ -321,14 +361,16 @@ def channel_relative_difference(reference: np.ndarray, other: np.ndarray) -> tup
 
 
 @torch.no_grad()
-def layer_parity(model: nn.Module, graph_model: onnx.ModelProto, images: torch.Tensor, max_det: int) -> list[dict]:
+def layer_parity(
+    model: nn.Module, graph_model: onnx.ModelProto, images: torch.Tensor, max_det: int, end2end: bool = False
+) -> list[dict]:
     """PyTorch vs onnxruntime at every probe point, in graph order; `model` is what was exported.
 
     Each row's `max_rel` is its worst channel's (`channel_relative_difference`), `channel` says which. PyTorch's
     side runs on the CPU in float32, where no TF32 or reduced-precision kernel can stand in for the exact
     product a 1e-5 goal compares against (on a GPU, TF32 convs alone differ by ~1e-3).
     """
-    deployable = deployable_copy(model, max_det).cpu()
+    deployable = deployable_copy(model, max_det, end2end).cpu()
     images = images.cpu()
     probed = copy.deepcopy(graph_model)
     points = probe_points(probed, deployable)
@@ -358,7 +400,8 @@ def layer_parity(model: nn.Module, graph_model: onnx.ModelProto, images: torch.T
                          "note": f"shape {got.shape} vs {reference.shape}"})
             continue
         rows.append(_parity_row(label, tensor, reference, got))
-    rows.append(_parity_row("output0 (decoded boxes and scores)", OUTPUT_NAME, final.numpy(), values[OUTPUT_NAME]))
+    if not end2end:  # the top-k's order of near-equal scores is not a parity question; mAP covers what follows it
+        rows.append(_parity_row("output0 (decoded boxes and scores)", OUTPUT_NAME, final.numpy(), values[OUTPUT_NAME]))
     return rows
 
 
@@ -399,8 +442,11 @@ def val_images(data_yaml: Path, imgsz: int, count: int) -> torch.Tensor:
     return torch.stack(images).float() / 255
 
 
-def evaluate_onnx(path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path) -> dict[str, float]:
-    """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path.
+def evaluate_onnx(
+    path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path, end2end: bool = False
+) -> dict[str, float]:
+    """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path; an end-to-end
+    file's top-k output is read as final detections (`nms=False`), the other file's goes through NMS.
 
     Same settings as every other figure (`evaluation_settings`); the file is dynamic, so AutoBackend keeps the
     rectangular batches and the batch size instead of falling back to batch 1 at a fixed shape.
@@ -413,7 +459,8 @@ def evaluate_onnx(path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_d
     validator = DetectionValidator(
         args=dict(
             model=str(path), data=str(data_yaml), device="cpu", plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=0, **evaluation_settings(imgsz, batch),
+            project=str(work_dir), name="val", exist_ok=True, workers=0, nms=False if end2end else None,
+            **evaluation_settings(imgsz, batch),
         )
     )
     results = validator()

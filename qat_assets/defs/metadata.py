@@ -162,6 +162,13 @@ def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "int4_bytes": result["int4"]["bytes"] if result.get("int4") else None,
         "int4_floor_bytes": result["int4"]["floor_bytes"] if result.get("int4") else None,
         "int4_onnx_map50_95": result["int4"]["onnx_metrics"]["map50_95"] if result.get("int4") else None,
+        **({f"e2e_{key}": value for key, value in (
+            ("onnx", MetadataValue.path(result["end2end"]["path"])), ("bytes", result["end2end"]["bytes"]),
+            ("output_shape", MetadataValue.json(result["end2end"]["output_shape"])),
+            ("parity_max_rel", result["end2end"]["parity"]["max_rel"]),
+            ("onnx_map50_95", result["end2end"]["onnx_metrics"]["map50_95"]),
+            ("torch_map50_95", result["end2end"]["torch_metrics"]["map50_95"]),
+        )} if result.get("end2end") else {}),
         "int4_max_rel_vs_qcdq": result["int4"]["max_rel_vs_qcdq"] if result.get("int4") else None,
         "opset": result["opset"],
         "format": result["format"],

@@ -146,3 +146,27 @@ def test_missed_goals_are_sentences_that_name_the_first_diverging_layer():
     assert "3.00e-02" in parity and "model.6 (C2f)" in parity and "channel 2 of model.23.cv3.1" in parity
     (gap,) = goal_failures({"max_rel": 1e-6}, {"map50_95": -0.004, "map50": 0.0}, None)
     assert "map50_95" in gap and "-0.0040" in gap and "after the head" in gap
+
+
+def test_end_to_end_file_is_the_one_to_one_head_with_a_top_k_output_at_any_image_size(exported, tmp_path):
+    model = exported[0]
+    path = onnx_export.export_quantized(model, tmp_path / "e2e.onnx", imgsz=IMGSZ, opset=17, max_det=300, end2end=True)
+    graph = onnx.load(str(path))
+    metadata = {p.key: p.value for p in graph.metadata_props}
+    assert metadata["end2end"] == "True" and "'nms': False" in metadata["args"]
+    assert onnx_export.op_counts(graph)["TopK"] == 2 and "BatchNormalization" not in onnx_export.op_counts(graph)
+    session = onnx_export.runtime_session(path)
+    # k = min(max_det, anchors) per input, as in PyTorch: 84 anchors at 64 px, 42 in a 64x32 rectangle, 300 at 640.
+    for shape, k in (((2, 3, 64, 64), 84), ((1, 3, 64, 32), 42), ((1, 3, 640, 640), 300)):
+        (detections,) = session.run(None, {"images": np.random.rand(*shape).astype(np.float32)})
+        assert detections.shape == (shape[0], k, 6)
+        assert set(np.unique(detections[..., 5])) <= {0.0, 1.0, 2.0}  # class indices of the 3 classes
+    rows = onnx_export.layer_parity(model, graph, torch.rand(2, 3, IMGSZ, IMGSZ), max_det=300, end2end=True)
+    head = onnx_export.head_parity(rows)
+    assert head["max_rel"] < 1e-5 and "one2one_cv" in head["worst_layer"]
+    assert {r["layer"].split(" ")[0] for r in rows if "head output" in r["layer"]} == {
+        f"model.23.one2one_{branch}.{level}" for branch in ("cv2", "cv3") for level in range(3)
+    }
+    packed = onnx_export.int4_storage(graph)  # the INT4 form of the end-to-end file runs the same
+    images = {"images": np.random.rand(2, 3, IMGSZ, IMGSZ).astype(np.float32)}
+    np.testing.assert_array_equal(session.run(None, images)[0], onnx_export.runtime_session(packed).run(None, images)[0])
