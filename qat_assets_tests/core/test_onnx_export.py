@@ -148,9 +148,14 @@ def test_missed_goals_are_sentences_that_name_the_first_diverging_layer():
     assert "map50_95" in gap and "-0.0040" in gap and "after the head" in gap
 
 
-def test_end_to_end_file_is_the_one_to_one_head_with_a_top_k_output_at_any_image_size(exported, tmp_path):
-    model = exported[0]
-    path = onnx_export.export_quantized(model, tmp_path / "e2e.onnx", imgsz=IMGSZ, opset=17, max_det=300, end2end=True)
+@pytest.fixture(scope="module")
+def exported_end2end(exported, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "e2e.onnx"
+    return onnx_export.export_quantized(exported[0], path, imgsz=IMGSZ, opset=17, max_det=300, end2end=True)
+
+
+def test_end_to_end_file_is_the_one_to_one_head_with_a_top_k_output_at_any_image_size(exported, exported_end2end):
+    model, path = exported[0], exported_end2end
     graph = onnx.load(str(path))
     metadata = {p.key: p.value for p in graph.metadata_props}
     assert metadata["end2end"] == "True" and "'nms': False" in metadata["args"]
@@ -170,3 +175,30 @@ def test_end_to_end_file_is_the_one_to_one_head_with_a_top_k_output_at_any_image
     packed = onnx_export.int4_storage(graph)  # the INT4 form of the end-to-end file runs the same
     images = {"images": np.random.rand(2, 3, IMGSZ, IMGSZ).astype(np.float32)}
     np.testing.assert_array_equal(session.run(None, images)[0], onnx_export.runtime_session(packed).run(None, images)[0])
+
+
+def test_onnx_predict_prints_detections_without_ultralytics(exported_end2end, tmp_path):
+    """scripts/onnx_predict.py: the deployment pattern, run as a user runs it, in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    image = tmp_path / "street.jpg"
+    Image.fromarray((np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)).save(image)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "onnx_predict.py"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['onnx_predict.py', {str(image)!r}, '--model', {str(exported_end2end)!r}, '--conf', '0']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "print('imported ultralytics:', any(m.split('.')[0] == 'ultralytics' for m in sys.modules))\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert lines[0].endswith("84 detections with score >= 0.0")  # 64x64 input after letterbox: 84 anchors
+    boxes = [line.split() for line in lines[1:-1]]
+    assert len(boxes) == 84 and {box[0] for box in boxes} <= {"a", "b", "c"}
+    for box in boxes:  # x1 y1 x2 y2 back in the 80x48 image's pixels
+        x1, y1, x2, y2 = (float(box[i]) for i in (3, 5, 7, 9))
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 48
+    assert lines[-1] == "imported ultralytics: False"
