@@ -70,14 +70,14 @@ def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[
 def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
     """The INT4-storage variant of the QCDQ file, its size against the floor of its parameters, and how far its
     onnxruntime outputs are from the QCDQ file's."""
-    packed = onnx_export.int4_storage(qcdq_graph)
-    path = onnx_export.save_graph(destination, packed)
+    int4_graph = onnx_export.int4_storage(qcdq_graph)
+    path = onnx_export.save_graph(destination, int4_graph)
     feed = {onnx_export.INPUT_NAME: images.numpy()}
     (qcdq,) = onnx_export.runtime_session(qcdq_graph).run([onnx_export.OUTPUT_NAME], feed)
     (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
     return {
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
-        "floor_bytes": onnx_export.storage_floor_bytes(packed),
+        "floor_bytes": onnx_export.storage_floor_bytes(int4_graph),
         "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
         "max_rel_vs_qcdq": onnx_export.channel_relative_difference(qcdq, packed)[0],
     }
