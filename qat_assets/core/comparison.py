@@ -313,11 +313,13 @@ def deployment_markdown(onnx_results: Sequence[Mapping[str, Any]]) -> str:
     if not done:
         return "## Deployable W4 model (ONNX)\n\nNo `{v}/onnx_model` materialized yet.\n"
     table = _markdown_table(
-        ["variant", "run", "source", "W4 QCDQ file", "FP file", "W4/FP", "ONNX mAP50-95", "PyTorch mAP50-95",
-         "head max rel diff", "goals"],
+        ["variant", "run", "source", "W4 QCDQ file", "INT4 file (floor)", "FP file", "W4/FP", "ONNX mAP50-95",
+         "PyTorch mAP50-95", "NMS-free head mAP50-95 ONNX / PyTorch", "head max rel diff", "goals"],
         [[r["variant"], f"{r['method']}|{r['seed']}", r["source"], f"{r['w4_bytes'] / 1e6:.2f} MB",
+          f"{r['int4']['bytes'] / 1e6:.2f} MB ({r['int4'].get('floor_bytes', 0) / 1e6:.2f} MB)" if r.get("int4") else "-",
           f"{r['fp_bytes'] / 1e6:.2f} MB", f"{r['w4_bytes'] / r['fp_bytes']:.2f}", _num(r["onnx_metrics"]["map50_95"]),
-          _num(r["torch_metrics"]["map50_95"]), f"{r['parity']['max_rel']:.1e}",
+          _num(r["torch_metrics"]["map50_95"]), f"{_num(r['end2end']['onnx_metrics']['map50_95'])} / "
+          f"{_num(r['end2end']['torch_metrics']['map50_95'])}" if r.get("end2end") else "-", f"{r['parity']['max_rel']:.1e}",
           "met" if not r["failures"] else "missed: " + "; ".join(r["failures"])] for r in done],
     )
     return (

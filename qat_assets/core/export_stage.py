@@ -9,6 +9,7 @@ mAP is measured through Ultralytics' validator next to the PyTorch figure for th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import onnx
@@ -24,11 +25,18 @@ from .requests import ExportRequest
 
 W4_NAME = "w4a16_qcdq.onnx"
 INT4_NAME = "w4a16_int4.onnx"
+E2E_NAME = "w4a16_e2e.onnx"  # the one-to-one head with its top-k output, what an NMS-free deployment runs
 FP_NAME = "fp32.onnx"
 RESULT_NAME = "onnx_model.json"
-# The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP.
-PARITY_GOAL_REL = 1e-3
+# The goals of issue 12: onnxruntime must reproduce the PyTorch model, and its mAP the PyTorch mAP. Parity is per
+# channel of the raw head outputs (issue 24), near what float32 achieves there (~1e-6 measured on yolo10n).
+PARITY_GOAL_REL = 1e-5
 MAP_GOAL_ABS = 0.002
+# A layer "diverges" above this: inside the network a channel of small values reaches ~3e-5 by float rounding
+# alone (yolo10n, random BN statistics), so the goal itself would name innocent layers.
+DIVERGENCE_REL = 1e-3
+# Issue 24: the INT4 file holds little beyond its parameters at their bit width (graph and names: the rest).
+INT4_SIZE_GOAL_OVER_FLOOR = 1.15
 
 
 def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
@@ -41,31 +49,61 @@ def load_quantized(request: ExportRequest, names: list[str]) -> torch.nn.Module:
 
 
 def goal_failures(head: dict, map_delta: dict, divergence: dict | None) -> list[str]:
-    """One sentence per missed goal; the parity sentence names the first layer where outputs diverge."""
+    """One sentence per missed goal; the parity sentence names the worst channel and the first diverging layer."""
     failures = []
     if head["max_rel"] > PARITY_GOAL_REL:
         where = f"first diverging at {divergence['layer']} (relative {divergence['max_rel']})" if divergence else ""
-        failures.append(f"raw head outputs differ by {head['max_rel']:.2e} relative (goal <= {PARITY_GOAL_REL:g}); {where}")
+        failures.append(
+            f"raw head outputs differ by {head['max_rel']:.2e} relative in channel {head.get('worst_channel')} of "
+            f"{head.get('worst_layer')} (goal <= {PARITY_GOAL_REL:g} per channel); {where}"
+        )
     for key, delta in map_delta.items():
         if abs(delta) > MAP_GOAL_ABS:
             where = (
-                f"first layer over {PARITY_GOAL_REL:g}: {divergence['layer']}" if divergence
-                else f"no layer differs by more than {PARITY_GOAL_REL:g}, so the gap comes after the head (top-k, evaluation)"
+                f"first layer over {DIVERGENCE_REL:g}: {divergence['layer']}" if divergence
+                else f"no layer differs by more than {DIVERGENCE_REL:g}, so the gap comes after the head (top-k, evaluation)"
             )
             failures.append(f"ONNX {key} differs from PyTorch by {delta:+.4f} (goal within {MAP_GOAL_ABS}); {where}")
     return failures
 
 
 def export_int4(qcdq_graph, destination, images: torch.Tensor) -> dict:
-    """The INT4-storage variant of the QCDQ file, and how far its onnxruntime outputs are from the QCDQ file's."""
-    path = onnx_export.save_graph(destination, onnx_export.int4_storage(qcdq_graph))
+    """The INT4-storage variant of the QCDQ file, its size against the floor of its parameters, and how far its
+    onnxruntime outputs are from the QCDQ file's."""
+    int4_graph = onnx_export.int4_storage(qcdq_graph)
+    path = onnx_export.save_graph(destination, int4_graph)
     feed = {onnx_export.INPUT_NAME: images.numpy()}
     (qcdq,) = onnx_export.runtime_session(qcdq_graph).run([onnx_export.OUTPUT_NAME], feed)
     (packed,) = onnx_export.runtime_session(path).run([onnx_export.OUTPUT_NAME], feed)
     return {
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "opset": onnx_export.INT4_OPSET,
+        "floor_bytes": onnx_export.storage_floor_bytes(int4_graph),
         "weight_tensors": onnx_export.precision_counts(onnx_export.conv_weight_precisions(onnx.load(str(path)))),
-        "max_rel_vs_qcdq": onnx_export.relative_difference(qcdq, packed),
+        "max_rel_vs_qcdq": onnx_export.channel_relative_difference(qcdq, packed)[0],
+    }
+
+
+def export_end2end(
+    model: torch.nn.Module, destination: Path, images: torch.Tensor, *, int4: bool, dataset_yaml: Path,
+    shape: dict, common: dict,
+) -> dict:
+    """The end-to-end W4 file (YOLOv10's one-to-one head and its top-k, Ultralytics' `nms=False`), INT4-stored
+    unless INT4 is off, its per-channel parity with PyTorch, and both sides' mAP of the one-to-one head."""
+    path = onnx_export.export_quantized(model, destination, end2end=True, **shape)
+    graph = onnx.load(str(path))
+    if int4:
+        graph = onnx_export.int4_storage(graph)
+        onnx_export.save_graph(path, graph)
+    layers = onnx_export.layer_parity(model, graph, images, shape["max_det"], end2end=True)
+    (detections,) = onnx_export.runtime_session(path).run(None, {onnx_export.INPUT_NAME: images.numpy()})
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), dataset_yaml, device="cpu", nms=False, **common)
+    onnx_metrics = onnx_export.evaluate_onnx(path, dataset_yaml, end2end=True, **common)
+    return {
+        "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+        "format": "INT4 storage (opset 21)" if int4 else "QCDQ", "output_shape": list(detections.shape),
+        "parity": onnx_export.head_parity(layers), "first_divergence": onnx_export.first_divergence(layers, DIVERGENCE_REL),
+        "torch_metrics": torch_metrics, "onnx_metrics": onnx_metrics,
+        "map_delta": {key: onnx_metrics[key] - torch_metrics[key] for key in ("map50_95", "map50")},
     }
 
 
@@ -94,9 +132,9 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     images = onnx_export.val_images(request.dataset_yaml, settings.imgsz, settings.onnx_parity_images)
     layers = onnx_export.layer_parity(model, graph, images, max_det)
     head = onnx_export.head_parity(layers)
-    divergence = onnx_export.first_divergence(layers, PARITY_GOAL_REL)
+    divergence = onnx_export.first_divergence(layers, DIVERGENCE_REL)
     log(f"{label}: onnxruntime vs PyTorch on {len(images)} val images: raw head max abs {head['max_abs']:.3e}, "
-        f"max rel {head['max_rel']:.3e}")
+        f"worst channel {head['max_rel']:.3e} relative (channel {head['worst_channel']} of {head['worst_layer']})")
 
     # Both on the CPU: onnxruntime runs there, and the comparison is about the runtime, not the device.
     common = dict(imgsz=settings.imgsz, batch=settings.batch, work_dir=out / "eval")
@@ -108,22 +146,38 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     failures = goal_failures(head, map_delta, divergence)
     int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
     if int4 is not None:
-        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB, outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
+        int4["onnx_metrics"] = onnx_export.evaluate_onnx(Path(int4["path"]), request.dataset_yaml, **common)
+        int4["map50_95_delta"] = int4["onnx_metrics"]["map50_95"] - torch_metrics["map50_95"]
+        log(f"{label}: INT4 file mAP50-95 onnxruntime {int4['onnx_metrics']['map50_95']:.4f}")
+        if abs(int4["map50_95_delta"]) > MAP_GOAL_ABS:
+            failures.append(f"INT4 file map50_95 differs from PyTorch by {int4['map50_95_delta']:+.4f} (goal within {MAP_GOAL_ABS})")
+        log(f"{label}: INT4-storage file {int4['bytes'] / 1e6:.2f} MB (floor {int4['floor_bytes'] / 1e6:.2f} MB), outputs vs QCDQ file: max rel {int4['max_rel_vs_qcdq']:.1e}")
         if int4["max_rel_vs_qcdq"] > PARITY_GOAL_REL:
             failures.append(f"the INT4-storage file differs from the QCDQ file by {int4['max_rel_vs_qcdq']:.2e} relative")
+        if int4["bytes"] > INT4_SIZE_GOAL_OVER_FLOOR * int4["floor_bytes"]:
+            failures.append(f"the INT4 file is {int4['bytes'] / int4['floor_bytes']:.2f}x the floor of its parameters "
+                            f"({int4['floor_bytes'] / 1e6:.2f} MB; goal <= {INT4_SIZE_GOAL_OVER_FLOOR}x)")
+
+    log(f"{label}: exporting the end-to-end W4 file (one-to-one head, top-k output) and measuring its head")
+    e2e = export_end2end(model, out / E2E_NAME, images, int4=settings.onnx_int4, dataset_yaml=request.dataset_yaml,
+                         shape=shape, common=common)
+    log(f"{label}: one-to-one head mAP50-95 onnxruntime {e2e['onnx_metrics']['map50_95']:.4f} vs PyTorch "
+        f"{e2e['torch_metrics']['map50_95']:.4f}; output {e2e['output_shape']}")
+    failures += [f"end-to-end file: {failure}" for failure in goal_failures(e2e["parity"], e2e["map_delta"], e2e["first_divergence"])]
 
     result = {
         "variant": request.variant, "method": request.method, "seed": request.seed, "source": request.source,
         "source_checkpoint": str(request.checkpoint), "source_sha256": request.checkpoint_sha256,
         "w4_onnx": str(w4_path), "w4_bytes": w4_path.stat().st_size, "w4_sha256": sha256_file(w4_path),
         "fp_onnx": str(fp_path), "fp_bytes": fp_path.stat().st_size, "fp_sha256": sha256_file(fp_path),
-        "opset": settings.onnx_opset, "int4": int4, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
+        "opset": settings.onnx_opset, "int4": int4, "end2end": e2e, "format": "QCDQ (int8 initializer, Clip to the bit width's range, DequantizeLinear)",
         "weight_tensors": onnx_export.precision_counts(precisions), "conv_weights": precisions,
         "op_counts": onnx_export.op_counts(graph),
         "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),
         "parity_images": len(images), "parity": head, "layer_parity": layers,
         "first_divergence": divergence, "onnx_metrics": onnx_metrics, "torch_metrics": torch_metrics,
-        "map_delta": map_delta, "goals": {"parity_max_rel": PARITY_GOAL_REL, "map_abs": MAP_GOAL_ABS},
+        "map_delta": map_delta, "goals": {"parity_max_rel_per_channel": PARITY_GOAL_REL, "divergence_rel": DIVERGENCE_REL,
+                                        "map_abs": MAP_GOAL_ABS, "int4_size_over_floor": INT4_SIZE_GOAL_OVER_FLOOR},
         "failures": failures, "evaluation": evaluation_settings(settings.imgsz, settings.batch),
         "settings": settings.model_dump(mode="json"), "seconds": time.time() - started,
     }

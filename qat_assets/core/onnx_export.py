@@ -18,6 +18,7 @@ and compared with the PyTorch fake-quant model on real val images.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,34 +31,72 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_path
+from .bn_fold import fold_batchnorms
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
 
 
-def deployable_copy(model: nn.Module, max_det: int) -> nn.Module:
-    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, with the head our evaluations use."""
+def deployable_copy(model: nn.Module, max_det: int, end2end: bool = False) -> nn.Module:
+    """Eval-mode copy set up like Ultralytics' exporter does for ONNX, every BatchNorm folded into its conv
+    (integer codes kept, `bn_fold`).
+
+    end2end=False: the one-to-many head, decoded boxes and scores for an external NMS (Ultralytics' default,
+    `nms=None`, and the head every PyTorch figure of this project is measured with). end2end=True: YOLOv10's
+    one-to-one head and its top-k, output (batch, max_det, 6) = x1, y1, x2, y2, score, class (`nms=False`).
+    """
     model = copy.deepcopy(model).float().eval()
     head = model.model[-1]
-    # Ultralytics' validator (AutoBackend, nms=None) evaluates YOLOv10 with end2end off; match it, then drop
-    # the branch that is not used.
-    head.end2end = False
-    head.fuse()
+    if end2end and getattr(head, "one2one_cv2", None) is None:
+        raise ValueError(f"{type(head).__name__} has no one-to-one branch; export it with end2end=False")
+    head.end2end = end2end
+    head.fuse()  # drops the branch that is not used
     head.export, head.format, head.dynamic, head.max_det = True, "onnx", True, max_det
+    fold_batchnorms(model)
     return model
 
 
-def ultralytics_metadata(model: nn.Module, imgsz: int, description: str) -> dict[str, str]:
-    """The metadata Ultralytics' exporter writes, so AutoBackend knows stride, classes and dynamic shapes."""
+def ultralytics_metadata(model: nn.Module, imgsz: int, description: str, end2end: bool = False) -> dict[str, str]:
+    """The metadata Ultralytics' exporter writes, so AutoBackend knows stride, classes, head and dynamic shapes."""
     from ultralytics import __version__
 
     return {
         "description": description, "author": "qat_assets", "version": __version__, "task": "detect",
         "stride": str(int(max(model.stride))), "batch": "1", "imgsz": str([imgsz, imgsz]),
-        "names": str(dict(model.names)), "args": str({"dynamic": True}), "channels": "3",
-        "end2end": str(bool(getattr(model, "end2end", False))), "head": type(model.model[-1]).__name__,
+        "names": str(dict(model.names)), "args": str({"dynamic": True, "nms": False if end2end else None}),
+        "channels": "3", "end2end": str(end2end), "head": type(model.model[-1]).__name__,
     }
+
+
+def dynamic_topk(graph_model: onnx.ModelProto, max_det: int) -> onnx.ModelProto:
+    """The end-to-end graph with its top-k count computed per input, min(max_det, anchors), as PyTorch does.
+
+    Ultralytics' head takes `k = min(max_det, anchors)` in Python, so tracing bakes the export size's k into
+    both TopK nodes (anchors first, then anchor x class); a smaller image (a rectangular validation batch, an
+    edge camera's 320 px) then has fewer anchors than k and onnxruntime refuses the TopK. Here both take k
+    from the first TopK's input shape. Returns a new model.
+    """
+    model = copy.deepcopy(graph_model)
+    graph = model.graph
+    topks = [node for node in graph.node if node.op_type == "TopK"]
+    if len(topks) != 2:
+        raise ValueError(f"expected the one-to-one head's two TopK nodes, found {len(topks)}; was this exported with end2end=True?")
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([max_det], np.int64), "max_det"))
+    anchors = "topk_anchors"
+    nodes = [
+        onnx.helper.make_node("Shape", [topks[0].input[0]], [anchors], name="/topk_k/Shape", start=1, end=2),
+        onnx.helper.make_node("Min", [anchors, "max_det"], ["topk_k"], name="/topk_k/Min"),
+    ]
+    first = list(graph.node).index(topks[0])
+    for offset, node in enumerate(nodes):
+        graph.node.insert(first + offset, node)
+    for node in topks:
+        node.input[1] = "topk_k"
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    return model
 
 
 def _write_with_metadata(destination: Path, graph: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -73,11 +112,13 @@ def exporter_output(destination: Path) -> Iterator[Path]:
         yield Path(scratch) / destination.name
 
 
-def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int) -> Path:
-    """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter."""
+def export_quantized(
+    model: nn.Module, destination: Path, *, imgsz: int, opset: int, max_det: int, end2end: bool = False
+) -> Path:
+    """QCDQ ONNX of a model holding Brevitas QuantConv2d layers, through Brevitas' exporter (head: `deployable_copy`)."""
     from brevitas.export import export_onnx_qcdq
 
-    deployable = deployable_copy(model, max_det)
+    deployable = deployable_copy(model, max_det, end2end)
     with exporter_output(destination) as raw:
         export_onnx_qcdq(
             deployable, args=torch.zeros(1, 3, imgsz, imgsz), export_path=str(raw), opset_version=opset,
@@ -86,7 +127,10 @@ def export_quantized(model: nn.Module, destination: Path, *, imgsz: int, opset: 
             output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES,
         )
         graph = onnx.load(str(raw))
-    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, "W4A16 QCDQ (Brevitas)"))
+    if end2end:
+        graph = dynamic_topk(graph, max_det)
+    description = "W4A16 QCDQ (Brevitas), " + ("one-to-one head, top-k output" if end2end else "one-to-many head")
+    _write_with_metadata(destination, graph, ultralytics_metadata(model, imgsz, description, end2end))
     return destination
 
 
@@ -104,34 +148,32 @@ def export_float(model: nn.Module, destination: Path, *, imgsz: int, opset: int,
 
 
 INT4_OPSET = 21  # first opset whose DequantizeLinear takes INT4 inputs
+WEIGHT_BITS_KEY = "weight_bits"  # metadata: {conv node: {"bits", "low", "high"}} of its integer weight codes
 
 
 def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same network with every weight whose Clip range fits 4 bits stored as packed INT4 (opset 21).
+    """The same network with integer weights stored at their bit width and nothing else around them (opset 21).
 
-    Brevitas' QCDQ exporter stores 4-bit weights in int8 (Clip keeps them in [-7, 7]); ONNX opset 21 lets
-    DequantizeLinear read INT4 directly, which halves those weights on disk. Neither Brevitas nor onnx ships
-    this repacking (onnxruntime's quantizers start from float models), so it is done here on the exported
-    graph: same integers, same scales, the Clip dropped because INT4 cannot leave the range anyway.
+    Brevitas' QCDQ exporter stores 4-bit weights in int8, behind a Clip to [-7, 7] and a DequantizeLinear with an
+    all-zero zero point. Here every weight whose stored codes are already inside its Clip range loses the Clip
+    (it changes nothing) and the zero point (0 is DequantizeLinear's default); 4-bit codes are packed two per
+    byte as INT4 `raw_data` (onnx's `numpy_helper.from_array` of an `ml_dtypes.int4` array does the packing
+    the spec defines). The bit width and declared range of each layer, which the Clips carried, go to the model
+    metadata (`WEIGHT_BITS_KEY`). Neither Brevitas nor onnx ships this repacking (onnxruntime's quantizers start from
+    float models), so it is done here on the exported graph: same integers, same scales.
     """
+    import ml_dtypes
     from onnx import version_converter
 
     model = version_converter.convert_version(graph_model, INT4_OPSET)
     graph = model.graph
     constants = _constants(graph)
     producer = {output: node for node in graph.node for output in node.output}
-    initializers = {init.name: init for init in graph.initializer}
-    dropped, packed = [], {}
-
-    def as_int4(name: str) -> str:  # zero points are shared between layers: pack each initializer once
-        if name not in packed:
-            values = constants[name]
-            packed[name] = name + "_int4"
-            graph.initializer.append(
-                onnx.helper.make_tensor(packed[name], onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
-            )
-        return packed[name]
-
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, ranges = [], {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
@@ -139,17 +181,55 @@ def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
         if clip is None or clip.op_type != "Clip" or clip.input[0] not in constants:
             continue
         low, high = (int(constants[name]) for name in clip.input[1:3])
-        if integer_range_bits(low, high) > 4:
-            continue
-        node.input[0], node.input[2] = as_int4(clip.input[0]), as_int4(node.input[2])
+        codes = constants[clip.input[0]]
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if codes.min() < low or codes.max() > high or (zero_point is not None and zero_point.any()):
+            continue  # the Clip or the zero point does something here: keep the QCDQ form
+        convs = [c for c in consumers.get(node.output[0], []) if c.op_type == "Conv"]
+        stored = (convs[0].name.strip("/").replace("/", ".") if convs else clip.input[0]) + "_codes"
+        dtype = ml_dtypes.int4 if integer_range_bits(low, high) <= 4 else np.int8
+        graph.initializer.append(onnx.numpy_helper.from_array(codes.astype(dtype), stored))
+        node.input[0] = stored
+        del node.input[2:]
         dropped.append(clip)
+        for conv in convs:
+            ranges[conv.name] = {"bits": integer_range_bits(low, high), "low": low, "high": high}
     for clip in dropped:
         graph.node.remove(clip)
+    # Intermediate shapes are an exporter's annotation, not part of the network (~4 % of a yolov10n INT4 file);
+    # runtimes infer them on load.
+    del graph.value_info[:]
     used = {name for node in graph.node for name in node.input}
-    for name, init in initializers.items():
-        if name not in used:
-            graph.initializer.remove(init)
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, WEIGHT_BITS_KEY: json.dumps(ranges)}
+    )
     return model
+
+
+def storage_floor_bytes(graph_model: onnx.ModelProto) -> int:
+    """Bytes the conv parameters need at their precision: codes at their bit width (float weights at 32 bit), and
+    one float32 scale per quantized output channel and one float32 bias per channel. A file cannot be smaller
+    than this without compressing; what it holds above it is graph structure, names and metadata."""
+    shapes = {init.name: int(np.prod(init.dims)) for init in graph_model.graph.initializer}
+    producer = {output: node for node in graph_model.graph.node for output in node.output}
+    precision = {row["conv"]: row["bits"] for row in conv_weight_precisions(graph_model)}
+    total_bits = 0
+    for node in graph_model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, dequantize = node.input[1], producer.get(node.input[1])
+        bits = precision[node.name]
+        if bits is None:
+            total_bits += 32 * shapes.get(weight, 0)
+        else:
+            source = producer.get(dequantize.input[0])
+            codes = source.input[0] if source is not None else dequantize.input[0]
+            total_bits += bits * shapes[codes] + 32 * shapes[dequantize.input[1]]
+        if len(node.input) > 2:
+            total_bits += 32 * shapes.get(node.input[2], 0)
+    return total_bits // 8
 
 
 def save_graph(destination: Path, graph_model: onnx.ModelProto) -> Path:
@@ -179,9 +259,13 @@ STORED_RANGES = {
 
 
 def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """For each Conv: its name and how its weight is stored (bits of the integer range, or float)."""
+    """For each Conv: its name and how its weight is stored (bits of the integer range, or float).
+
+    The range is the Clip's in a QCDQ file; without a Clip, the one recorded in the metadata by `int4_storage`,
+    else the full range of the stored integer type."""
     graph = graph_model.graph
     constants = _constants(graph)
+    recorded = json.loads({p.key: p.value for p in graph_model.metadata_props}.get(WEIGHT_BITS_KEY, "{}"))
     producer = {output: node for node in graph.node for output in node.output}
     stored_types = {init.name: init.data_type for init in graph.initializer}
     rows = []
@@ -194,7 +278,9 @@ def conv_weight_precisions(graph_model: onnx.ModelProto) -> list[dict[str, Any]]
             stored = producer.get(source.input[0])
             if stored is not None and stored.op_type == "Clip":
                 low, high = (int(constants[name]) for name in stored.input[1:3])
-            else:  # no Clip: the full range of the stored integer type (an int8 or INT4 initializer)
+            elif node.name in recorded:
+                low, high = recorded[node.name]["low"], recorded[node.name]["high"]
+            else:  # no Clip, no record: the full range of the stored integer type (an int8 or INT4 initializer)
                 low, high = STORED_RANGES[stored_types.get(source.input[0], onnx.TensorProto.INT8)]
             row.update(weight="integer", bits=integer_range_bits(low, high), low=low, high=high)
         rows.append(row)
@@ -254,7 +340,7 @@ def probe_points(graph_model: onnx.ModelProto, model: nn.Module) -> list[tuple[s
             points.append((f"model.{index} ({type(layer).__name__})", outputs[-1], layer))
     head_index = len(layers) - 1
     head = layers[-1]
-    for branch in ("cv2", "cv3"):  # the branch deployable_copy keeps
+    for branch in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):  # deployable_copy keeps one of the two pairs
         for level, seq in enumerate(getattr(head, branch, None) or ()):
             scope = f"/model.{head_index}/{branch}.{level}/{branch}.{level}.{len(seq) - 1}/"
             convs = [node.output[0] for node in graph.node if node.name.startswith(scope) and node.op_type == "Conv"]
@@ -263,15 +349,29 @@ def probe_points(graph_model: onnx.ModelProto, model: nn.Module) -> list[tuple[s
     return points
 
 
-def relative_difference(reference: np.ndarray, other: np.ndarray) -> float:
-    """max |a - b| / max |a|: the same measure as QC's fold check (element-wise ratios blow up near zero)."""
-    return float(np.abs(reference - other).max() / max(float(np.abs(reference).max()), 1e-12))
+def channel_relative_difference(reference: np.ndarray, other: np.ndarray) -> tuple[float, int]:
+    """Worst channel (axis 1) of max |a - b| / max |a|, and which channel: a whole-tensor maximum hides an error
+    in a low-magnitude channel behind the largest channel's values."""
+    channels = reference.shape[1]
+    a = np.moveaxis(reference, 1, 0).reshape(channels, -1)
+    b = np.moveaxis(other, 1, 0).reshape(channels, -1)
+    per_channel = np.abs(a - b).max(axis=1) / np.maximum(np.abs(a).max(axis=1), 1e-12)
+    worst = int(per_channel.argmax())
+    return float(per_channel[worst]), worst
 
 
 @torch.no_grad()
-def layer_parity(model: nn.Module, graph_model: onnx.ModelProto, images: torch.Tensor, max_det: int) -> list[dict]:
-    """PyTorch vs onnxruntime at every probe point, in graph order; `model` is what was exported."""
-    deployable = deployable_copy(model, max_det)
+def layer_parity(
+    model: nn.Module, graph_model: onnx.ModelProto, images: torch.Tensor, max_det: int, end2end: bool = False
+) -> list[dict]:
+    """PyTorch vs onnxruntime at every probe point, in graph order; `model` is what was exported.
+
+    Each row's `max_rel` is its worst channel's (`channel_relative_difference`), `channel` says which. PyTorch's
+    side runs on the CPU in float32, where no TF32 or reduced-precision kernel can stand in for the exact
+    product a 1e-5 goal compares against (on a GPU, TF32 convs alone differ by ~1e-3).
+    """
+    deployable = deployable_copy(model, max_det, end2end).cpu()
+    images = images.cpu()
     probed = copy.deepcopy(graph_model)
     points = probe_points(probed, deployable)
     existing = {output.name for output in probed.graph.output}
@@ -296,26 +396,29 @@ def layer_parity(model: nn.Module, graph_model: onnx.ModelProto, images: torch.T
         reference = captured[id(module)].numpy()
         got = values[tensor]
         if reference.shape != got.shape:  # an unexpected scope layout; say so rather than guess
-            rows.append({"layer": label, "tensor": tensor, "max_abs": None, "max_rel": None, "note": f"shape {got.shape} vs {reference.shape}"})
+            rows.append({"layer": label, "tensor": tensor, "max_abs": None, "max_rel": None, "channel": None,
+                         "note": f"shape {got.shape} vs {reference.shape}"})
             continue
-        rows.append({
-            "layer": label, "tensor": tensor, "max_abs": float(np.abs(reference - got).max()),
-            "max_rel": relative_difference(reference, got), "note": "",
-        })
-    rows.append({
-        "layer": "output0 (decoded boxes and scores)", "tensor": OUTPUT_NAME,
-        "max_abs": float(np.abs(final.numpy() - values[OUTPUT_NAME]).max()),
-        "max_rel": relative_difference(final.numpy(), values[OUTPUT_NAME]), "note": "",
-    })
+        rows.append(_parity_row(label, tensor, reference, got))
+    if not end2end:  # the top-k's order of near-equal scores is not a parity question; mAP covers what follows it
+        rows.append(_parity_row("output0 (decoded boxes and scores)", OUTPUT_NAME, final.numpy(), values[OUTPUT_NAME]))
     return rows
 
 
-def head_parity(rows: list[dict]) -> dict[str, float]:
-    """Worst difference over the raw head outputs (the box and class output convs)."""
+def _parity_row(label: str, tensor: str, reference: np.ndarray, got: np.ndarray) -> dict:
+    max_rel, channel = channel_relative_difference(reference, got)
+    return {"layer": label, "tensor": tensor, "max_abs": float(np.abs(reference - got).max()), "max_rel": max_rel,
+            "channel": channel, "note": ""}
+
+
+def head_parity(rows: list[dict]) -> dict[str, Any]:
+    """Worst difference over the raw head outputs (the box and class output convs), and where it is."""
     head = [row for row in rows if "head output" in row["layer"] and row["max_rel"] is not None]
     if not head:
         raise ValueError("no raw head output was found in the exported graph; the parity check cannot run")
-    return {"max_abs": max(r["max_abs"] for r in head), "max_rel": max(r["max_rel"] for r in head)}
+    worst = max(head, key=lambda r: r["max_rel"])
+    return {"max_abs": max(r["max_abs"] for r in head), "max_rel": worst["max_rel"],
+            "worst_layer": worst["layer"], "worst_channel": worst["channel"]}
 
 
 def first_divergence(rows: list[dict], tolerance: float) -> dict | None:
@@ -339,8 +442,11 @@ def val_images(data_yaml: Path, imgsz: int, count: int) -> torch.Tensor:
     return torch.stack(images).float() / 255
 
 
-def evaluate_onnx(path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path) -> dict[str, float]:
-    """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path.
+def evaluate_onnx(
+    path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path, end2end: bool = False
+) -> dict[str, float]:
+    """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path; an end-to-end
+    file's top-k output is read as final detections (`nms=False`), the other file's goes through NMS.
 
     Same settings as every other figure (`evaluation_settings`); the file is dynamic, so AutoBackend keeps the
     rectangular batches and the batch size instead of falling back to batch 1 at a fixed shape.
@@ -353,7 +459,8 @@ def evaluate_onnx(path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_d
     validator = DetectionValidator(
         args=dict(
             model=str(path), data=str(data_yaml), device="cpu", plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=0, **evaluation_settings(imgsz, batch),
+            project=str(work_dir), name="val", exist_ok=True, workers=0, nms=False if end2end else None,
+            **evaluation_settings(imgsz, batch),
         )
     )
     results = validator()
