@@ -15,6 +15,7 @@ diverged: the checkpoints it has are kept and the result says so.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -75,6 +76,9 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     started = time.time()
     label = f"{request.variant} {request.method}|{request.seed}"
     model, pretrained = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    # YOLOv10's NMS-free (one-to-one) head, which QAT trains beside the one-to-many head every metric uses:
+    # measured on the float model and on the final weights, so a user sees whether W4 hurts it more.
+    fp_one_to_one = one_to_one_metrics(model, request)
     report = quantize_w4a16(model, quant_options(settings))
     log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, "
         f"{'per-output-channel' if settings.per_channel_scales else 'per-tensor'} scales)")
@@ -116,9 +120,26 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         "device": resolve_device(settings.device), "seconds": time.time() - started,
     }
     evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
+    if trained:
+        final_model = copy.deepcopy(model)
+        final_model.load_state_dict(evaluated)
+        final_one_to_one = {"epoch": trained[-1]["epoch"], **one_to_one_metrics(freeze_quantized_weights(final_model), request)}
+        log(f"{label}: NMS-free (one-to-one) head mAP50-95 FP {fp_one_to_one['map50_95']:.4f} -> epoch "
+            f"{trained[-1]['epoch']} {final_one_to_one['map50_95']:.4f} (one-to-many head FP "
+            f"{pretrained['metrics']['map50_95']:.4f} -> {trained[-1]['map50_95']:.4f})")
+    sidecar["one_to_one"] = {"fp": fp_one_to_one, "final": final_one_to_one if trained else None}
     checkpoint = request.out_dir / CHECKPOINT_NAME
     digest = save_checkpoint(checkpoint, {"model": final_state["model"], "ema": evaluated}, sidecar)
     return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
+
+
+def one_to_one_metrics(model, request: QATRequest) -> dict[str, float]:
+    """mAP of YOLOv10's one-to-one head alone (Ultralytics' `nms=False`), on the val set every epoch uses."""
+    settings = request.settings
+    return evaluate_model(
+        model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=resolve_device(settings.device),
+        work_dir=request.out_dir / "eval_one_to_one", nms=False,
+    )
 
 
 def train_trajectory(

@@ -10,6 +10,7 @@ import torch
 
 from qat_assets.core import qat
 from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
+from qat_assets.core.evaluate import evaluate_model
 from qat_assets.core.models import load_float_model
 from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
 from qat_assets.core.quantize import freeze_quantized_weights, learned_scales, quantize_w4a16
@@ -68,9 +69,23 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
         diagnostics = EpochRecord(**record).diagnostics
         assert diagnostics.model["layers"] == sum(1 for row in diagnostics.layers if row.bit_width == 4) > 0
         assert len(diagnostics.bn) > 0 and all(row.log_var_mismatch >= 0 for row in diagnostics.bn)
-    # PTQ, then per epoch the EMA copy and the live weights: the last two are the checkpoints' ema and model
-    assert len(validated) == 1 + 2 * 2
-    for expected, seen in ((ema_state["ema"], validated[-2]), (ema_state["model"], validated[-1])):
+    # The NMS-free head of the weights each method evaluates: the FP model's before quantization, the final
+    # checkpoint's `ema` entry after (re-evaluated here from the saved weights with nms=False).
+    assert baseline["one_to_one"]["fp"] == ema["one_to_one"]["fp"]
+    for result, state in ((baseline, baseline_state), (ema, ema_state)):
+        assert result["one_to_one"]["final"]["epoch"] == 2
+        settings = request_for(pretrained, result["method"], trajectory, tmp_path).settings
+        model, _ = load_float_model(pretrained[2]["checkpoint"])
+        quantize_w4a16(model, quant_options(settings))
+        model.load_state_dict(state["ema"])
+        again = evaluate_model(freeze_quantized_weights(model), pretrained[1].dataset_yaml, imgsz=settings.imgsz,
+                               batch=settings.batch, device="cpu", work_dir=tmp_path / "again", nms=False)
+        assert {m: again[m] for m in METRICS} == {m: result["one_to_one"]["final"][m] for m in METRICS}
+    # PTQ, then per epoch the EMA copy and the live weights (the last two are the checkpoints' ema and model),
+    # then the baseline's final weights once more for the NMS-free head
+    assert len(validated) == 1 + 2 * 2 + 1
+    for expected, seen in ((ema_state["ema"], validated[-3]), (ema_state["model"], validated[-2]),
+                           (baseline_state["ema"], validated[-1])):
         assert all(torch.equal(expected[k], seen[k]) for k in expected)
 
     # The former baseline: its own training with EMA decay 0, which validates the live weights as its EMA copy.
