@@ -28,7 +28,7 @@ def main() -> None:
     model.load_state_dict(torch.load(fp_dir / "pretrained.pt", map_location="cpu", weights_only=True)["model"])
 
     def evaluate() -> dict:
-        return evaluate_model(model, data_yaml, imgsz=settings["imgsz"], batch=settings["batch"], device="cpu",
+        return evaluate_model(model, data_yaml, imgsz=settings["imgsz"], batch=settings["batch"], device="cpu", workers=0,
                               work_dir=Path(tempfile.mkdtemp()))
 
     started = time.time()

@@ -64,7 +64,7 @@ def main() -> None:
         for name, evaluated in models.items():
             images: list = []
             metrics = evaluate_model(evaluated, Path(subset.dataset_yaml), imgsz=trained["imgsz"],
-                                     batch=trained["batch"], device="cpu", work_dir=args.work / f"eval-val{count}",
+                                     batch=trained["batch"], device="cpu", workers=0, work_dir=args.work / f"eval-val{count}",
                                      per_image=images)
             noise = bootstrap_map(images, resamples=args.resamples)
             print(json.dumps({"val_images": count, "model": name, "validator_map50_95": metrics["map50_95"],

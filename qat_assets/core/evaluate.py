@@ -48,7 +48,7 @@ def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
 
 
 def evaluate_model(
-    model, data_yaml: Path, *, imgsz: int, batch: int, device: str, work_dir: Path, nms: bool | None = None,
+    model, data_yaml: Path, *, imgsz: int, batch: int, device: str, workers: int, work_dir: Path, nms: bool | None = None,
     per_image: list | None = None,
 ) -> dict[str, float]:
     """mAP50-95, mAP50, precision and recall of `model` (a float or frozen-quantized DetectionModel).
@@ -63,7 +63,7 @@ def evaluate_model(
     validator = DetectionValidator(
         args=dict(
             data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=0, nms=nms, **settings,
+            project=str(work_dir), name="val", exist_ok=True, workers=workers, nms=nms, **settings,
         )
     )
     if per_image is not None:

@@ -17,7 +17,7 @@ import torch
 
 from . import onnx_export
 from .artifacts import load_checkpoint, read_sidecar, sha256_file, write_json_atomic
-from .evaluate import evaluate_model, evaluation_settings
+from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model, load_float_model
 from .qat import quant_options
 from .quantize import freeze_quantized_weights, quantize_w4a16
@@ -96,7 +96,7 @@ def export_end2end(
         onnx_export.save_graph(path, graph)
     layers = onnx_export.layer_parity(model, graph, images, shape["max_det"], end2end=True)
     (detections,) = onnx_export.runtime_session(path).run(None, {onnx_export.INPUT_NAME: images.numpy()})
-    torch_metrics = evaluate_model(freeze_quantized_weights(model), dataset_yaml, device="cpu", nms=False, **common)
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), dataset_yaml, nms=False, **common)
     onnx_metrics = onnx_export.evaluate_onnx(path, dataset_yaml, end2end=True, **common)
     return {
         "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
@@ -136,9 +136,12 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
     log(f"{label}: onnxruntime vs PyTorch on {len(images)} val images: raw head max abs {head['max_abs']:.3e}, "
         f"worst channel {head['max_rel']:.3e} relative (channel {head['worst_channel']} of {head['worst_layer']})")
 
-    # Both on the CPU: onnxruntime runs there, and the comparison is about the runtime, not the device.
-    common = dict(imgsz=settings.imgsz, batch=settings.batch, work_dir=out / "eval")
-    torch_metrics = evaluate_model(freeze_quantized_weights(model), request.dataset_yaml, device="cpu", **common)
+    # The mAP passes run on the step's device (at COCO, 5,000 images at 640 px per pass): PyTorch where the model
+    # trained, the file through onnxruntime's CUDA provider when onnxruntime-gpu is installed (Ultralytics'
+    # AutoBackend falls back to the CPU provider otherwise). The exact check is the per-channel parity above.
+    common = dict(imgsz=settings.imgsz, batch=settings.batch, device=resolve_device(settings.device),
+                  workers=settings.workers, work_dir=out / "eval")
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), request.dataset_yaml, **common)
     onnx_metrics = onnx_export.evaluate_onnx(w4_path, request.dataset_yaml, **common)
     map_delta = {key: onnx_metrics[key] - torch_metrics[key] for key in ("map50_95", "map50")}
     log(f"{label}: mAP50-95 onnxruntime {onnx_metrics['map50_95']:.4f} vs PyTorch {torch_metrics['map50_95']:.4f}; "

@@ -443,7 +443,8 @@ def val_images(data_yaml: Path, imgsz: int, count: int) -> torch.Tensor:
 
 
 def evaluate_onnx(
-    path: Path, data_yaml: Path, *, imgsz: int, batch: int, work_dir: Path, end2end: bool = False
+    path: Path, data_yaml: Path, *, imgsz: int, batch: int, device: str, workers: int, work_dir: Path,
+    end2end: bool = False,
 ) -> dict[str, float]:
     """mAP of an exported file through Ultralytics' validator and its AutoBackend onnxruntime path; an end-to-end
     file's top-k output is read as final detections (`nms=False`), the other file's goes through NMS.
@@ -458,8 +459,8 @@ def evaluate_onnx(
     os.environ.setdefault("YOLO_OFFLINE", "1")
     validator = DetectionValidator(
         args=dict(
-            model=str(path), data=str(data_yaml), device="cpu", plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=0, nms=False if end2end else None,
+            model=str(path), data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
+            project=str(work_dir), name="val", exist_ok=True, workers=workers, nms=False if end2end else None,
             **evaluation_settings(imgsz, batch),
         )
     )

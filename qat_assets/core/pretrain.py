@@ -142,7 +142,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     evaluation = evaluation_settings(settings.imgsz, settings.batch)
     metrics = evaluate_model(
         model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=device,
-        work_dir=request.out_dir / "eval",
+        workers=settings.workers, work_dir=request.out_dir / "eval",
     )
     log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}")
     plateau = plateau_check(history, settings.plateau_epochs, settings.plateau_min_gain)

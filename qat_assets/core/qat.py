@@ -138,7 +138,7 @@ def one_to_one_metrics(model, request: QATRequest) -> dict[str, float]:
     settings = request.settings
     return evaluate_model(
         model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=resolve_device(settings.device),
-        work_dir=request.out_dir / "eval_one_to_one", nms=False,
+        workers=settings.workers, work_dir=request.out_dir / "eval_one_to_one", nms=False,
     )
 
 
@@ -157,7 +157,7 @@ def train_trajectory(
     if not history:
         ptq = evaluate_model(
             freeze_quantized_weights(model), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
-            device=device, work_dir=run_dir / "eval",
+            device=device, workers=settings.workers, work_dir=run_dir / "eval",
         )
         history = [{"epoch": 0, **ptq}]
         write_json_atomic(run_dir / HISTORY_FILE, history)

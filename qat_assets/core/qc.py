@@ -58,7 +58,7 @@ class QCConfig:
     device: str = "cpu"
     epochs: int = 1
     lr: float = 1e-4
-    workers: int = 0
+    workers: int = 0  # the QC stage passes settings.workers; 0 serves in-process callers (tests, benchmarks)
     optimizer: str = "Adam"  # the paper's; see `make_optimizer` for why the profiles use SGD
     # Seeds torch before the calibration loader is built: Ultralytics' loader seeds its shuffle from
     # torch.initial_seed(), which is random in a fresh process, so QC's batches (and its result) varied

@@ -53,7 +53,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     def evaluate(which):
         return evaluate_model(
             freeze_quantized_weights(which), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
-            device=device, work_dir=request.out_dir / "eval",
+            device=device, workers=settings.workers, work_dir=request.out_dir / "eval",
         )
 
     before = qat_final_evaluation(qat, settings)
@@ -65,7 +65,7 @@ def run_qc_stage(request: QCRequest, log: Callable[[str], None]) -> dict:
     bn = run_bn_reestimation(model, before, request, device, evaluate, lambda m: log(f"{label}: {m}"))
     config = QCConfig(
         batch=settings.qc_batch, imgsz=settings.imgsz, device=device, epochs=settings.qc_epochs, lr=settings.qc_lr,
-        workers=0, optimizer=settings.qc_optimizer, seed=request.seed,
+        workers=settings.workers, optimizer=settings.qc_optimizer, seed=request.seed,
     )
     heldout = select_heldout_set(
         request.dataset_yaml, request.calibration_yaml, request.out_dir / "heldout",

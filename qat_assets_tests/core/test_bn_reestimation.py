@@ -162,7 +162,7 @@ def reestimation_request(data_yaml: Path, tmp_path: Path) -> QCRequest:
 
 
 def evaluator(data_yaml: Path, tmp_path: Path):
-    return lambda model: evaluate_model(model, data_yaml, imgsz=IMGSZ, batch=8, device="cpu", work_dir=tmp_path / "eval")
+    return lambda model: evaluate_model(model, data_yaml, imgsz=IMGSZ, batch=8, device="cpu", workers=0, work_dir=tmp_path / "eval")
 
 
 def test_known_answer_reestimating_a_converged_float_model_leaves_its_map_where_it_is(converged_float_model, tmp_path):

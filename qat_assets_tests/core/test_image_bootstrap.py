@@ -83,7 +83,7 @@ def test_evaluate_model_records_every_val_image(tmp_path):
     torch.manual_seed(0)
     model = build_detection_model("yolo10n", ["red", "green", "blue"])
     images = []
-    metrics = evaluate_model(model, Path(yaml), imgsz=64, batch=2, device="cpu", work_dir=tmp_path / "w",
+    metrics = evaluate_model(model, Path(yaml), imgsz=64, batch=2, device="cpu", workers=0, work_dir=tmp_path / "w",
                              per_image=images)
     assert sorted(i.name for i in images) == [f"{i}.png" for i in range(4)]
     assert sum(len(i.target_cls) for i in images) == 6  # one or two boxes per image, alternating

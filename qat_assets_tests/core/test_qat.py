@@ -79,7 +79,7 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
         quantize_w4a16(model, quant_options(settings))
         model.load_state_dict(state["ema"])
         again = evaluate_model(freeze_quantized_weights(model), pretrained[1].dataset_yaml, imgsz=settings.imgsz,
-                               batch=settings.batch, device="cpu", work_dir=tmp_path / "again", nms=False)
+                               batch=settings.batch, device="cpu", workers=0, work_dir=tmp_path / "again", nms=False)
         assert {m: again[m] for m in METRICS} == {m: result["one_to_one"]["final"][m] for m in METRICS}
     # PTQ, then per epoch the EMA copy and the live weights (the last two are the checkpoints' ema and model),
     # then the baseline's final weights once more for the NMS-free head
