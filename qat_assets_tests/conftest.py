@@ -10,12 +10,14 @@ import pytest
 from dagster import instance_for_test
 
 
-# Tests whose numbers come out of PyTorch's CPU kernels (QC, BN re-estimation, the fold, the export). Which
-# kernel family runs (AVX-512, AVX2, none) is the CPU's choice, and once decided whether a test's premise held
-# (issue 26), so CI reruns these under ATEN_CPU_CAPABILITY=avx2 and =default: `pytest -m cpu_kernels`.
+# Tests whose numbers come out of PyTorch's CPU kernels (QC, BN re-estimation, the folds, EMA and PTQ, the
+# export). Which kernel family runs (AVX-512, AVX2, none) is the CPU's choice, and once decided whether a
+# test's premise held (issue 26), so CI reruns these under ATEN_CPU_CAPABILITY=avx2 and =default:
+# `pytest -m cpu_kernels`.
 # Listed here, by file, so that the one list says what the rerun covers.
 CPU_KERNEL_TEST_FILES = frozenset({
     "test_qc.py", "test_qc_budget.py", "test_qc_rejection.py", "test_bn_reestimation.py", "test_onnx_export.py",
+    "test_bn_fold.py", "test_exact_arithmetic.py", "test_known_answers.py",
 })
 
 
