@@ -28,14 +28,14 @@ from qat_assets.core import layout
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
-from qat_assets.execution.gpu_slots import parse_gpu_ids
+from qat_assets.execution.gpu_slots import parse_gpu_ids, visible_gpus
 from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
 from qat_assets.execution.warm_server import running_warm_server
 
 INSTANCE_YAML = """\
 # Written by qat-ladder. Heavy steps share the `gpu` pool: default_limit of them run at once, chosen for
-# this machine when this file was written: the number of GPUs in QAT_GPU_IDS; else 1 if CUDA sees a GPU
-# (the steps would share it); else, CPU only, 2 with 2 cores or more (two steps on one thread each get
+# this machine when this file was written: the number of GPUs in QAT_GPU_IDS; else the number of visible
+# GPUs (the launcher gives each step one of them); else, CPU only, 2 with 2 cores or more (two steps on one thread each get
 # more done than one on two), each worker taking cores // default_limit torch threads. Edit default_limit
 # to change it: qat-ladder never rewrites this file. With N GPUs: N, and QAT_GPU_IDS (README, "Several GPUs").
 concurrency:
@@ -488,15 +488,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def steps_may_use_cuda(settings) -> bool:
     """Whether heavy steps may run on CUDA: then no warm worker server (launcher.worker_command says why).
-    An empty device picks the first GPU if any, so that asks torch (the NVML check: no CUDA context)."""
+    An empty device picks the first GPU if any (counted through NVML: no CUDA context)."""
     if settings.device:
         return settings.device.startswith("cuda")
-    if parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")):
-        return True
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
-
-    return torch.cuda.is_available()
+    return bool(parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus())
 
 
 def print_outcome(root: Path) -> None:
