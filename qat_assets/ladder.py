@@ -25,17 +25,18 @@ from typing import Callable, Iterator
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, reconstructable
 
 from qat_assets.core import layout
-from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, load_settings
+from qat_assets.core import cost_model
+from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, VARIANTS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
-from qat_assets.execution.gpu_slots import parse_gpu_ids
+from qat_assets.execution.gpu_slots import parse_gpu_ids, visible_gpus
 from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
 from qat_assets.execution.warm_server import running_warm_server
 
 INSTANCE_YAML = """\
 # Written by qat-ladder. Heavy steps share the `gpu` pool: default_limit of them run at once, chosen for
-# this machine when this file was written: the number of GPUs in QAT_GPU_IDS; else 1 if CUDA sees a GPU
-# (the steps would share it); else, CPU only, 2 with 2 cores or more (two steps on one thread each get
+# this machine when this file was written: the number of GPUs in QAT_GPU_IDS; else the number of visible
+# GPUs (the launcher gives each step one of them); else, CPU only, 2 with 2 cores or more (two steps on one thread each get
 # more done than one on two), each worker taking cores // default_limit torch threads. Edit default_limit
 # to change it: qat-ladder never rewrites this file. With N GPUs: N, and QAT_GPU_IDS (README, "Several GPUs").
 concurrency:
@@ -422,10 +423,81 @@ def print_run_messages(instance: DagsterInstance, run_id: str, cursor: str | Non
     return connection.cursor if connection.records else cursor
 
 
+def seconds_per_image_arg(text: str) -> dict[str, float]:
+    """`0.004` for every variant, or `yolo10s=0.006` for one."""
+    variant, _, value = text.rpartition("=")
+    if variant and variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{variant!r} is not one of {', '.join(VARIANTS)}")
+    try:
+        return {variant or "*": float(value)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SECONDS or VARIANT=SECONDS") from None
+
+
+def plan_slots(settings, gpus: int | None) -> tuple[int, str]:
+    """How many heavy steps the plan assumes at once, and why."""
+    if gpus:
+        return gpus, "--gpus"
+    listed = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus()
+    if listed:
+        return len(listed), f"GPUs {','.join(listed)} (QAT_GPU_IDS, else the visible ones)"
+    if settings.profile == "coco":
+        return 1, "no GPU visible here: planned for one"
+    return default_heavy_step_slots(), "this machine's default pool limit (CPU only)"
+
+
+def print_plan(settings, fp_per_image: dict[str, float], source: str, slots: int, why_slots: str) -> None:
+    """The steps `qat-ladder` would run and what they cost (core/cost_model.py), without running anything."""
+    home = os.environ.get("DAGSTER_HOME") or str(Path(".dagster_home").absolute())
+    root = settings.storage or Path(home) / "artifacts"
+    root = root if root.is_dir() else None
+    keys = [str(partition_key(m, s)) for m in METHODS for s in settings.seeds]
+    data = f"COCO at {settings.coco_root}" if settings.coco_root else "the embedded synthetic set (QAT_COCO_ROOT unset)"
+    train, val = cost_model.planned_images(settings)
+    print(f"qat-ladder --plan: profile {settings.profile}, seeds {list(settings.seeds)}, {settings.imgsz} px, batch "
+          f"{settings.batch}; nothing is run\n\nsteps:")
+    print(f"  dataset_job: coco_subset + calibration_subset ({data}: {train:,} train, {val:,} val, "
+          f"{settings.calibration_images:,} calibration images)")
+    for variant in VALIDATION_VARIANTS:
+        fp_from = (f"{settings.checkpoint_dir}/yolov10{variant[-1]}.pt, used as it is" if settings.checkpoint_dir
+                   else f"trained here, {settings.pretrain_epochs} epochs")
+        print(f"  {variant}_pretrained_job: {variant}/pretrained_checkpoint (FP start: {fp_from})")
+        print(f"  {variant}_partition_job x {len(keys)} ({', '.join(keys)}): qat_checkpoint (one training per seed, "
+              f"{settings.qat_epochs} epochs, shared by both methods), qc_checkpoint, stability_verdict, onnx_model")
+    print("  decision_job: comparison, gate")
+    print("  then, only after a passing gate (sensor): the same for yolo10m")
+
+    planned = cost_model.stages(settings, VALIDATION_VARIANTS, fp_per_image, source, root)
+    after_gate = cost_model.stages(settings, ("yolo10m",), fp_per_image, source, root)
+    print(f"\ncost per stage: images x epochs x seconds per image (FP training figures: {source}; QAT "
+          f"{cost_model.QAT_OVER_FP}x, QC {cost_model.QC_OVER_FP}x and evaluation {cost_model.EVAL_OVER_FP}x an FP "
+          "training image, bench_qat.py's ratios; dataset conversion not counted)")
+    for stage in planned + after_gate:
+        measured = f"  [{stage.source}]" if stage.source != source else ""
+        print(f"  {stage.variant} {stage.name}: {stage.arithmetic()} = {cost_model.hours(stage.seconds)}{measured}")
+    for label, chosen in (("yolo10n + yolo10s", planned), ("yolo10m after the gate", after_gate)):
+        for n in sorted({1, slots}):
+            split = cost_model.split(chosen, n)
+            print(f"{label} on {n} slot(s): {cost_model.hours(split.total_seconds)} of work, wall time at least "
+                  f"{cost_model.hours(split.wall_seconds)} (longest chain {cost_model.hours(split.longest_chain_seconds)})"
+                  + (f"; {n} = {why_slots}" if n == slots and n != 1 else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-ladder", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-foundation", action="store_true", help="reuse the dataset and FP checkpoints")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the steps it would run and their cost estimate, run nothing (README, 'Cost model')")
+    parser.add_argument("--seconds-per-image", type=seconds_per_image_arg, action="append", default=[],
+                        metavar="[VARIANT=]SECONDS", help="with --plan: FP training seconds per image to assume")
+    parser.add_argument("--gpus", type=int, default=None, help="with --plan: heavy steps at once (GPU slots)")
     args = parser.parse_args(argv)
+    if args.plan:
+        settings = load_settings()
+        override = {k: v for given in args.seconds_per_image for k, v in given.items()}
+        fp_per_image, source = cost_model.fp_seconds_per_image(settings, override)
+        print_plan(settings, fp_per_image, source, *plan_slots(settings, args.gpus))
+        return 0
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the dagster-daemon started here is stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     home = prepare_instance_home()
@@ -488,15 +560,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def steps_may_use_cuda(settings) -> bool:
     """Whether heavy steps may run on CUDA: then no warm worker server (launcher.worker_command says why).
-    An empty device picks the first GPU if any, so that asks torch (the NVML check: no CUDA context)."""
+    An empty device picks the first GPU if any (counted through NVML: no CUDA context)."""
     if settings.device:
         return settings.device.startswith("cuda")
-    if parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")):
-        return True
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
-
-    return torch.cuda.is_available()
+    return bool(parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus())
 
 
 def print_outcome(root: Path) -> None:

@@ -13,6 +13,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, execute_job, 
 from qat_assets.execution.warm_client import ping, socket_path
 from qat_assets.definitions import defs
 from qat_assets.defs.automation.jobs import HEAVY_RUN_TAG
+from qat_assets import ladder
 from qat_assets.ladder import HeavyTime, decision_job, only_the_gate_check_failed, prepare_instance_home
 
 
@@ -254,3 +255,27 @@ def test_a_ladder_stopped_while_an_fp_run_trains_terminates_that_run_and_its_wor
     (fp_run,) = [run for run in runs if run.job_name == "yolo10n_pretrained_job"]
     assert fp_run.status == DagsterRunStatus.CANCELED
     assert f"yolo10n_pretrained_job (run {fp_run.run_id}): terminated while STARTED, now CANCELED" in output
+
+
+def test_plan_prints_the_steps_and_their_cost_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("QAT_PROFILE", "smoke")
+    monkeypatch.delenv("QAT_STORAGE", raising=False)
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"--plan started a process: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(ladder, "execute_job", no_process)
+    assert ladder.main(["--plan", "--seconds-per-image", "0.5", "--gpus", "2"]) == 0
+    output = capsys.readouterr().out
+    for step in ("dataset_job", "yolo10n_pretrained_job", "yolo10s_partition_job x 4 (baseline|0, baseline|1, ema|0, ema|1)",
+                 "decision_job: comparison, gate"):
+        assert step in output
+    assert "yolo10n FP start: 1 x (16 x 1 x 0.5 s + 16 x 0.165 s) = 0.2 min" in output
+    # 2 variants x (10.64 + 2 x 36.16 + 4 x 64.32) s = 680.48 s; on 2 slots half of it (above the 111 s chain)
+    assert "yolo10n + yolo10s on 1 slot(s): 11.3 min of work, wall time at least 11.3 min" in output
+    assert "yolo10n + yolo10s on 2 slot(s): 11.3 min of work, wall time at least 5.7 min" in output
+    assert not home.exists()  # no instance, no dagster.yaml

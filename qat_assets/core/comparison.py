@@ -1,7 +1,9 @@
 """Comparability of runs and the baseline / +QC / +BN / EMA comparison table, with paired rows and verdicts.
 
 Two runs compare only when they saw the same data (dataset fingerprint), were evaluated the same way
-(evaluation settings) and trained under the same profile (training-profile fingerprint). Rather than
+(evaluation settings), trained under the same profile (training-profile fingerprint) and at the same batch:
+Ultralytics halves the configured batch when a run's first epoch runs out of GPU memory
+(trainer.training_batch), and such a run is not comparable with runs at the configured batch. Rather than
 comparing every pair, each run is checked against one reference for the whole run group (all variants
 of one gate: settings are not per variant, so yolo10n and yolo10s must agree too):
 
@@ -49,12 +51,15 @@ def outcome_stability(summary: RunSummary, outcome: str) -> Stability | None:
     return {"qat": summary.stability_qat, "qc": summary.stability_qat_qc, "bn": summary.stability_qat_bn}[outcome]
 
 
-def comparability_key(summary: RunSummary) -> tuple[str, str, str]:
-    """(dataset fingerprint, evaluation settings as canonical JSON, training-profile fingerprint)."""
+def comparability_key(summary: RunSummary) -> tuple[str, str, str, str]:
+    """(dataset fingerprint, evaluation settings as canonical JSON, training-profile fingerprint, the batches it
+    trained at as JSON). A summary from before the batch used was recorded counts as its configured batch."""
+    batch_used = summary.training.get("batch_used") or [summary.training.get("batch")]
     return (
         str(summary.dataset["fingerprint"]),
         json.dumps(summary.evaluation, sort_keys=True, default=str),
         str(summary.training["profile_fingerprint"]),
+        json.dumps(batch_used),
     )
 
 
@@ -65,6 +70,7 @@ class ComparabilityReference(BaseModel):
     evaluation: dict[str, Any]
     profile_fingerprint: str
     basis: str
+    training_batch: list[int | None] = []  # empty in comparisons written before the batch used was compared
 
 
 def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityReference | None:
@@ -83,6 +89,7 @@ def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityRef
         dataset_fingerprint=majority(0),
         evaluation=json.loads(majority(1)),
         profile_fingerprint=majority(2),
+        training_batch=json.loads(majority(3)),
         basis=f"majority of {len(summaries)} runs, ties going to the newest run",
     )
 
@@ -100,7 +107,7 @@ def find_non_comparable(
     fp_dataset_fingerprints = fp_dataset_fingerprints or {}
     problems: dict[RunId, str] = {}
     for summary in summaries:
-        dataset_fp, evaluation, profile_fp = comparability_key(summary)
+        dataset_fp, evaluation, profile_fp, batch_used = comparability_key(summary)
         differences = []
         if dataset_fp != reference.dataset_fingerprint:
             differences.append(f"dataset fingerprint {dataset_fp} != {reference.dataset_fingerprint}")
@@ -111,6 +118,10 @@ def find_non_comparable(
             differences.append(f"evaluation settings {_changed(summary.evaluation, reference.evaluation)}")
         if profile_fp != reference.profile_fingerprint:
             differences.append(f"training profile {profile_fp} != {reference.profile_fingerprint}")
+        if json.loads(batch_used) != reference.training_batch:
+            configured = summary.training.get("batch")
+            halved = " (Ultralytics halved it after running out of memory)" if json.loads(batch_used) != [configured] else ""
+            differences.append(f"trained at batch {json.loads(batch_used)}{halved} != {reference.training_batch}")
         if differences:
             problems[run_id(summary)] = "; ".join(differences) + f" (reference: {reference.basis})"
     return problems
@@ -212,7 +223,7 @@ class Comparison(BaseModel):
             ref = self.reference
             parts.append(
                 f"Comparability reference ({ref.basis}): dataset `{ref.dataset_fingerprint}`, "
-                f"training profile `{ref.profile_fingerprint}`, evaluation "
+                f"training profile `{ref.profile_fingerprint}`, trained at batch {ref.training_batch}, evaluation "
                 f"`{json.dumps(ref.evaluation, sort_keys=True, default=str)}`."
             )
         if not self.variants:

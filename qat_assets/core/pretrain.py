@@ -14,7 +14,7 @@ from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import CheckpointError, build_detection_model, read_user_checkpoint
 from .requests import PretrainRequest
 from .settings import PRETRAIN_FIELDS
-from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides
+from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides, training_batch
 
 CHECKPOINT_NAME = "pretrained.pt"
 # One fixed seed for the FP model, so every method and QAT seed starts from the same weights.
@@ -145,11 +145,15 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         workers=settings.workers, work_dir=request.out_dir / "eval",
     )
     log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}")
+    batch = training_batch(history, settings.batch)
+    if batch["halved"]:
+        log(f"{request.variant}: Ultralytics halved the FP batch after running out of memory: trained at "
+            f"{batch['used']}, not the configured {settings.batch}")
     plateau = plateau_check(history, settings.plateau_epochs, settings.plateau_min_gain)
     log(f"{request.variant} FP plateau check: {plateau['reason']}")
     sidecar = {
         "variant": request.variant, "names": request.names, "source": source, "head": head,
-        "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation,
+        "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation, "training_batch": batch,
         "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau, "ema": ema,
         "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
     }

@@ -33,7 +33,10 @@ from .pretrain import describe_epoch
 from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
 from .settings import QAT_FIELDS, Settings
-from .trainer import HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
+from .trainer import (
+    HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides,
+    training_batch,
+)
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
 DIVERGED_FILE = "diverged.json"  # in the trajectory: the epoch and reason it diverged
@@ -101,6 +104,10 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         history, final_state, diverged_at, resume_note = train_trajectory(request, model, ema_of["ema"], log)
 
     history = method_history(history, request.method)
+    batch = training_batch(history, settings.batch)
+    if batch["halved"]:
+        log(f"{label}: Ultralytics halved the batch after running out of memory: trained at {batch['used']}, not the "
+            f"configured {settings.batch}; this run is NOT comparable with runs at batch {settings.batch}")
     log(f"{label}: PTQ (epoch 0) mAP50-95 {history[0]['map50_95']:.4f} vs FP {pretrained['metrics']['map50_95']:.4f}; "
         f"evaluates the {'EMA copy' if request.method == 'ema' else 'live weights'} of the trajectory")
     trained = [h for h in history if h["epoch"] > 0]
@@ -115,6 +122,7 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
             "waited_seconds": waited,  # for the other method's run to finish training it
         },
         "evaluation": evaluation_settings(settings.imgsz, settings.batch),
+        "training_batch": batch,
         "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
         "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
         "device": resolve_device(settings.device), "seconds": time.time() - started,

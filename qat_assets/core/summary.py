@@ -71,6 +71,7 @@ class EpochRecord(BaseModel):
     cls_loss: float | None = None
     dfl_loss: float | None = None
     lr: float | None = None
+    batch: int | None = None  # the batch this epoch trained at (Ultralytics may halve it after an OOM)
     oscillating_fraction: float | None = None
     seconds: float | None = None
     diagnostics: EpochDiagnostics | None = None  # of the live weights; None at epoch 0 and in older summaries

@@ -18,7 +18,9 @@ What the subclass changes, and why:
   epoch is recorded with no metrics rather than with the last validated epoch's;
 - `epoch_diagnostics(trainer)` runs after each validation and its result is the epoch record's
   `diagnostics` (core/diagnostics.py: why a run collapses);
-- each finished epoch is reported through `on_epoch` as a plain dict;
+- each finished epoch is reported through `on_epoch` as a plain dict, with the batch it trained at: Ultralytics
+  halves the batch when the first epoch of a run runs out of GPU memory, and says so only in its log
+  (`training_batch` turns that into the sidecars' record and comparison's verdict);
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
   LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
 """
@@ -122,6 +124,20 @@ def trainer_overrides(
         workers=settings.workers, device=device, seed=seed, deterministic=True, amp=False, plots=False,
         verbose=False, project=str(run_dir), name="ultralytics", exist_ok=True,
     )
+
+
+def training_batch(history: list[dict[str, Any]], configured: int) -> dict[str, Any]:
+    """The batch a run trained at, against the configured one.
+
+    Ultralytics 8.4 (`BaseTrainer._do_train`) catches an out-of-memory error in the first epoch of a run (of a
+    resumed one too), halves `batch` up to 3 times, rebuilds the loaders and restarts the epoch; the rest of the
+    run trains at the halved batch, with gradients accumulated to the same nominal batch (nbs) but BatchNorm
+    statistics, augmentation draws and the validation batch of the smaller one. `used` lists every batch the
+    trained epochs ran at (a resumed run can halve again, or not); `halved` is true when any differs from
+    `configured`, and such a run is not comparable with runs at the configured batch (core/comparison.py).
+    Histories written before the batch was recorded count as the configured batch."""
+    used = sorted({int(h.get("batch") or configured) for h in history if h["epoch"] > 0}) or [configured]
+    return {"configured": configured, "used": used, "halved": used != [configured]}
 
 
 @dataclass(frozen=True)
@@ -331,6 +347,7 @@ class ResumableTrainer(DetectionTrainer):
             "cls_loss": losses.get("cls_loss"),
             "dfl_loss": losses.get("dfl_loss"),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "batch": int(self.batch_size),  # after any OOM halving: see training_batch
             "seconds": time.time() - self._epoch_started,
             **self.extra_state().get("epoch_fields", {}),
             **({"diagnostics": self._diagnostics if validated else None} if self.epoch_diagnostics else {}),

@@ -99,7 +99,9 @@ def build_run_summary(
         quantization={"options": qat_sidecar["quantization"]["options"], "counts": qat_sidecar["quantization_counts"]},
         dataset=dataset,
         training={**qat_sidecar["settings"], "ema": qat_sidecar["ema"], "profile_fingerprint": qat_sidecar["profile_fingerprint"],
-                  "resume": qat_sidecar["resume"], "device": qat_sidecar["device"]},
+                  "resume": qat_sidecar["resume"], "device": qat_sidecar["device"],
+                  # the batch it trained at, when Ultralytics halved the configured one after an OOM
+                  "batch_used": qat_sidecar.get("training_batch", {}).get("used", [qat_sidecar["settings"]["batch"]])},
         evaluation=qat_sidecar["evaluation"],
         planned_epochs=qat_sidecar["planned_epochs"],
         history=history,

@@ -84,6 +84,8 @@ def pretrain_metadata(result: dict[str, Any]) -> dict[str, Any]:
         # The LR the plateau was measured at: flat at a tiny LR does not mean flat at QAT's.
         "plateau_window_max_lr": str(result.get("plateau", {}).get("window_max_lr")),
         "ema": MetadataValue.json(result.get("ema") or {}),
+        # The batch it trained at: Ultralytics halves the configured one after an out-of-memory error.
+        "training_batch": MetadataValue.json(result.get("training_batch") or {}),
     }
 
 
@@ -109,6 +111,8 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         # YOLOv10's NMS-free head, the same weights' one-to-one branch (Ultralytics' nms=False), FP and final.
         "fp_one_to_one_map50_95": result["one_to_one"]["fp"]["map50_95"],
         "final_one_to_one_map50_95": (result["one_to_one"]["final"] or {}).get("map50_95"),
+        # The batch it trained at; a batch Ultralytics halved after an OOM makes the run not comparable.
+        "training_batch": MetadataValue.json(result.get("training_batch") or {}),
         "mean_epoch_wall_time_s": round(sum(epoch_seconds) / len(epoch_seconds), 1) if epoch_seconds else None,
         "ema": MetadataValue.json(result["ema"]),
         "history": history_table(result["history"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from qat_assets.execution.gpu_slots import parse_gpu_ids
+from qat_assets.execution.gpu_slots import parse_gpu_ids, visible_gpus
 
 
 def available_cores() -> int:
@@ -20,20 +20,16 @@ def available_cores() -> int:
 
 
 def default_heavy_step_slots() -> int:
-    """The `gpu` pool limit for this machine: one heavy step per GPU listed in QAT_GPU_IDS; 1 when CUDA
-    sees a GPU but QAT_GPU_IDS lists none (the steps would share it); without a GPU, 2 when the machine
+    """The `gpu` pool limit for this machine: one heavy step per GPU listed in QAT_GPU_IDS, else one per
+    visible GPU (the launcher shares them out, gpu_slots.gpus_to_share); without a GPU, 2 when the machine
     has at least 2 cores (see the module docstring), else 1.
 
-    Imports torch to count CUDA devices: call it where torch may be loaded (qat-ladder does, once, when it
-    writes a new dagster.yaml), not while the code location loads.
+    May import torch to count GPUs (only where an NVIDIA device node exists): call it where torch may be
+    loaded (qat-ladder does, once, when it writes a new dagster.yaml), not while the code location loads.
     """
-    gpu_ids = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", ""))
+    gpu_ids = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus()
     if gpu_ids:
         return len(gpu_ids)
-    import torch
-
-    if torch.cuda.device_count() > 0:
-        return 1
     return 2 if available_cores() >= 2 else 1
 
 

@@ -25,7 +25,7 @@ from dagster import (
 from pydantic import BaseModel
 
 from qat_assets.core.settings import Settings
-from qat_assets.execution.gpu_slots import gpu_slot, parse_gpu_ids
+from qat_assets.execution.gpu_slots import gpu_slot, gpus_to_share, visible_gpus
 from qat_assets.execution.heavy_step_slots import available_cores, cpu_threads_per_step
 from qat_assets.execution.pipes_clients import launcher_kind
 from qat_assets.execution.ray_jobs import RayStep
@@ -58,8 +58,8 @@ class HeavyStepLauncher(ConfigurableResource):
     """Runs `python -m qat_assets.execution.worker STEP` through `pipes_client`, one GPU per worker.
 
     `pipes_client` is chosen per deployment by `pipes_client_for(settings)` (QAT_LAUNCHER). On the local
-    path, `gpu_ids` (default: QAT_GPU_IDS) lists the GPUs to share out with the file lock; on Ray the
-    cluster places each job on a GPU itself.
+    path, `gpu_ids` (default: QAT_GPU_IDS, else every visible GPU when more than one is: gpu_slots.gpus_to_share)
+    lists the GPUs to share out with the file lock; on Ray the cluster places each job on a GPU itself.
     """
 
     pipes_client: ResourceDependency[PipesClient]
@@ -97,19 +97,21 @@ class HeavyStepLauncher(ConfigurableResource):
         self, context: AssetExecutionContext, step: str, request: BaseModel, log_file: Path
     ) -> tuple[PipesClientCompletedInvocation, dict[str, Any]]:
         settings: Settings = request.settings
-        gpu_ids = parse_gpu_ids(self.gpu_ids or os.environ.get("QAT_GPU_IDS", ""))
-        wants_cuda = settings.device.startswith("cuda") or (not settings.device and bool(gpu_ids))
+        gpu_ids, why_gpus = gpus_to_share(self.gpu_ids or os.environ.get("QAT_GPU_IDS", ""), settings.device)
+        # An empty device picks the first GPU if any: such a step runs on CUDA as surely as a `cuda` one.
+        on_cuda = bool(gpu_ids) or settings.device.startswith("cuda") or (not settings.device and bool(visible_gpus()))
         env = dict(WORKER_ENV)
-        with gpu_slot(settings.artifact_root() / ".gpu_locks", gpu_ids if wants_cuda else []) as gpu_id:
+        with gpu_slot(settings.artifact_root() / ".gpu_locks", gpu_ids) as gpu_id:
             if gpu_id is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu_id
                 request = request.model_copy(update={"settings": settings.model_copy(update={"device": "cuda:0"})})
-                context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id})")
-            elif not settings.device.startswith("cuda"):
+                context.log.info(f"{step}: worker gets GPU {gpu_id} (CUDA_VISIBLE_DEVICES={gpu_id}; {why_gpus})")
+            elif on_cuda:
+                context.log.info(f"{step}: worker runs on CUDA without a GPU of its own ({why_gpus})")
+            else:
                 threads, why = self._cpu_share(context)
                 env[WORKER_THREADS_ENV] = str(threads)
                 context.log.info(f"{step}: worker gets {threads} of {available_cores()} CPU cores: {why}")
-            on_cuda = gpu_id is not None or settings.device.startswith("cuda")
             command, server = worker_command(settings.artifact_root(), step, log_file, on_cuda)
             how = (f"asking the warm worker server at {server} to fork it" if server
                    else "cold: the step runs on CUDA" if on_cuda else "cold: no warm worker server runs")

@@ -9,6 +9,10 @@ from qat_assets.core.comparison import (
     comparability_reference,
     find_non_comparable,
 )
+from qat_assets.core.evaluate import evaluation_settings
+from qat_assets.core.settings import load_settings
+from qat_assets.core.trainer import training_batch
+from qat_assets.core.verdict import build_run_summary
 from qat_assets_tests.core.test_summary import make_summary
 
 
@@ -127,3 +131,41 @@ def test_onnx_map_lands_on_the_row_it_was_exported_from_and_sizes_reach_the_repo
     section = deployment_markdown([exported])
     assert "3.00 MB" in section and "9.00 MB" in section and "0.33" in section and "met" in section
     assert "No `{v}/onnx_model`" in deployment_markdown([])
+
+
+def recorded_qat_sidecar(method: str, seed: int, batches: list[int]) -> dict:
+    """A QAT sidecar as run_qat writes it, for a run whose trained epochs ran at `batches` (smoke: configured 8)."""
+    settings = load_settings({"profile": "smoke"}, environ={})
+    history = [{"epoch": 0, "map50_95": 0.30, "map50": 0.5, "precision": 0.5, "recall": 0.5}] + [
+        {"epoch": e, "map50_95": 0.31 + 0.01 * e, "map50": 0.5, "precision": 0.5, "recall": 0.5, "batch": b, "seconds": 1.0}
+        for e, b in enumerate(batches, start=1)
+    ]
+    return {
+        "variant": "yolo10n", "method": method, "seed": seed, "names": ["a"], "fp_map50_95": 0.35,
+        "pretrained_sha256": "fp", "sha256": f"qat-{method}-{seed}", "quantization": {"options": {}},
+        "quantization_counts": {}, "settings": settings.model_dump(mode="json"), "ema": {}, "resume": "fresh start",
+        "profile_fingerprint": settings.training_profile_fingerprint(), "device": "cuda:0",
+        "evaluation": evaluation_settings(settings.imgsz, settings.batch), "planned_epochs": len(batches),
+        "history": history, "ptq_map50_95": 0.30, "training_batch": training_batch(history, settings.batch),
+    }
+
+
+def test_a_run_whose_batch_ultralytics_halved_is_not_comparable_with_runs_at_the_configured_batch():
+    settings = load_settings({"profile": "smoke"}, environ={})
+    recorded = {(m, s): recorded_qat_sidecar(m, s, [8, 8]) for m in ("baseline", "ema") for s in (0, 1)}
+    recorded[("ema", 1)] = recorded_qat_sidecar("ema", 1, [4, 4])  # out of memory at batch 8 in its first epoch
+    summaries = [build_run_summary(sidecar, None, partition_key=f"{m}|{s}", settings=settings,
+                                   dataset={"fingerprint": "data-1"}) for (m, s), sidecar in recorded.items()]
+    assert recorded[("ema", 1)]["training_batch"] == {"configured": 8, "used": [4], "halved": True}
+    assert summaries[-1].history[1].batch == 4
+    problems = find_non_comparable(summaries)
+    assert list(problems) == [("yolo10n", "ema|1")]
+    assert "trained at batch [4] (Ultralytics halved it after running out of memory) != [8]" in problems[("yolo10n", "ema|1")]
+    comparison = build_comparison(summaries)
+    assert {r.method for r in comparison.variants[0].rows if not r.comparable} == {"ema", "ema+QC", "ema+BN"}
+    assert "trained at batch [8]" in comparison.to_markdown()
+    # Without the halved run, the same runs compare; a resumed run that halved in one epoch only is flagged too.
+    assert find_non_comparable(summaries[:3]) == {}
+    resumed = build_run_summary(recorded_qat_sidecar("ema", 1, [8, 4]), None, partition_key="ema|1", settings=settings,
+                                dataset={"fingerprint": "data-1"})
+    assert "trained at batch [4, 8]" in find_non_comparable([*summaries[:3], resumed])[("yolo10n", "ema|1")]

@@ -9,6 +9,7 @@ from qat_assets.core.pretrain import plateau_check, run_pretrain, validated_fp_e
 from qat_assets.core.requests import PretrainRequest
 from qat_assets.core.settings import SettingsError, load_settings
 from qat_assets.core.synthetic import write_synthetic_coco
+from qat_assets.core.trainer import ResumableTrainer
 
 
 def history(values):
@@ -100,3 +101,27 @@ def test_without_the_variants_checkpoint_in_the_folder_pretraining_stops_before_
     with pytest.raises(CheckpointError, match=r"no yolov10n\.pt in QAT_CHECKPOINT_DIR=.*QAT_PRETRAIN_FROM_SCRATCH=true"):
         pretrain(tmp_path, "fp", checkpoint_dir=str(tmp_path / "weights"), pretrain_from_scratch=False)
     assert not (tmp_path / "fp").exists()
+
+
+def test_a_batch_ultralytics_halved_after_an_oom_is_recorded_as_the_batch_used(tmp_path, monkeypatch):
+    """The first training batch at the configured size raises the error a GPU out of memory raises; Ultralytics'
+    own retry (first epoch only) halves the batch and restarts the epoch. The record says what really ran."""
+    seen: list[int] = []
+    real = ResumableTrainer.preprocess_batch
+
+    def out_of_memory_once(self, batch):
+        seen.append(len(batch["img"]))
+        if len(seen) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(ResumableTrainer, "preprocess_batch", out_of_memory_once)
+    result = pretrain(tmp_path, "oom", pretrain_epochs=2, plateau_epochs=1)
+    assert seen[0] == 8 and set(seen[1:]) == {4}  # smoke: batch 8, then 16 images in batches of 4
+    assert [h["batch"] for h in result["history"]] == [4, 4]
+    assert result["training_batch"] == {"configured": 8, "used": [4], "halved": True}
+
+    monkeypatch.undo()
+    unhalved = pretrain(tmp_path, "ok")
+    assert [h["batch"] for h in unhalved["history"]] == [8]
+    assert unhalved["training_batch"] == {"configured": 8, "used": [8], "halved": False}

@@ -1,8 +1,8 @@
 import os
 
 import pytest
-import torch
 
+from qat_assets.execution import gpu_slots
 from qat_assets.execution.heavy_step_slots import available_cores, cpu_threads_per_step, default_heavy_step_slots
 
 
@@ -10,10 +10,11 @@ from qat_assets.execution.heavy_step_slots import available_cores, cpu_threads_p
 def machine(monkeypatch):
     """A machine with `cores` cores and `cuda_devices` visible GPUs, QAT_GPU_IDS unset."""
     monkeypatch.delenv("QAT_GPU_IDS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     def make(cores: int, cuda_devices: int = 0) -> None:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+        monkeypatch.setattr(gpu_slots, "cuda_device_count", lambda: cuda_devices)
 
     return make
 
@@ -24,9 +25,14 @@ def test_listed_gpus_run_one_heavy_step_each(machine, monkeypatch):
     assert default_heavy_step_slots() == 3
 
 
-def test_a_visible_gpu_not_listed_in_qat_gpu_ids_runs_one_step_at_a_time(machine):
+def test_without_qat_gpu_ids_every_visible_gpu_runs_one_heavy_step(machine, monkeypatch):
     machine(cores=16, cuda_devices=2)
+    assert default_heavy_step_slots() == 2  # the launcher shares both out (test_gpu_slots.py)
+    machine(cores=16, cuda_devices=1)
     assert default_heavy_step_slots() == 1
+    machine(cores=16, cuda_devices=8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")  # what this process may use, not what the driver has
+    assert default_heavy_step_slots() == 3
 
 
 def test_a_cpu_only_machine_runs_two_steps_at_once_when_it_has_two_cores(machine):
