@@ -120,14 +120,15 @@ def main() -> None:
         trajectory_dir=trajectory, settings=settings,
     ), log=lambda line: print(line, flush=True))
     trained = [h for h in result["history"] if h["epoch"] > 0]
-    best = max(trained, key=lambda h: h["map50_95"]) if trained else None
-    final = trained[-1]["map50_95"] if trained else float("nan")
+    validated = [h for h in trained if h["map50_95"] is not None]  # QAT_QAT_VAL_INTERVAL may skip epochs
+    best = max(validated, key=lambda h: h["map50_95"]) if validated else None
+    final = validated[-1]["map50_95"] if validated else float("nan")
     record(work, {
         "stage": "qat", "fp": args.fp, "variant": sidecar["variant"], "method": args.method, "seed": args.seed,
         "overrides": args.set, "fp_map50_95": result["fp_map50_95"], "ptq": result["ptq_map50_95"],
         "best": best["map50_95"] if best else None, "best_epoch": best["epoch"] if best else None,
         "final": final, "final_over_best": final / best["map50_95"] if best and best["map50_95"] > 0 else None,
-        "diverged_at": result["diverged_at_epoch"], "history": [round(h["map50_95"], 4) for h in result["history"]],
+        "diverged_at": result["diverged_at_epoch"], "history": [None if h["map50_95"] is None else round(h["map50_95"], 4) for h in result["history"]],
         "oscillating": [round(h.get("oscillating_fraction", 0.0), 4) for h in trained],
         # The live weights' model-level collapse diagnostics (core/diagnostics.py) at the peak and at the end.
         "diagnostics": {"peak": model_diagnostics(best), "end": model_diagnostics(trained[-1] if trained else None)},

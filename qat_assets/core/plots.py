@@ -16,7 +16,7 @@ from qat_assets.core.artifacts import atomic_path, write_json_atomic, write_text
 from qat_assets.core.comparison import Comparison, deployment_markdown
 from qat_assets.core.diagnostics_report import diagnostics_markdown
 from qat_assets.core.gate import GateDecision
-from qat_assets.core.summary import RunSummary
+from qat_assets.core.summary import EpochRecord, RunSummary
 
 # Methods get distinct colour families and line styles; seeds of one method get shades of its family.
 _METHOD_STYLE = {"baseline": ("Oranges", "--", "o"), "ema": ("Blues", "-", "s")}
@@ -31,8 +31,9 @@ def plot_map_curves(
 ) -> Path:
     """Plot mAP50-95 per epoch for every run of one variant and write it atomically as PNG.
 
-    One line per `method|seed` (epoch 0 = PTQ); each run's QC result is a star one epoch after its final
-    epoch (QC is applied to the final weights); the FP reference is a dashed horizontal line.
+    One line per `method|seed` through its validated epochs (epoch 0 = PTQ); each run's QC result is a star
+    one epoch after its final epoch (QC is applied to the final weights); the FP reference is a dashed
+    horizontal line.
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -48,7 +49,7 @@ def plot_map_curves(
         same_method = [s for s in runs if s.method == method]
         for i, summary in enumerate(same_method):
             colour = colormaps[cmap_name](0.5 + 0.45 * i / max(1, len(same_method) - 1))
-            history = sorted(summary.history, key=lambda r: r.epoch)
+            history = validated_epochs(summary)
             ax.plot([r.epoch for r in history], [r.map50_95 for r in history], linestyle=linestyle, marker=marker,
                     markersize=3, color=colour, label=f"{method} seed {summary.seed} ({summary.stability_qat.status})")
             if summary.qc is not None and history and math.isfinite(summary.qc.map50_95_after):
@@ -71,6 +72,12 @@ def plot_map_curves(
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return out_png
+
+
+def validated_epochs(summary: RunSummary) -> list[EpochRecord]:
+    """The run's validated epochs in order: its curve is a line through them, not one broken at every epoch a
+    sparse validation cadence (`qat_val_interval`) skipped."""
+    return sorted((r for r in summary.history if r.map50_95 is not None), key=lambda r: r.epoch)
 
 
 def qc_markdown(summaries: Sequence[RunSummary]) -> list[str]:

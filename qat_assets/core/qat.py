@@ -9,6 +9,11 @@ Whichever of the two partitions runs first trains it; the other waits on its loc
 then writes its own checkpoint: `model` the live weights, `ema` the weights its method evaluates.
 
 Epoch 0 of the history is the freshly quantized pretrained model (PTQ), evaluated before any training.
+A long run can validate every `qat_val_interval` epochs and then every epoch of its last
+`qat_val_final_epochs` (`validated_qat_epochs`); an epoch without a validation is in the history with
+metrics, live metrics and diagnostics None. The cadence changes no trained weight (validation restores
+the random state training draws from), so it is not part of the trajectory's fingerprint: a trajectory
+keeps the validations it was trained with, and a resumed one validates at the current cadence.
 The trajectory resumes from its last completed epoch when re-run after a crash, and a NaN/Inf stops it as
 diverged: the checkpoints it has are kept and the result says so.
 """
@@ -58,6 +63,15 @@ def trajectory_fingerprint(request: QATRequest) -> str:
         str(request.seed),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def validated_qat_epochs(epochs: int, interval: int, final_epochs: int) -> Callable[[int], bool]:
+    """Which QAT epochs (1-based) the trajectory validates: every `interval`-th, and every one of the last
+    `final_epochs` (so always the last). The collapse rule's final is the median of the last validations,
+    which the settings keep inside the final window. Its best is the highest running median over the
+    validations: before the window those are `interval` epochs apart, so a median spans m x interval epochs
+    and a peak between two validations is not seen."""
+    return lambda epoch: epoch % interval == 0 or epoch > epochs - final_epochs
 
 
 def method_history(trajectory_history: list[dict], method: str) -> list[dict]:
@@ -111,9 +125,11 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     log(f"{label}: PTQ (epoch 0) mAP50-95 {history[0]['map50_95']:.4f} vs FP {pretrained['metrics']['map50_95']:.4f}; "
         f"evaluates the {'EMA copy' if request.method == 'ema' else 'live weights'} of the trajectory")
     trained = [h for h in history if h["epoch"] > 0]
+    validated = [h for h in trained if h["map50_95"] is not None]
     sidecar = {
         "variant": request.variant, "method": request.method, "seed": request.seed,
         "names": pretrained["names"], "planned_epochs": settings.qat_epochs, "completed_epochs": len(trained),
+        "validated_epochs": [h["epoch"] for h in validated],
         "diverged_at_epoch": diverged_at, "resume": resume_note, "history": history,
         "ptq_map50_95": history[0]["map50_95"], "fp_map50_95": pretrained["metrics"]["map50_95"],
         "quantization": report.to_dict(), "quantization_counts": report.counts(), "ema": ema_of[request.method],
@@ -132,9 +148,12 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         final_model = copy.deepcopy(model)
         final_model.load_state_dict(evaluated)
         final_one_to_one = {"epoch": trained[-1]["epoch"], **one_to_one_metrics(freeze_quantized_weights(final_model), request)}
+        # A diverged run's last completed epoch may not have been validated: the one-to-many figure is then its
+        # last validated epoch's.
+        one_to_many = (f"epoch {validated[-1]['epoch']} {validated[-1]['map50_95']:.4f}" if validated else "not validated")
         log(f"{label}: NMS-free (one-to-one) head mAP50-95 FP {fp_one_to_one['map50_95']:.4f} -> epoch "
             f"{trained[-1]['epoch']} {final_one_to_one['map50_95']:.4f} (one-to-many head FP "
-            f"{pretrained['metrics']['map50_95']:.4f} -> {trained[-1]['map50_95']:.4f})")
+            f"{pretrained['metrics']['map50_95']:.4f} -> {one_to_many})")
     sidecar["one_to_one"] = {"fp": fp_one_to_one, "final": final_one_to_one if trained else None}
     checkpoint = request.out_dir / CHECKPOINT_NAME
     digest = save_checkpoint(checkpoint, {"model": final_state["model"], "ema": evaluated}, sidecar)
@@ -210,6 +229,7 @@ def train_trajectory(
             history=history,
             validation_model=freeze_quantized_weights,
             validate_live=True,
+            validate_epoch=validated_qat_epochs(epochs, settings.qat_val_interval, settings.qat_val_final_epochs),
             after_optimizer_step=oscillation.update_model,
             scale_training=ScaleTraining(settings.scale_optimizer, settings.scale_lr) if settings.lsq_scales else None,
             epoch_diagnostics=lambda trainer: diagnostics.measure(unwrap_model(trainer.model), trainer.train_loader.dataset),

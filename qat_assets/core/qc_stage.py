@@ -114,7 +114,8 @@ def qat_final_evaluation(qat: dict, settings) -> dict | None:
     history = [h for h in qat.get("history", []) if h.get("epoch", 0) > 0]
     if (not history or qat.get("device") != "cpu"
             or qat.get("evaluation") != evaluation_settings(settings.imgsz, settings.batch)
-            or history[-1]["epoch"] != qat.get("planned_epochs") or qat.get("diverged_at_epoch")):
+            or history[-1]["epoch"] != qat.get("planned_epochs") or qat.get("diverged_at_epoch")
+            or history[-1].get("map50_95") is None):  # QAT always validates its last epoch (qat_val_interval)
         return None
     return {key: float(history[-1][key]) for key in ("map50_95", "map50", "precision", "recall")}
 

@@ -58,15 +58,18 @@ class EpochDiagnostics(BaseModel):
 
 
 class EpochRecord(BaseModel):
-    """One row of a QAT history. Epoch 0 is the freshly quantized pretrained model (PTQ), not training."""
+    """One row of a QAT history. Epoch 0 is the freshly quantized pretrained model (PTQ), not training.
+
+    The metrics are None on an epoch the run did not validate (`qat_val_interval`); the stability rule and
+    the plots read only the validated epochs."""
 
     model_config = ConfigDict(extra="forbid")
 
     epoch: int
-    map50_95: float
-    map50: float
-    precision: float
-    recall: float
+    map50_95: float | None
+    map50: float | None
+    precision: float | None
+    recall: float | None
     box_loss: float | None = None
     cls_loss: float | None = None
     dfl_loss: float | None = None
@@ -74,6 +77,7 @@ class EpochRecord(BaseModel):
     batch: int | None = None  # the batch this epoch trained at (Ultralytics may halve it after an OOM)
     oscillating_fraction: float | None = None
     seconds: float | None = None
+    validation_seconds: float | None = None  # of `seconds`; None on an unvalidated epoch and in older summaries
     diagnostics: EpochDiagnostics | None = None  # of the live weights; None at epoch 0 and in older summaries
 
 

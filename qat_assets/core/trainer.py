@@ -14,8 +14,9 @@ What the subclass changes, and why:
 - validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
   `random`, which the training augmentations also draw from, so without this the trained weights would
   depend on how often the run validated;
-- `validate_epoch` can skip validations (an FP run needs its plateau window, not every epoch); a skipped
-  epoch is recorded with no metrics rather than with the last validated epoch's;
+- `validate_epoch` can skip validations (an FP run needs its plateau window, not every epoch; a long QAT run
+  its final window); a skipped epoch is recorded with no metrics (None) rather than with the last validated
+  epoch's, and each validated one with the seconds its validation took;
 - `epoch_diagnostics(trainer)` runs after each validation and its result is the epoch record's
   `diagnostics` (core/diagnostics.py: why a run collapses);
 - each finished epoch is reported through `on_epoch` as a plain dict, with the batch it trained at: Ultralytics
@@ -221,6 +222,7 @@ class ResumableTrainer(DetectionTrainer):
         self._diagnostics: dict[str, Any] | None = None
         self._validated_epoch: int | None = None
         self._live_metrics: dict[str, float] | None = None
+        self._validation_seconds: float | None = None
         self._epoch_started = time.time()
         self.add_callback("on_pretrain_routine_end", lambda trainer: trainer._configure_ema_and_resume())
         self.add_callback("on_train_epoch_start", lambda trainer: trainer._start_epoch())
@@ -307,6 +309,7 @@ class ResumableTrainer(DetectionTrainer):
 
     def validate(self):
         self._validated_epoch = self.epoch + 1
+        started = time.perf_counter()
         held = self.ema.ema
         with preserved_random_state():
             try:
@@ -324,6 +327,7 @@ class ResumableTrainer(DetectionTrainer):
                     self._diagnostics = self.epoch_diagnostics(self)
             finally:
                 self.ema.ema = held
+        self._validation_seconds = time.perf_counter() - started
         if self.validate_live and not math.isfinite(self._live_metrics["map50_95"]):
             raise TrainingDiverged(self.epoch + 1, "the live weights' validation mAP50-95")
         return result
@@ -349,6 +353,8 @@ class ResumableTrainer(DetectionTrainer):
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "batch": int(self.batch_size),  # after any OOM halving: see training_batch
             "seconds": time.time() - self._epoch_started,
+            # Of `seconds`: what this epoch's validations (and diagnostics) took, to check a cadence's cost.
+            "validation_seconds": self._validation_seconds if validated else None,
             **self.extra_state().get("epoch_fields", {}),
             **({"diagnostics": self._diagnostics if validated else None} if self.epoch_diagnostics else {}),
         }

@@ -16,7 +16,7 @@ from qat_assets.core.summary import RunSummary
 HISTORY_COLUMNS = (
     ("epoch", "int"), ("map50_95", "float"), ("map50", "float"), ("precision", "float"), ("recall", "float"),
     ("box_loss", "float"), ("cls_loss", "float"), ("dfl_loss", "float"), ("lr", "float"),
-    ("oscillating_fraction", "float"), ("seconds", "float"),
+    ("oscillating_fraction", "float"), ("seconds", "float"), ("validation_seconds", "float"),
 )
 
 
@@ -91,8 +91,9 @@ def pretrain_metadata(result: dict[str, Any]) -> dict[str, Any]:
 
 def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
     trained = [h for h in result["history"] if h["epoch"] > 0]
-    best = max(trained, key=lambda h: h["map50_95"], default=None)
-    final = trained[-1] if trained else None
+    validated = [h for h in trained if h["map50_95"] is not None]  # qat_val_interval may skip epochs
+    best = max(validated, key=lambda h: h["map50_95"], default=None)
+    final = validated[-1] if validated else None
     epoch_seconds = [h["seconds"] for h in trained if h.get("seconds") is not None]
     return {
         **checkpoint_metadata(result),
@@ -108,6 +109,7 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "best_epoch": best["epoch"] if best else None,
         "final_map50_95": final["map50_95"] if final else None,
         "final_epoch": final["epoch"] if final else None,
+        "validated_epochs": f"{len(validated)} of {len(trained)} trained",
         # YOLOv10's NMS-free head, the same weights' one-to-one branch (Ultralytics' nms=False), FP and final.
         "fp_one_to_one_map50_95": result["one_to_one"]["fp"]["map50_95"],
         "final_one_to_one_map50_95": (result["one_to_one"]["final"] or {}).get("map50_95"),

@@ -58,3 +58,15 @@ def test_reporting_modules_stay_light_to_import():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_sparsely_validated_run_is_drawn_through_its_validated_epochs(tmp_path):
+    from qat_assets.core.plots import validated_epochs
+
+    dense = make_summary(maps=(0.20, 0.28, 0.30, 0.31, 0.32, 0.31))
+    unvalidated = {"map50_95": None, "map50": None, "precision": None, "recall": None}
+    sparse = dense.model_copy(update={"history": [
+        r.model_copy(update=unvalidated) if r.epoch in (1, 3) else r for r in dense.history]})
+    assert [(r.epoch, r.map50_95) for r in validated_epochs(sparse)] == [(0, 0.20), (2, 0.30), (4, 0.32), (5, 0.31)]
+    out = plot_map_curves([sparse, make_summary(method="baseline")], tmp_path / "sparse.png", "sparse", fp_map50_95=0.4)
+    assert out.read_bytes().startswith(PNG_SIGNATURE)

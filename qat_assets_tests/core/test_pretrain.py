@@ -82,10 +82,13 @@ def test_pretraining_holds_the_final_lr_over_the_last_epochs_and_validates_only_
     # Every 2nd epoch and from the one before the 1-epoch window: epoch 1 is not validated, and says so.
     assert [h["map50_95"] is None for h in sparse["history"]] == [True, False, False]
     assert [h["precision"] is None for h in sparse["history"]] == [True, False, False]
+    assert [h["validation_seconds"] is None for h in sparse["history"]] == [True, False, False]
+    assert all(0 < h["validation_seconds"] < h["seconds"] for h in sparse["history"][1:])
     # Skipping a validation changes nothing that is trained: the same model as validating every epoch.
     dense = pretrain(tmp_path, "dense", **recipe, pretrain_val_interval=1)
     assert dense["metrics"] == sparse["metrics"] and dense["history"][1:] == [
-        {**h, "seconds": d["seconds"]} for h, d in zip(sparse["history"][1:], dense["history"][1:])
+        {**h, "seconds": d["seconds"], "validation_seconds": d["validation_seconds"]}
+        for h, d in zip(sparse["history"][1:], dense["history"][1:])
     ]
 
 

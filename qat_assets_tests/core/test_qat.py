@@ -1,6 +1,7 @@
 """The QAT stage's shared trajectory: one training per seed gives both methods, and the baseline it gives is
 exactly the EMA-decay-0 run the baseline used to train on its own."""
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from qat_assets.core.models import load_float_model
 from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
 from qat_assets.core.quantize import freeze_quantized_weights, learned_scales, quantize_w4a16
 from qat_assets.core.requests import QATRequest
-from qat_assets.core.settings import load_settings
+from qat_assets.core.settings import QAT_FIELDS, SettingsError, load_settings
+from qat_assets.core.stability import classify_qat
 from qat_assets.core.summary import EpochRecord
 from qat_assets.core.trainer import ema_schedule
 from qat_assets_tests.execution.test_worker import pretrained  # noqa: F401 (a fixture: a smoke set and a 1-epoch FP yolo10n)
@@ -155,3 +157,62 @@ def test_lsq_scales_train_with_their_own_optimizer_and_their_trajectory_is_recor
     # The mean step size of every layer is recorded per epoch: the scale trajectory.
     trajectories = [[row["scale"] for row in record["diagnostics"]["layers"]] for record in history[1:]]
     assert len(trajectories) == 2 and trajectories[0] != trajectories[1]
+
+
+def test_qat_validates_every_interval_and_every_epoch_of_the_final_window():
+    validated = qat.validated_qat_epochs(epochs=100, interval=5, final_epochs=10)
+    assert [e for e in range(1, 101) if validated(e)] == [*range(5, 91, 5), *range(91, 101)]
+    assert [e for e in range(1, 8) if qat.validated_qat_epochs(7, 3, 1)(e)] == [3, 6, 7]  # the last epoch always
+    assert all(qat.validated_qat_epochs(4, 1, 1)(e) for e in range(1, 5))  # interval 1: every epoch, as before
+
+
+def test_the_cadence_settings_keep_the_final_median_inside_the_final_window():
+    for profile in ("smoke", "embedded", "coco"):  # every profile validates every QAT epoch
+        settings = load_settings({"profile": profile, "checkpoint_dir": "/weights"}, environ={})
+        assert settings.qat_val_interval == 1
+    assert "qat_val_interval" not in QAT_FIELDS and "qat_val_final_epochs" not in QAT_FIELDS  # tested: same weights
+    with pytest.raises(SettingsError, match="qat_val_final_epochs 2 is shorter than stability_window 3"):
+        load_settings({"profile": "smoke", "qat_epochs": 10, "qat_val_interval": 2, "qat_val_final_epochs": 2}, environ={})
+    assert load_settings({"profile": "smoke", "qat_epochs": 2, "qat_val_interval": 2, "qat_val_final_epochs": 2},
+                         environ={}).qat_val_final_epochs == 2  # a run shorter than the window validates all of it
+
+
+def test_a_sparse_cadence_validates_the_expected_epochs_and_trains_the_same_weights(pretrained, tmp_path):
+    # 5 epochs, every 2nd validated and the last 2: epochs 2, 4 and 5; epochs 1 and 3 train without a validation.
+    results, trajectories = {}, {}
+    for interval in (2, 1):
+        request = request_for(pretrained, "ema", tmp_path / f"trajectory-k{interval}", tmp_path / f"k{interval}")
+        # The sparse run also measures the +BN curve, which runs at the validated epochs only.
+        settings = load_settings({"profile": "smoke", "storage": str(pretrained[0]), "qat_epochs": 5, "stability_window": 2,
+                                  "qat_val_interval": interval, "qat_val_final_epochs": 2,
+                                  "bn_reestimate_every_eval": interval == 2, "bn_reestimation_batches": 1}, environ={})
+        results[interval] = run_qat(request.model_copy(update={"settings": settings}), log=lambda line: None)
+        trajectories[interval] = json.loads((request.trajectory_dir / "history.json").read_text())
+    sparse, dense = trajectories[2], trajectories[1]
+    assert [h["epoch"] for h in sparse] == list(range(6)) and results[2]["validated_epochs"] == [2, 4, 5]
+    assert results[1]["validated_epochs"] == [1, 2, 3, 4, 5]
+    for record in sparse[1:]:
+        validated = record["epoch"] in (2, 4, 5)
+        metrics = [record[m] for m in METRICS] + [record["live"][m] for m in METRICS]
+        assert all(v is not None for v in metrics) if validated else all(v is None for v in metrics)
+        assert [record[k] is not None for k in ("diagnostics", "validation_seconds", "bn_reestimated")] == [validated] * 3
+        assert record["box_loss"] is not None and record["oscillating_fraction"] is not None  # trained all the same
+    # Skipping validations changes nothing that is trained: the same live weights and EMA copy, bit for bit,
+    # and so the same metrics on the epochs both validated.
+    states = {k: load_checkpoint(Path(results[k]["checkpoint"])) for k in results}
+    for part in ("model", "ema"):
+        assert all(torch.equal(states[2][part][name], states[1][part][name]) for name in states[1][part])
+    for epoch in (0, 2, 4, 5):
+        assert {m: sparse[epoch][m] for m in METRICS} == {m: dense[epoch][m] for m in METRICS}
+        if epoch:
+            assert sparse[epoch]["live"] == dense[epoch]["live"]
+    # The verdict reads the validated epochs: both methods' sparse histories give the verdict of the dense
+    # history restricted to epochs 0, 2, 4, 5, and the final window (epochs 4-5) is whole.
+    for method in ("ema", "baseline"):
+        as_read = [EpochRecord(**{k: v for k, v in h.items() if k in EpochRecord.model_fields})
+                   for h in method_history(sparse, method)]
+        only = [r for r in (EpochRecord(**{k: v for k, v in h.items() if k in EpochRecord.model_fields})
+                            for h in method_history(dense, method)) if r.epoch in (0, 2, 4, 5)]
+        verdict, expected = classify_qat(as_read, 5, window=2), classify_qat(only, 3, window=2)
+        assert verdict.status != "incomplete" and (verdict.final_from_epoch, verdict.final_epoch) == (4, 5)
+        assert verdict.model_dump() == expected.model_dump()

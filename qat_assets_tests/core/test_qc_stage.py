@@ -33,3 +33,13 @@ def test_evaluates_again_when_settings_differ_or_the_run_did_not_finish():
 def test_evaluates_again_after_qat_on_a_gpu_whose_validation_ran_under_amp():
     settings = load_settings({"profile": "smoke"}, environ={})
     assert qat_final_evaluation(qat_sidecar(settings, device="cuda:0"), settings) is None
+
+
+def test_a_sparse_cadence_reuses_the_validated_last_epoch_and_never_an_unvalidated_one():
+    settings = load_settings({"profile": "smoke"}, environ={})
+    unvalidated = {"map50_95": None, "map50": None, "precision": None, "recall": None}
+    sparse = qat_sidecar(settings)
+    sparse["history"][1].update(unvalidated)  # qat_val_interval=2: epoch 1 trained without a validation
+    assert qat_final_evaluation(sparse, settings) == {"map50_95": 0.37919, "map50": 0.61283, "precision": 0.7, "recall": 0.6}
+    sparse["history"][2].update(unvalidated)
+    assert qat_final_evaluation(sparse, settings) is None

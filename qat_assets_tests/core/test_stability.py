@@ -174,3 +174,49 @@ def test_qc_outcome_is_incomplete_when_qat_or_qc_is():
     assert "QC result is missing" in classify_with_qc(stable, None).reason
     assert classify_with_qc(stable, None, qc_error="boom").reason == "QC crashed: boom"
     assert classify_with_qc(stable, qc(0.28, float("nan"))).status == "incomplete"
+
+
+def recorded(maps_by_epoch: dict[int, float], epochs: int, interval: int, final_epochs: int) -> list[EpochRecord]:
+    """A trajectory's history as the trainer records it at a sparse cadence, read back as the verdict reads it:
+    an unvalidated epoch keeps its losses and has metrics None."""
+    from qat_assets.core.qat import validated_qat_epochs
+
+    validated = validated_qat_epochs(epochs, interval, final_epochs)
+    rows = []
+    for epoch, value in sorted(maps_by_epoch.items()):
+        shown = epoch == 0 or validated(epoch)
+        metrics = {"map50_95": value, "map50": min(1.0, 1.5 * value), "precision": 0.5, "recall": 0.5}
+        rows.append({"epoch": epoch, **(metrics if shown else dict.fromkeys(metrics)), "box_loss": 1.0,
+                     "validation_seconds": 2.0 if shown else None})
+    return [EpochRecord(**{k: v for k, v in row.items() if k in EpochRecord.model_fields}) for row in rows]
+
+
+def test_a_sparse_cadence_judges_the_validated_epochs_only_and_ignores_an_unvalidated_dip():
+    # 7 epochs, every 2nd validated and the last 3: epochs 2, 4, 5, 6, 7. The model dips hard in epochs 1 and 3,
+    # which trained without a validation: a history that counted them (as 0, or as the last value) would
+    # move the best and, here, its window; the verdict reads 2, 4, 5, 6, 7 and nothing else.
+    truth = {0: 0.30, 1: 0.02, 2: 0.31, 3: 0.01, 4: 0.33, 5: 0.32, 6: 0.30, 7: 0.31}
+    sparse = recorded(truth, epochs=7, interval=2, final_epochs=3)
+    assert [r.epoch for r in sparse if r.map50_95 is not None] == [0, 2, 4, 5, 6, 7]
+    verdict = classify_qat(sparse, planned_epochs=7)
+    assert verdict.status == "completed-success"
+    # running medians of 3 over (0.31, 0.33, 0.32, 0.30, 0.31): 0.32 (epochs 2-5), 0.32 (4-6), 0.31 (5-7)
+    assert (verdict.best, verdict.best_from_epoch, verdict.best_epoch) == (0.32, 2, 5)
+    assert (verdict.final, verdict.final_from_epoch, verdict.final_epoch) == (0.31, 5, 7)
+    validated_only = [r for r in sparse if r.map50_95 is not None]
+    assert classify_qat(validated_only, planned_epochs=7).model_dump() == {
+        **verdict.model_dump(), "status": "incomplete", "reason": "trained 5 of 7 planned epochs (interrupted)"}
+    dense = classify_qat(history(list(truth.values())), planned_epochs=7)
+    assert (dense.best, dense.best_from_epoch, dense.best_epoch) == (0.32, 3, 5)  # validating every epoch
+
+
+def test_a_sparse_cadence_with_fewer_validations_than_the_window_shrinks_it():
+    # 4 epochs at interval 4 and a 1-epoch final window: only epoch 4 is validated, so m = 1 < 3.
+    verdict = classify_qat(recorded({0: 0.30, 1: 0.10, 2: 0.10, 3: 0.10, 4: 0.29}, 4, 4, 1), planned_epochs=4)
+    assert verdict.status == "completed-success" and verdict.window == 1
+    assert (verdict.best, verdict.final, verdict.final_epoch, verdict.final_spread) == (0.29, 0.29, 4, None)
+    # 3 epochs at interval 2: epochs 2 and 3, m = 2. The peak in unvalidated epoch 1 is not seen, so this run
+    # fell below PTQ but did not collapse from its (seen) best.
+    two = classify_qat(recorded({0: 0.30, 1: 0.31, 2: 0.10, 3: 0.12}, 3, 2, 1), planned_epochs=3)
+    assert two.window == 2 and (two.best, two.final) == pytest.approx((0.11, 0.11))
+    assert two.status == "completed-failed" and two.failed_rules == ["fell_below_ptq"]

@@ -29,7 +29,11 @@ def worker_env() -> dict:
 
 def without_clocks_and_paths(result: dict) -> dict:
     kept = {k: v for k, v in result.items() if k not in ("seconds", "checkpoint", "sha256")}
-    kept["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in result["history"]]
+    kept["history"] = [{k: v for k, v in row.items() if k not in ("seconds", "validation_seconds")} for row in result["history"]]
+    for row in kept["history"]:  # the collapse diagnostics time themselves too
+        if row.get("diagnostics"):
+            row["diagnostics"] = {**row["diagnostics"], "model": {
+                k: v for k, v in row["diagnostics"]["model"].items() if k != "seconds"}}
     kept["trajectory"] = {k: v for k, v in result["trajectory"].items() if k not in ("dir", "waited_seconds")}
     return kept
 
