@@ -124,6 +124,9 @@ def trainer_overrides(
         data=str(data_yaml), epochs=epochs, imgsz=settings.imgsz, batch=settings.batch,
         workers=settings.workers, device=device, seed=seed, deterministic=True, amp=False, plots=False,
         verbose=False, project=str(run_dir), name="ultralytics", exist_ok=True,
+        # No early stopping: the planned epochs are the protocol, and a run that peaks early then collapses (the
+        # failure studied) would be cut 100 epochs after its peak (Ultralytics' default patience) as "incomplete".
+        patience=0,
     )
 
 

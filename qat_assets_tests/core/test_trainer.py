@@ -7,7 +7,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 from qat_assets.core.models import build_detection_model
 from qat_assets.core.quantize import QuantOptions, quantize_w4a16
 from qat_assets.core.settings import SettingsError, load_settings
-from qat_assets.core.trainer import ema_schedule, gradients_diverged, linear_decay_then_hold
+from qat_assets.core.trainer import ema_schedule, gradients_diverged, linear_decay_then_hold, trainer_overrides
 
 
 def test_decay_zero_makes_the_ema_copy_equal_the_model_after_every_update():
@@ -89,3 +89,18 @@ def test_a_non_finite_gradient_is_divergence_except_under_amp_where_gradscaler_s
     assert not gradients_diverged([kernel, empty], torch.amp.GradScaler("cpu", enabled=False))
     kernel.grad[2, 1, 0, 2] = float("-inf")
     assert gradients_diverged([empty, kernel], torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_no_early_stopping_cuts_a_run_that_peaked_long_ago(tmp_path):
+    """The trainer's patience reaches Ultralytics' EarlyStopping as no limit: 500 epochs after the best, still on."""
+    from ultralytics.utils.torch_utils import EarlyStopping
+
+    settings = load_settings({"profile": "smoke", "storage": str(tmp_path)}, environ={})
+    overrides = trainer_overrides(settings, "yolo10n", tmp_path / "data.yaml", tmp_path, "cpu", 600, 0)
+    stopper = EarlyStopping(patience=overrides["patience"])
+    stopper(epoch=0, fitness=0.5)
+    assert not any(stopper(epoch=epoch, fitness=0.01) for epoch in range(1, 501))
+    # the control: Ultralytics' default would have stopped this run at epoch 100
+    default = EarlyStopping(patience=100)
+    default(epoch=0, fitness=0.5)
+    assert any(default(epoch=epoch, fitness=0.01) for epoch in range(1, 501))
