@@ -1,7 +1,9 @@
 """Step-time benchmark: the QAT, FP and QC training steps and the evaluation forwards the ladder runs.
 
 Random tensors, no data loading, so the numbers isolate the cost of fake quantization and of QC's
-correction. The collapse diagnostics QAT measures once per epoch (core/diagnostics.py) are timed against a
+correction. The FP and QAT steps check for divergence as the trainer does (core/divergence.py), and their
+host syncs per step are counted (core/host_syncs.py), split into Ultralytics' (its loss's target assignment,
+the same in FP and QAT) and the rest (ours: the divergence check, the quantizer, the oscillation tracker). The collapse diagnostics QAT measures once per epoch (core/diagnostics.py) are timed against a
 QAT step and as a share of an epoch. The QAT step includes the oscillation tracker's update after every optimizer step, as QAT
 runs it; QC's batch differs from QAT's, so QC is compared per image. All training-side steps are
 interleaved in one loop (then the two evaluations in another) and medians are reported, which keeps the
@@ -33,6 +35,8 @@ from qat_assets.core.quantize import (  # noqa: E402
     quantize_w4a16,
     quantized_modules,
 )
+from qat_assets.core.divergence import DivergenceWatch  # noqa: E402
+from qat_assets.core.host_syncs import HostSyncCount, count_host_syncs  # noqa: E402
 from qat_assets.core.diagnostics import FrozenShadow, bn_variance_mismatch, model_summary, weight_code_statistics  # noqa: E402
 from qat_assets.core.oscillation import OscillationTracker  # noqa: E402
 from qat_assets.core.qc import correction_step, correction_trainee, prepare_correction_training  # noqa: E402
@@ -59,14 +63,20 @@ def build_model(nc: int, model_yaml: str = "yolov10n.yaml") -> DetectionModel:
 
 
 def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], after_step=None):
-    """One optimizer step as the trainer takes it; `after_step(model)` runs after it, as QAT's tracker does."""
+    """One optimizer step as the trainer takes it, divergence check included; `after_step(model)` runs after it,
+    as QAT's tracker does."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    divergence = DivergenceWatch()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss, _ = model.loss(batch)
-        loss.sum().backward()
+        loss = loss.sum()
+        loss.backward()
+        divergence.add_loss(loss)
+        if divergence.read([p.grad for p in model.parameters() if p.grad is not None]) is not None:
+            raise RuntimeError("the benchmark's training step diverged")
         optimizer.step()
         if after_step is not None:
             after_step(model)
@@ -151,6 +161,19 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], warmup: int, repea
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def syncs_per_step(step: Callable[[], None]) -> HostSyncCount:
+    """The host syncs of one call of `step` (after the timed ones: counting slows the step down)."""
+    with count_host_syncs() as count:
+        step()
+    return count
+
+
+def sync_line(label: str, count: HostSyncCount) -> str:
+    ours = len(count.outside("ultralytics"))
+    return (f"{label:<34}{ours:>6d}   ours (goal 0-1); Ultralytics' loss and target assignment "
+            f"{len(count) - ours}, as in FP")
+
+
 def ratio_line(label: str, numerator: float, denominator: float, names: tuple[str, str], goal: str = "") -> str:
     """`label: ratio (numerator ms / denominator ms)`, each time per call or per image as the names say."""
     return (f"{label:<34}{numerator / denominator:>6.2f}   {names[0]} {1000 * numerator:8.1f} ms / "
@@ -181,11 +204,12 @@ def main() -> None:
     qc_batch = synthetic_batch(args.qc_batch, args.imgsz)
 
     tracker = OscillationTracker()
+    fp_step, qat_step = train_step_fn(float_model, batch), tracked_qat_step_fn(quant_model, batch, tracker)
     # One interleaved loop for every training-side step, so each ratio is taken under the same load.
     train = interleaved_medians(
         {
-            "fp": train_step_fn(float_model, batch),
-            "qat": tracked_qat_step_fn(quant_model, batch, tracker),
+            "fp": fp_step,
+            "qat": qat_step,
             "diagnostics": diagnostics_fn(quant_model, batch["img"], tracker),
             "qat before": brevitas_path_qat_step_fn(quant_model, batch),
             "qc": qc_step_fn(quant_model, qc_batch),
@@ -206,6 +230,8 @@ def main() -> None:
           f"median of {args.steps} interleaved repeats after {args.warmup} warm-up; convs {report.counts()}, "
           f"{'statistics' if args.statistics_scales else 'learned'} scales; no data loading")
     print(ratio_line("QAT step / FP step", train["qat"], train["fp"], ("QAT+tracker", "FP"), "<= 1.10"))
+    print(sync_line("host syncs per QAT step", syncs_per_step(qat_step)))
+    print(sync_line("host syncs per FP step", syncs_per_step(fp_step)))
     print(ratio_line("  before: Brevitas path + own pass", train["qat before"], train["fp"], ("QAT+tracker", "FP")))
     qat_per_image, qc_per_image = train["qat"] / args.batch, train["qc"] / args.qc_batch
     print(ratio_line("diagnostics (once/epoch) / QAT step", train["diagnostics"], train["qat"], ("diagnostics", "QAT"))

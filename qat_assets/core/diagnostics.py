@@ -46,12 +46,12 @@ def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights
     quantized_layers = quantize_all(model) if quantized is None else quantized
     names, sizes, per_layer = [], [], []
     for name, module in quantized_modules(model):
-        quantized, codes = quantized_layers[name]
+        quantized, codes, bit_width = quantized_layers[name]
         zero = codes == 0
         weight = module.weight.detach().float()
         rms = weight.square().mean().sqrt()
         names.append(name)
-        sizes.append((int(quantized.bit_width), weight.numel(), weight.shape[0]))
+        sizes.append((bit_width, weight.numel(), weight.shape[0]))
         per_layer.append(torch.stack([
             zero.float().mean(), zero.flatten(1).all(1).sum().float(), weight.abs().max() / rms,
             quantized.scale.float().mean(),

@@ -22,6 +22,7 @@ ParameterFromStats scaling, once initialised). Anything else is quantized by Bre
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -44,6 +45,41 @@ class StepWeights(NamedTuple):
     # round(value / scale + zero point), detached; any dtype that holds integers exactly. From `quantize_flat`,
     # a view of its workspace: read it before the next `quantize_flat` of the same layers.
     codes: torch.Tensor
+    bit_width: int  # `quantized.bit_width` as a Python int (`quantizer_constants`): reading the tensor is a host sync
+
+
+class QuantizerConstants(NamedTuple):
+    """What a weight quantizer fixes when it is built, as Python values.
+
+    Why: Brevitas keeps the bit width as a tensor on the layer's device, so every `float(bit_width)` in the
+    training step was a host sync on a GPU, two per layer per step. These are read once per quantizer.
+    """
+
+    bit_width: int
+    min_int: float | None  # the integer range (None for a quantizer `quantize_flat` does not replay)
+    max_int: float | None
+
+
+# Keyed by the quantizer object itself: a quantizer Brevitas rebuilds (`init_tensor_quant`) or a deep copy is a
+# new object, read once again; an entry goes with its quantizer.
+_CONSTANTS: weakref.WeakKeyDictionary[torch.nn.Module, QuantizerConstants] = weakref.WeakKeyDictionary()
+
+
+def quantizer_constants(module: QuantConv2d) -> QuantizerConstants:
+    """`module`'s weight bit width and integer range, read from its quantizer's tensors on the first call for
+    that quantizer (a host sync per layer, at build time: `quantize_w4a16` calls this) and cached after."""
+    tensor_quant = module.weight_quant.tensor_quant
+    constants = _CONSTANTS.get(tensor_quant)
+    if constants is None:
+        if isinstance(tensor_quant, RescalingIntQuant):
+            bit_width = tensor_quant.msb_clamp_bit_width_impl()
+            int_quant = tensor_quant.int_quant
+            constants = QuantizerConstants(int(bit_width), float(int_quant.min_int(bit_width)),
+                                           float(int_quant.max_int(bit_width)))
+        else:
+            constants = QuantizerConstants(int(module.weight_quant.bit_width()), None, None)
+        _CONSTANTS[tensor_quant] = constants
+    return constants
 
 
 def flat_quantizable(module: QuantConv2d) -> bool:
@@ -77,12 +113,13 @@ def flat_quantizable(module: QuantConv2d) -> bool:
 
 def group_key(module: QuantConv2d) -> tuple:
     """Layers that can be quantized in one pass: the same quantizer modules (types, bit width, signedness, range,
-    scale floor), on the same device and dtype. `quantize_flat` applies the first layer's scale chain to all."""
+    scale floor), on the same device and dtype. `quantize_flat` applies the first layer's scale chain to all.
+    Python values only (no host sync)."""
     tensor_quant = module.weight_quant.tensor_quant
     clamp = tensor_quant.scaling_impl.stats_scaling_impl.restrict_clamp_scaling.clamp_ste
     return (
         tuple(type(submodule) for submodule in tensor_quant.modules()),
-        float(tensor_quant.msb_clamp_bit_width_impl()), tensor_quant.int_quant.signed,
+        quantizer_constants(module).bit_width, tensor_quant.int_quant.signed,
         tensor_quant.int_quant.narrow_range, getattr(clamp, "min_val", None),
         module.weight.device, module.weight.dtype,
     )
@@ -188,7 +225,8 @@ def quantize_flat(modules: Sequence[QuantConv2d], workspace: FlatQuantWorkspace 
         stats_scaling.restrict_clamp_scaling(torch.cat([p.reshape(-1) for p in parameters])) / threshold
     )
     rows = [(p.numel(), m.weight.numel() // p.numel()) for p, m in zip(parameters, modules)]
-    low, high = float(first.int_quant.min_int(bit_width)), float(first.int_quant.max_int(bit_width))
+    constants = quantizer_constants(modules[0])  # Python numbers: the clamp's bounds need no host sync
+    low, high = constants.min_int, constants.max_int
     values = _FlatIntFakeQuant.apply(row_scales, rows, low, high, workspace, *(m.weight for m in modules))
     zero_point = first.zero_point_impl(values, row_scales, bit_width)
     sizes = [m.weight.numel() for m in modules]
@@ -196,7 +234,7 @@ def quantize_flat(modules: Sequence[QuantConv2d], workspace: FlatQuantWorkspace 
         StepWeights(
             IntQuantTensor(value.view_as(m.weight), scale.view_as(p), zero_point, bit_width,
                            m.weight_quant.is_signed, m.weight_quant.training),
-            layer_codes.view_as(m.weight),
+            layer_codes.view_as(m.weight), constants.bit_width,
         )
         for m, p, value, scale, layer_codes in zip(
             modules, parameters, values.split(sizes), row_scales.split([p.numel() for p in parameters]),

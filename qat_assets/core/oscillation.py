@@ -127,7 +127,7 @@ class OscillationTracker:
     def update_quantized(self, quantized: Mapping[str, StepWeights]) -> None:
         """Record one step from already fake-quantized weights and their integer codes, keyed by layer name."""
         self.update_layers([(name, weights.codes) for name, weights in quantized.items()
-                            if float(weights.quantized.bit_width) <= self.max_bit_width])
+                            if weights.bit_width <= self.max_bit_width])
 
     def frequencies(self, name: str) -> torch.Tensor:
         return self._frequency[name]

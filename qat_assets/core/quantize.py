@@ -30,7 +30,14 @@ from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
 from brevitas.quant_tensor import QuantTensor
 from torch import nn
 
-from qat_assets.core.flat_weight_quant import FlatQuantWorkspace, StepWeights, flat_quantizable, group_key, quantize_flat
+from qat_assets.core.flat_weight_quant import (
+    FlatQuantWorkspace,
+    StepWeights,
+    flat_quantizable,
+    group_key,
+    quantize_flat,
+    quantizer_constants,
+)
 
 DFL_REASON = "fixed DFL integral, not trained"
 FIRST_CONV_REASON = "first conv kept at 8 bit"
@@ -236,7 +243,7 @@ def quantize_all(model: nn.Module, workspaces: dict[tuple, FlatQuantWorkspace] |
     for name, module in modules:
         if name not in quantized:
             weights = module.quant_weight()
-            quantized[name] = StepWeights(weights, integer_codes(weights))
+            quantized[name] = StepWeights(weights, integer_codes(weights), quantizer_constants(module).bit_width)
     return {name: quantized[name] for name, _ in modules}
 
 
@@ -294,6 +301,8 @@ def _quant_conv_like(conv: nn.Conv2d, bit_width: int, options: QuantOptions) -> 
         # Initialise a learned scale from these weights now rather than on the first training forward,
         # so the scale is part of the state dict immediately.
         quant_conv.quant_weight()
+    # Bit width and integer range read now, once, as Python numbers: the training step then reads no tensor.
+    quantizer_constants(quant_conv)
     return quant_conv
 
 

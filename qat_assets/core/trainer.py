@@ -8,7 +8,8 @@ What the subclass changes, and why:
 - validation can run on a frozen copy of the EMA model (quantized weights computed once, not on every
   forward), and can validate the live weights as well (`validate_live`): the EMA never feeds back into
   training, so one run then gives both the EMA method's history and the no-EMA baseline's;
-- a NaN/Inf loss or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt;
+- a NaN/Inf loss, gradient or fitness stops the run as diverged instead of Ultralytics' reload-from-last.pt,
+  found with one host sync per optimizer step (core/divergence.py);
 - learned quantizer scales get no weight decay; with `scale_training` (LSQ) they get LSQ's gradient scale
   and their own optimizer and LR;
 - validation leaves the random state as it found it: Ultralytics' validation transforms draw from Python's
@@ -43,6 +44,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from .artifacts import atomic_path, on_cpu, write_json_atomic
+from .divergence import DivergenceWatch
 from .evaluate import metrics_from_ultralytics
 from .models import variant_yaml
 from .quantize import LearnedScale, learned_scales, scale_lsq_gradients
@@ -88,18 +90,13 @@ def linear_decay_then_hold(epochs: int, lrf: float, hold_epochs: int) -> Callabl
     return lambda x: max(1 - x / decay_epochs, 0) * (1.0 - lrf) + lrf
 
 
-def gradients_diverged(parameters: Iterable[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> bool:
-    """A non-finite gradient, as divergence. Not under AMP: there a non-finite scaled gradient is GradScaler's
-    signal to skip that step and lower its scale (routine in the first steps), and a diverged run still shows
-    as a non-finite loss."""
+def gradients_to_check(parameters: Iterable[torch.nn.Parameter], scaler: torch.amp.GradScaler) -> list[torch.Tensor]:
+    """The gradients whose NaN/Inf counts as divergence: none under AMP's GradScaler, where a non-finite scaled
+    gradient is its signal to skip that step and lower its scale (routine in the first steps), and a diverged
+    run still shows as a non-finite loss."""
     if scaler.is_enabled():
-        return False
-    # A gradient's min or max is NaN or +-inf exactly when one of its values is (both propagate NaN). aminmax
-    # reads each gradient once, with no temporary of its size, and there is one host sync for all: per
-    # gradient 10x cheaper than the inf-norm (27 -> 3 ms for yolov10s' 322 gradients on one CPU thread),
-    # which itself replaced a per-parameter `isfinite(grad).all()` (a mask per gradient and a sync each).
-    extremes = [value for p in parameters if p.grad is not None and p.grad.numel() for value in torch.aminmax(p.grad)]
-    return bool(extremes) and not bool(torch.isfinite(torch.stack(extremes)).all())
+        return []
+    return [p.grad for p in parameters if p.grad is not None]
 
 
 @contextlib.contextmanager
@@ -227,9 +224,13 @@ class ResumableTrainer(DetectionTrainer):
         self._live_metrics: dict[str, float] | None = None
         self._validation_seconds: float | None = None
         self._epoch_started = time.time()
+        self._divergence = DivergenceWatch()
         self.add_callback("on_pretrain_routine_end", lambda trainer: trainer._configure_ema_and_resume())
         self.add_callback("on_train_epoch_start", lambda trainer: trainer._start_epoch())
-        self.add_callback("on_train_batch_end", lambda trainer: trainer._check_loss_finite())
+        # Every batch's loss, on the device; read at the next optimizer step, or at the end of the epoch for the
+        # batches after its last step.
+        self.add_callback("on_train_batch_end", lambda trainer: trainer._divergence.add_loss(trainer.loss))
+        self.add_callback("on_train_epoch_end", lambda trainer: trainer._raise_if_diverged())
 
     def _configure_ema_and_resume(self) -> None:
         self.ema = ModelEMA(self.model, decay=self.ema_schedule["decay"], tau=self.ema_schedule["tau"])
@@ -289,15 +290,15 @@ class ResumableTrainer(DetectionTrainer):
             # Ultralytics validates an epoch when args.val is set, and always the last one.
             self.args.val = self.validate_epoch(self.epoch + 1)
 
-    def _check_loss_finite(self) -> None:
-        if self.loss is not None and not torch.isfinite(self.loss).all():
-            raise TrainingDiverged(self.epoch + 1, "the training loss")
+    def _raise_if_diverged(self, gradients: list[torch.Tensor] | None = None) -> None:
+        what = self._divergence.read(gradients or ())  # one host sync, if anything is left to read
+        if what is not None:
+            raise TrainingDiverged(self.epoch + 1, what)
 
     def optimizer_step(self) -> None:
         # Before the step, so a non-finite loss or gradient never reaches the weights or the EMA.
-        self._check_loss_finite()
-        if gradients_diverged(self.model.parameters(), self.scaler):
-            raise TrainingDiverged(self.epoch + 1, "a gradient")
+        self._divergence.add_loss(self.loss)  # this batch's (its on_train_batch_end comes after the step)
+        self._raise_if_diverged(gradients_to_check(self.model.parameters(), self.scaler))
         scale_lsq_gradients(self._lsq_scales)  # before Ultralytics clips the gradients, as in LSQ's graph
         super().optimizer_step()
         if self.after_optimizer_step is None:

@@ -137,3 +137,44 @@ def test_quantizers_the_replay_does_not_cover_are_left_to_brevitas():
     plain = QuantConv2d(8, 8, 3, weight_quant=base)
     plain.quant_weight()
     assert flat_quantizable(plain)
+
+
+@pytest.mark.parametrize("learned", [True, False], ids=["learned", "statistics"])
+def test_bit_widths_are_python_ints_read_at_build_time_and_the_step_reads_no_tensor(learned):
+    from qat_assets.core.flat_weight_quant import quantizer_constants
+    from qat_assets.core.host_syncs import count_host_syncs
+    from qat_assets.core.oscillation import OscillationTracker
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov10n.yaml", nc=3, verbose=False).train()
+    report = quantize_w4a16(model, QuantOptions(learned_scales=learned))
+    planned = {layer.name: layer.bit_width for layer in report.layers if layer.bit_width is not None}
+    # Narrow-range signed integers: +-7 at 4 bits, +-127 at 8.
+    for name, module in quantized_modules(model):
+        constants = quantizer_constants(module)
+        assert type(constants.bit_width) is int and constants.bit_width == planned[name]
+        assert (constants.min_int, constants.max_int) == (1 - 2 ** (planned[name] - 1), 2 ** (planned[name] - 1) - 1)
+    # The per-step work (quantize every layer for the next forward, update the oscillation tracker) reads no
+    # tensor on the host: on a GPU, a bit width read as a tensor would be a sync per layer per step.
+    tracker, workspaces = OscillationTracker(), {}
+    with count_host_syncs() as step:
+        for _ in range(2):
+            prepared = prepare_step_weights(model, workspaces)
+            tracker.update_quantized(prepared)
+    assert len(step) == 0, step.by_place()
+    assert {name: weights.bit_width for name, weights in prepared.items()} == planned
+    assert set(tracker.per_layer()) == {name for name, bits in planned.items() if bits <= 4}
+
+
+def test_a_copied_or_rebuilt_quantizer_is_read_once_then_cached():
+    import copy
+
+    from qat_assets.core.host_syncs import count_host_syncs
+
+    model = quantized_model(QuantOptions())
+    copied = copy.deepcopy(model)  # new quantizer objects: their constants are read, not taken from the original
+    with count_host_syncs() as first:
+        prepare_step_weights(copied)
+    with count_host_syncs() as second:
+        prepare_step_weights(copied)
+    assert len(first) > 0 and len(second) == 0

@@ -1,6 +1,7 @@
 """The QAT stage's shared trajectory: one training per seed gives both methods, and the baseline it gives is
 exactly the EMA-decay-0 run the baseline used to train on its own."""
 
+import contextlib
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ import torch
 from qat_assets.core import qat
 from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
 from qat_assets.core.evaluate import evaluate_model
+from qat_assets.core.host_syncs import count_host_syncs, optimizer_host_state
 from qat_assets.core.models import load_float_model
 from qat_assets.core.qat import method_history, quant_options, run_qat, train_trajectory
 from qat_assets.core.quantize import freeze_quantized_weights, learned_scales, quantize_w4a16
@@ -216,3 +218,39 @@ def test_a_sparse_cadence_validates_the_expected_epochs_and_trains_the_same_weig
         verdict, expected = classify_qat(as_read, 5, window=2), classify_qat(only, 3, window=2)
         assert verdict.status != "incomplete" and (verdict.final_from_epoch, verdict.final_epoch) == (4, 5)
         assert verdict.model_dump() == expected.model_dump()
+
+
+def test_a_qat_optimizer_step_makes_at_most_one_host_sync_of_its_own(pretrained, tmp_path, monkeypatch):
+    """The whole training batch of a real QAT run, counted: forward, loss, backward, the divergence check, the
+    optimizer step with clipping and the EMA, the weight quantization and the oscillation tracker. Only the
+    divergence check reads a value on the host; Ultralytics' own loss (target assignment) and progress bar
+    read some too, in FP training alike, and are not ours to remove."""
+    counts: list = []
+
+    class CountingTrainer(qat.ResumableTrainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._counting = contextlib.ExitStack()
+            self.add_callback("on_train_batch_start", lambda trainer: trainer._start_counting())
+            self.add_callback("on_train_batch_end", lambda trainer: trainer._stop_counting())
+
+        def _start_counting(self):
+            optimizers = [self.optimizer, self.scale_optimizer]
+            host_side = lambda: [t for o in optimizers if o is not None for t in optimizer_host_state(o)]  # noqa: E731
+            counts.append(self._counting.enter_context(count_host_syncs(host_side)))
+
+        def _stop_counting(self):  # after the trainer's own on_train_batch_end callbacks (registered first)
+            self._counting.close()
+
+    monkeypatch.setattr(qat, "ResumableTrainer", CountingTrainer)
+    request = request_for(pretrained, "baseline", tmp_path / "counted", tmp_path / "unused")
+    request = request.model_copy(update={"settings": request.settings.model_copy(update={"qat_epochs": 1})})
+    model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    quantize_w4a16(model, quant_options(request.settings))
+    history, _, diverged_at, _ = train_trajectory(request, model, ema_schedule(0.0, None, 2, 2), lambda line: None)
+    assert diverged_at is None and [h["epoch"] for h in history] == [0, 1]
+    assert len(counts) == 2  # 16 images at batch 8, one optimizer step per batch
+    for count in counts:
+        ours = count.outside("ultralytics")
+        assert [sync.module for sync in ours] == ["qat_assets.core.divergence"], count.by_place()
+    assert all(len(count) > len(count.outside("ultralytics")) for count in counts)  # the counter saw Ultralytics'
