@@ -33,7 +33,10 @@ from .pretrain import describe_epoch
 from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
 from .settings import QAT_FIELDS, Settings
-from .trainer import HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides
+from .trainer import (
+    HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, resolve_precision,
+    trainer_overrides,
+)
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
 DIVERGED_FILE = "diverged.json"  # in the trajectory: the epoch and reason it diverged
@@ -118,6 +121,8 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
         "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
         "device": resolve_device(settings.device), "seconds": time.time() - started,
+        # This step's; a trajectory resumed on another device may have trained its earlier epochs otherwise.
+        "training_precision": resolve_precision(settings.amp, resolve_device(settings.device)),
     }
     evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
     if trained:
@@ -195,6 +200,7 @@ def train_trajectory(
                 "nbs": settings.batch,
             },
             run_dir=run_dir,
+            precision=resolve_precision(settings.amp, device),
             ema=ema,
             on_epoch=lambda record: log(describe(record)),
             state_fingerprint=fingerprint,

@@ -6,8 +6,10 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from qat_assets.core.models import build_detection_model
 from qat_assets.core.quantize import QuantOptions, quantize_w4a16
-from qat_assets.core.settings import SettingsError, load_settings
-from qat_assets.core.trainer import ema_schedule, gradients_diverged, linear_decay_then_hold
+from qat_assets.core import trainer as trainer_module
+from qat_assets.core.evaluate import evaluation_settings, validator_arguments
+from qat_assets.core.settings import PRETRAIN_FIELDS, QAT_FIELDS, SettingsError, load_settings
+from qat_assets.core.trainer import ema_schedule, gradients_diverged, linear_decay_then_hold, resolve_precision
 
 
 def test_decay_zero_makes_the_ema_copy_equal_the_model_after_every_update():
@@ -89,3 +91,54 @@ def test_a_non_finite_gradient_is_divergence_except_under_amp_where_gradscaler_s
     assert not gradients_diverged([kernel, empty], torch.amp.GradScaler("cpu", enabled=False))
     kernel.grad[2, 1, 0, 2] = float("-inf")
     assert gradients_diverged([empty, kernel], torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_amp_auto_is_off_on_the_cpu_and_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
+    assert load_settings({"profile": "embedded"}, environ={}).amp == "auto"
+    assert load_settings({"profile": "coco", "pretrain_from_scratch": True}, environ={}).amp == "auto"
+    assert resolve_precision("auto", "cpu") == "off"
+    assert resolve_precision("off", "cuda:0") == "off"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # PyTorch's CPU autocast: how the tests run the GPU path
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: True)  # an Ampere or newer GPU
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("fp16", "cuda:1") == "fp16"
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: False)  # a V100 or T4
+    assert resolve_precision("auto", "cuda:0") == "off"
+    with pytest.raises(ValueError, match="no native bf16"):
+        resolve_precision("bf16", "cuda:0")
+
+
+def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
+    with pytest.raises(ValueError, match="QAT_AMP=fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="QAT_AMP=bf16 runs on CUDA or the CPU"):
+        resolve_precision("bf16", "mps")
+    with pytest.raises(SettingsError, match="QAT_AMP"):
+        load_settings({"profile": "smoke", "amp": "fp32"}, environ={})
+    with pytest.raises(SettingsError, match="amp fp16 needs a CUDA device"):
+        load_settings({"profile": "smoke", "amp": "fp16", "device": "cpu"}, environ={})
+    # fp16's GradScaler would unscale the weights' optimizer only, not LSQ's own scale optimizer.
+    with pytest.raises(SettingsError, match="lsq_scales needs amp"):
+        load_settings({"profile": "smoke", "amp": "fp16", "lsq_scales": True}, environ={})
+    assert load_settings({"profile": "smoke", "amp": "bf16", "lsq_scales": True}, environ={}).amp == "bf16"
+
+
+def test_amp_changes_training_so_it_is_part_of_every_training_fingerprint():
+    """A trajectory trained in bf16 must not be resumed in fp32, nor compared with one as the same recipe."""
+    off, bf16 = (load_settings({"profile": "smoke", "amp": amp}, environ={}) for amp in ("off", "bf16"))
+    assert "amp" in QAT_FIELDS and "amp" in PRETRAIN_FIELDS
+    assert off.fingerprint_of(QAT_FIELDS) != bf16.fingerprint_of(QAT_FIELDS)
+    assert off.fingerprint_of(PRETRAIN_FIELDS) != bf16.fingerprint_of(PRETRAIN_FIELDS)
+    assert off.training_profile_fingerprint() != bf16.training_profile_fingerprint()
+
+
+def test_every_evaluation_records_its_precision_and_hands_ultralytics_only_its_own_arguments():
+    from ultralytics.cfg import get_cfg
+
+    settings = evaluation_settings(64, 8)
+    assert settings["precision"] == "fp32"
+    arguments = validator_arguments(64, 8)
+    assert {**arguments, "precision": "fp32"} == settings
+    assert get_cfg(overrides=arguments).quantize is None  # Ultralytics' fp32 inference
+    with pytest.raises(SyntaxError, match="precision"):
+        get_cfg(overrides=settings)
