@@ -142,3 +142,33 @@ def test_every_evaluation_records_its_precision_and_hands_ultralytics_only_its_o
     assert get_cfg(overrides=arguments).quantize is None  # Ultralytics' fp32 inference
     with pytest.raises(SyntaxError, match="precision"):
         get_cfg(overrides=settings)
+
+
+def test_fp16_switches_on_a_grad_scaler_after_setup_and_a_resumed_run_keeps_its_loss_scale(tmp_path):
+    """The fp16 branch, which needs CUDA to train (no GPU here): the switch itself, on a real trainer. A resumed run
+    continues at the loss scale it had reached instead of backing off from 65536 again, skipping steps."""
+    from pathlib import Path
+
+    from qat_assets.core.trainer import ResumableTrainer, trainer_overrides
+    from qat_assets_tests.tiny_yolo_set import write_tiny_yolo_set
+
+    data = Path(write_tiny_yolo_set(tmp_path / "set", 2, 64))
+    overrides = trainer_overrides(load_settings({"profile": "smoke"}, environ={}), "yolo10n", data, tmp_path / "run",
+                                  "cpu", 1, 0)
+    reached = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+
+    def trainer(precision: str, **changes) -> ResumableTrainer:
+        return ResumableTrainer(
+            model=build_detection_model("yolo10n", ["red", "green", "blue"]), overrides={**overrides, **changes},
+            run_dir=tmp_path / "run", precision=precision, ema=ema_schedule(0.0, None, 1, 1), on_epoch=lambda _: None,
+            state_fingerprint="test", resume_state={"scaler": reached},
+        )
+
+    fp16 = trainer("fp16")
+    fp16.amp, fp16.scaler = False, torch.amp.GradScaler("cpu", enabled=False)  # as Ultralytics' setup leaves them
+    fp16._switch_on_precision()
+    assert fp16.amp and fp16.args.amp is False  # Ultralytics' fp16 branch: autocast(True), the device's fp16 on CUDA
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 1024.0
+    # Ultralytics' own amp on would run check_amp (a download) in its setup: refused at construction.
+    with pytest.raises(ValueError, match="Ultralytics' amp off"):
+        trainer("bf16", amp=True)
