@@ -107,7 +107,8 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     ema: dict | None = None
     if epochs:
         fingerprint = hashlib.sha256(
-            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}".encode()
+            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}|"
+            f"{resolve_precision(settings.amp, device)}".encode()
         ).hexdigest()[:16]
         state, history, note = load_resume_state(run_dir, fingerprint, epochs)
         log(f"{request.variant} pretraining: {note}")

@@ -52,10 +52,12 @@ def quant_options(settings: Settings) -> QuantOptions:
 
 
 def trajectory_fingerprint(request: QATRequest) -> str:
-    """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method)."""
+    """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method), and
+    the precision `amp` resolves to on this step's device (`auto` is bf16 on a GPU and fp32 on the CPU)."""
+    settings = request.settings
     parts = (
-        request.pretrained_sha256, request.dataset_fingerprint, request.settings.fingerprint_of(QAT_FIELDS),
-        str(request.seed),
+        request.pretrained_sha256, request.dataset_fingerprint, settings.fingerprint_of(QAT_FIELDS),
+        str(request.seed), resolve_precision(settings.amp, resolve_device(settings.device)),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -121,8 +123,7 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
         "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
         "device": resolve_device(settings.device), "seconds": time.time() - started,
-        # This step's; a trajectory resumed on another device may have trained its earlier epochs otherwise.
-        "training_precision": resolve_precision(settings.amp, resolve_device(settings.device)),
+        "training_precision": resolve_precision(settings.amp, resolve_device(settings.device)),  # in the fingerprint
     }
     evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
     if trained:

@@ -294,13 +294,15 @@ class Settings(BaseModel):
 # these, so changing, say, a QC knob never retrains the FP model or restarts QAT.
 PRETRAIN_FIELDS = (
     "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "pretrain_lrf", "pretrain_optimizer", "pretrain_lr_hold_epochs", "pretrain_warmup_epochs",
-    "pretrain_nominal_batch", "pretrain_mosaic", "pretrain_close_mosaic", "pretrain_val_interval", "plateau_epochs", "amp",
+    "pretrain_nominal_batch", "pretrain_mosaic", "pretrain_close_mosaic", "pretrain_val_interval", "plateau_epochs",
 )
 QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
-    "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr", "amp",
+    "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr",
 )
+# `amp` is in neither list: what it resolves to on the step's device (`auto` is bf16 on a GPU, fp32 on the CPU)
+# is part of the FP and QAT fingerprints instead (core/pretrain.py, core/qat.py `trajectory_fingerprint`).
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Seconds per heavy step: just enough data to go through every real code path.

@@ -123,13 +123,11 @@ def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
     assert load_settings({"profile": "smoke", "amp": "bf16", "lsq_scales": True}, environ={}).amp == "bf16"
 
 
-def test_amp_changes_training_so_it_is_part_of_every_training_fingerprint():
-    """A trajectory trained in bf16 must not be resumed in fp32, nor compared with one as the same recipe."""
+def test_runs_in_different_amp_settings_are_not_the_same_training_profile():
     off, bf16 = (load_settings({"profile": "smoke", "amp": amp}, environ={}) for amp in ("off", "bf16"))
-    assert "amp" in QAT_FIELDS and "amp" in PRETRAIN_FIELDS
-    assert off.fingerprint_of(QAT_FIELDS) != bf16.fingerprint_of(QAT_FIELDS)
-    assert off.fingerprint_of(PRETRAIN_FIELDS) != bf16.fingerprint_of(PRETRAIN_FIELDS)
     assert off.training_profile_fingerprint() != bf16.training_profile_fingerprint()
+    # Resuming is decided on the resolved precision (next test), not on the setting.
+    assert "amp" not in QAT_FIELDS and "amp" not in PRETRAIN_FIELDS
 
 
 def test_every_evaluation_records_its_precision_and_hands_ultralytics_only_its_own_arguments():
@@ -172,3 +170,22 @@ def test_fp16_switches_on_a_grad_scaler_after_setup_and_a_resumed_run_keeps_its_
     # Ultralytics' own amp on would run check_amp (a download) in its setup: refused at construction.
     with pytest.raises(ValueError, match="Ultralytics' amp off"):
         trainer("bf16", amp=True)
+
+
+def test_a_trajectory_is_resumed_only_in_the_precision_it_was_trained_in(monkeypatch, tmp_path):
+    """`auto` is one setting and two precisions: a trajectory a GPU trained in bf16 restarts on a CPU (fp32)."""
+    from qat_assets.core.qat import trajectory_fingerprint
+    from qat_assets.core.requests import QATRequest
+
+    def fingerprint(**settings) -> str:
+        return trajectory_fingerprint(QATRequest(
+            variant="yolo10n", method="ema", seed=0, pretrained_checkpoint=tmp_path / "p.pt", pretrained_sha256="0" * 64,
+            dataset_yaml=tmp_path / "d.yaml", dataset_fingerprint="d", train_images=16, out_dir=tmp_path / "o",
+            trajectory_dir=tmp_path / "t", settings=load_settings({"profile": "smoke", **settings}, environ={}),
+        ))
+
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: True)
+    assert fingerprint(device="cpu") == fingerprint(device="cpu", amp="off")  # auto is fp32 on the CPU
+    assert fingerprint(device="cuda:0") != fingerprint(device="cpu")
+    assert fingerprint(device="cuda:0", amp="off") == fingerprint(device="cpu", amp="off")  # the device alone is not
+    assert fingerprint(device="cuda:0") == fingerprint(device="cuda:0", amp="bf16")
