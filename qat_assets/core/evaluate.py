@@ -35,11 +35,24 @@ def evaluation_settings(imgsz: int, batch: int) -> dict[str, Any]:
     `batch` is the training batch. Ultralytics' in-training validator (epochs 1..N) builds rectangular
     batches of twice the training batch, padded per batch (a 128 px square image is evaluated at 160);
     the standalone validator (PTQ epoch 0, QC before/after, FP reference) is set up the same way so all
-    numbers of a run are measured alike.
+    numbers of a run are measured alike. `precision`: every evaluation runs fp32 weights and images with
+    autocast off, also in a run trained under AMP (core/trainer.py `FP32TrainingValidator`); on Ampere and
+    newer GPUs cuDNN's TF32 default applies to its convolutions, alike for every figure.
     """
     return {
         "split": "val", "imgsz": imgsz, "batch": 2 * batch, "rect": True, "conf": 0.001, "iou": 0.7, "max_det": 300,
+        "precision": EVALUATION_PRECISION,
     }
+
+
+EVALUATION_PRECISION = "fp32"
+
+
+def validator_arguments(imgsz: int, batch: int) -> dict[str, Any]:
+    """`evaluation_settings` as Ultralytics' validator arguments (fp32 is its default: `quantize` unset)."""
+    settings = evaluation_settings(imgsz, batch)
+    del settings["precision"]
+    return settings
 
 
 def metrics_from_ultralytics(results: dict[str, float]) -> dict[str, float]:
@@ -58,12 +71,12 @@ def evaluate_model(
     """
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    settings = evaluation_settings(imgsz, batch)
     os.environ.setdefault("YOLO_OFFLINE", "1")
     validator = DetectionValidator(
         args=dict(
             data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
-            project=str(work_dir), name="val", exist_ok=True, workers=workers, nms=nms, **settings,
+            project=str(work_dir), name="val", exist_ok=True, workers=workers, nms=nms,
+            **validator_arguments(imgsz, batch),
         )
     )
     if per_image is not None:

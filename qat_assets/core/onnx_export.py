@@ -454,14 +454,14 @@ def evaluate_onnx(
     """
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    from .evaluate import evaluation_settings, metrics_from_ultralytics
+    from .evaluate import metrics_from_ultralytics, validator_arguments
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     validator = DetectionValidator(
         args=dict(
             model=str(path), data=str(data_yaml), device=device, plots=False, save_json=False, verbose=False,
             project=str(work_dir), name="val", exist_ok=True, workers=workers, nms=False if end2end else None,
-            **evaluation_settings(imgsz, batch),
+            **validator_arguments(imgsz, batch),
         )
     )
     results = validator()

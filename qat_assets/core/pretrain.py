@@ -14,7 +14,9 @@ from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import CheckpointError, build_detection_model, read_user_checkpoint
 from .requests import PretrainRequest
 from .settings import PRETRAIN_FIELDS
-from .trainer import ResumableTrainer, ema_schedule, load_resume_state, trainer_overrides, training_batch
+from .trainer import (
+    ResumableTrainer, ema_schedule, load_resume_state, resolve_precision, trainer_overrides, training_batch,
+)
 
 CHECKPOINT_NAME = "pretrained.pt"
 # One fixed seed for the FP model, so every method and QAT seed starts from the same weights.
@@ -107,7 +109,8 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     ema: dict | None = None
     if epochs:
         fingerprint = hashlib.sha256(
-            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}".encode()
+            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}|"
+            f"{resolve_precision(settings.amp, device)}".encode()
         ).hexdigest()[:16]
         state, history, note = load_resume_state(run_dir, fingerprint, epochs)
         log(f"{request.variant} pretraining: {note}")
@@ -126,6 +129,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
                     "cache": "ram" if settings.cache_images else False,
                 },
                 run_dir=run_dir,
+                precision=resolve_precision(settings.amp, device),
                 # Ultralytics' FP decay 0.9999, with window and ramp scaled to the run like QAT's: a fixed
                 # tau of 2000 would keep the EMA copy equal to the live model over a short CPU run.
                 ema=(ema := ema_schedule(0.9999, None, epochs * batches_per_epoch // accumulate, batches_per_epoch // accumulate)),
@@ -156,6 +160,7 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation, "training_batch": batch,
         "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau, "ema": ema,
         "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
+        "training_precision": resolve_precision(settings.amp, device) if epochs else None,
     }
     checkpoint = request.out_dir / CHECKPOINT_NAME
     digest = save_checkpoint(checkpoint, {"model": model.float().state_dict()}, sidecar)

@@ -39,8 +39,8 @@ from .quantize import QuantOptions, freeze_quantized_weights, quantize_w4a16
 from .requests import QATRequest
 from .settings import QAT_FIELDS, Settings
 from .trainer import (
-    HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, trainer_overrides,
-    training_batch,
+    HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, resolve_precision,
+    trainer_overrides, training_batch,
 )
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
@@ -57,10 +57,12 @@ def quant_options(settings: Settings) -> QuantOptions:
 
 
 def trajectory_fingerprint(request: QATRequest) -> str:
-    """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method)."""
+    """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method), and
+    the precision `amp` resolves to on this step's device (`auto` is bf16 on a GPU and fp32 on the CPU)."""
+    settings = request.settings
     parts = (
-        request.pretrained_sha256, request.dataset_fingerprint, request.settings.fingerprint_of(QAT_FIELDS),
-        str(request.seed),
+        request.pretrained_sha256, request.dataset_fingerprint, settings.fingerprint_of(QAT_FIELDS),
+        str(request.seed), resolve_precision(settings.amp, resolve_device(settings.device)),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -142,6 +144,7 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
         "dataset_fingerprint": request.dataset_fingerprint, "pretrained_sha256": request.pretrained_sha256,
         "profile_fingerprint": settings.training_profile_fingerprint(), "settings": settings.model_dump(mode="json"),
         "device": resolve_device(settings.device), "seconds": time.time() - started,
+        "training_precision": resolve_precision(settings.amp, resolve_device(settings.device)),  # in the fingerprint
     }
     evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
     if trained:
@@ -222,6 +225,7 @@ def train_trajectory(
                 "nbs": settings.batch,
             },
             run_dir=run_dir,
+            precision=resolve_precision(settings.amp, device),
             ema=ema,
             on_epoch=lambda record: log(describe(record)),
             state_fingerprint=fingerprint,

@@ -129,6 +129,18 @@ def _conv_geometry(conv: nn.Conv2d) -> dict:
     )
 
 
+def no_autocast(device_type: str):
+    """Autocast off for the quantizer's arithmetic, whatever the caller's.
+
+    Under AMP (`amp` setting) Ultralytics runs the training forward inside `torch.autocast`. The fake-quantized
+    weights must still be the fp32 grid values: autocast would run any of the quantizer's ops on its
+    lower-precision list (matmul-like ops today; Brevitas' chain uses only elementwise ones, which keep fp32,
+    but that is an accident of its current code) in bf16/fp16, moving the scale or the rounding boundaries.
+    The conv then casts the finished fp32 weights to the autocast dtype itself, as it does any float weight.
+    """
+    return torch.autocast(device_type, enabled=False)
+
+
 class StepQuantConv2d(QuantConv2d):
     """Brevitas' QuantConv2d for weight-only quantization, whose fake-quantized weights can be reused within a step.
 
@@ -151,10 +163,10 @@ class StepQuantConv2d(QuantConv2d):
 
     def _weight_versions(self) -> tuple:
         # `_version` counts in-place changes; `.to()`/`.half()` swap the storage without bumping it, hence
-        # the pointer, device and dtype. Autocast state too: a result prepared outside autocast is not reused
-        # inside it.
+        # the pointer, device and dtype. Not the autocast state: the quantizer never runs under autocast
+        # (`quant_weight`), so a result prepared after the optimizer step serves the next forward under AMP too.
         weight = self.weight
-        return (self.training, torch.is_grad_enabled(), torch.is_autocast_enabled(weight.device.type),
+        return (self.training, torch.is_grad_enabled(),
                 weight._version, weight.data_ptr(), weight.device, weight.dtype,
                 *((p._version, p.data_ptr()) for p in self._quantizer_parameters()))
 
@@ -167,6 +179,11 @@ class StepQuantConv2d(QuantConv2d):
             holders = [module for module in self.weight_quant.modules() if module._parameters]
             self._parameter_holders = (tensor_quant, holders)
         return [p for module in self._parameter_holders[1] for p in module._parameters.values() if p is not None]
+
+    def quant_weight(self, *args, **kwargs) -> QuantTensor:
+        """Brevitas' fake-quantized weights, computed in the weights' dtype even under autocast (see `no_autocast`)."""
+        with no_autocast(self.weight.device.type):
+            return super().quant_weight(*args, **kwargs)
 
     def prepare_quant_weight(self, quantized: QuantTensor | None = None) -> QuantTensor:
         """Quantize the weights now (or take `quantized`, computed by `quantize_flat` with other layers'), for
@@ -229,22 +246,24 @@ def quantize_all(model: nn.Module, workspaces: dict[tuple, FlatQuantWorkspace] |
     name: the layers `quantize_flat` replays in one pass per `group_key`, the others by Brevitas. With autograd
     as the caller has it enabled; nothing is kept on the modules (see `prepare_step_weights` for that)."""
     modules = quantized_modules(model)
-    groups: dict[tuple, list[tuple[str, StepQuantConv2d]]] = {}
-    for name, module in modules:
-        if isinstance(module, StepQuantConv2d) and flat_quantizable(module):
-            groups.setdefault(group_key(module), []).append((name, module))
-    quantized: dict[str, StepWeights] = {}
-    for key, members in groups.items():
-        workspace = None if workspaces is None else workspaces.setdefault(
-            (key, tuple(name for name, _ in members)), FlatQuantWorkspace()
-        )
-        for (name, _), weights in zip(members, quantize_flat([module for _, module in members], workspace)):
-            quantized[name] = weights
-    for name, module in modules:
-        if name not in quantized:
-            weights = module.quant_weight()
-            quantized[name] = StepWeights(weights, integer_codes(weights), quantizer_constants(module).bit_width)
-    return {name: quantized[name] for name, _ in modules}
+    device_type = modules[0][1].weight.device.type if modules else "cpu"
+    with no_autocast(device_type):  # fp32 grid values under AMP too
+        groups: dict[tuple, list[tuple[str, StepQuantConv2d]]] = {}
+        for name, module in modules:
+            if isinstance(module, StepQuantConv2d) and flat_quantizable(module):
+                groups.setdefault(group_key(module), []).append((name, module))
+        quantized: dict[str, StepWeights] = {}
+        for key, members in groups.items():
+            workspace = None if workspaces is None else workspaces.setdefault(
+                (key, tuple(name for name, _ in members)), FlatQuantWorkspace()
+            )
+            for (name, _), weights in zip(members, quantize_flat([module for _, module in members], workspace)):
+                quantized[name] = weights
+        for name, module in modules:
+            if name not in quantized:
+                weights = module.quant_weight()
+                quantized[name] = StepWeights(weights, integer_codes(weights), quantizer_constants(module).bit_width)
+        return {name: quantized[name] for name, _ in modules}
 
 
 @dataclass(frozen=True)

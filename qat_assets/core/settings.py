@@ -99,6 +99,11 @@ class Settings(BaseModel):
     scale_lr: float = Field(1e-5, gt=0, description="with lsq_scales: the scales' LR (Qualcomm's oscillations-qat: 1e-5)")
     qat_lrf: float = Field(0.01, gt=0, le=1, description="QAT final LR as a fraction of qat_lr; 1 keeps the LR sustained")
     qat_warmup_epochs: float = Field(0.0, ge=0, description="Ultralytics warmup_epochs for QAT")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto",
+        description="training precision of FP pretraining and QAT (autocast; fake quantization stays fp32): auto is "
+        "bf16 on a CUDA GPU with native bf16 (Ampere and newer), off elsewhere; evaluations are always fp32",
+    )
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_tau: float | None = Field(None, description="EMA ramp constant in updates; None scales it with run length")
     oscillation_momentum: float = Field(0.01, gt=0, lt=1, description="EMA momentum of the oscillation frequency")
@@ -201,6 +206,18 @@ class Settings(BaseModel):
     def _check_lsq_scales(self) -> "Settings":
         if self.lsq_scales and not self.learned_scales:
             raise ValueError("lsq_scales trains learned scales; set learned_scales=true too (or lsq_scales=false)")
+        if self.lsq_scales and self.amp == "fp16":
+            raise ValueError("lsq_scales needs amp bf16, auto or off: fp16's GradScaler unscales the weights' optimizer only")
+        return self
+
+    @model_validator(mode="after")
+    def _check_amp_device(self) -> "Settings":
+        # PyTorch's CPU autocast computes in bf16 (what the tests use to run the GPU path's mixed precision); fp16
+        # needs a GradScaler, which only CUDA training here has. An empty device is resolved when a step runs.
+        if self.amp == "fp16" and self.device and not self.device.startswith("cuda"):
+            raise ValueError(f"amp fp16 needs a CUDA device, not {self.device!r}: use amp bf16, auto or off")
+        if self.amp == "bf16" and self.device == "mps":
+            raise ValueError("amp bf16 runs on CUDA or the CPU, not on mps: use amp off")
         return self
 
     @model_validator(mode="after")
@@ -275,7 +292,7 @@ class Settings(BaseModel):
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
-            "lsq_scales", "scale_optimizer", "scale_lr",
+            "lsq_scales", "scale_optimizer", "scale_lr", "amp",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -303,6 +320,8 @@ QAT_FIELDS = (
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
     "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr",
 )
+# `amp` is in neither list: what it resolves to on the step's device (`auto` is bf16 on a GPU, fp32 on the CPU)
+# is part of the FP and QAT fingerprints instead (core/pretrain.py, core/qat.py `trajectory_fingerprint`).
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Seconds per heavy step: just enough data to go through every real code path.

@@ -24,7 +24,11 @@ What the subclass changes, and why:
   halves the batch when the first epoch of a run runs out of GPU memory, and says so only in its log
   (`training_batch` turns that into the sidecars' record and comparison's verdict);
 - the linear LR decay can end `lr_hold_epochs` before the run, which then holds the final LR (a run whose
-  LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau).
+  LR falls until its last epoch keeps gaining from the annealing alone, so it never shows a plateau);
+- mixed precision (`precision`, from the `amp` setting) is switched on after Ultralytics' setup, which runs
+  with its own `amp` off: with it on, Ultralytics' fp16 setup downloads yolo26n.pt for `check_amp` (a worker
+  is offline) and its bf16 branch refuses the CPU; the training loop reads only `amp`, `args.amp` and `scaler`;
+- validation is fp32 under AMP too (`FP32TrainingValidator`), like every standalone evaluation.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import json
 import math
 import random
 import time
+from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
-from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from .artifacts import atomic_path, on_cpu, write_json_atomic
@@ -52,6 +57,7 @@ from .settings import Settings
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+Precision = Literal["off", "bf16", "fp16"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,10 +118,43 @@ def preserved_random_state():
             np.random.set_state(numpy_state)
 
 
+def resolve_precision(amp: str, device: str) -> Precision:
+    """The training precision the `amp` setting gives on `device` (resolved: `cpu`, `cuda:0`, ...).
+
+    `auto` is bf16 on a CUDA GPU with native bf16 (compute capability 8 and up: Ampere, Hopper, ...) and off
+    everywhere else. bf16 has fp32's exponent range, so it needs no GradScaler (whose separate unscaling would
+    not reach LSQ's own scale optimizer), and its tensor-core rate is twice TF32's, which cuDNN convolutions
+    already use by default there. On older GPUs fp16 is the fast choice but needs a GradScaler: asked for, not
+    picked. On the CPU, bf16 is PyTorch's CPU autocast, which the tests use to run the GPU path's mixed precision;
+    `auto` leaves the CPU in fp32, so CPU results do not depend on whether the CPU has native bf16 kernels.
+    """
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"QAT_AMP={amp!r} is not one of auto, off, bf16, fp16")
+    kind = device.split(":")[0]
+    if amp == "auto":
+        return "bf16" if kind == "cuda" and _native_bf16(device) else "off"
+    if amp == "fp16" and kind != "cuda":
+        raise ValueError(f"QAT_AMP=fp16 needs a CUDA device (its GradScaler), not {device!r}: use bf16, auto or off")
+    if amp == "bf16" and kind not in ("cuda", "cpu"):
+        raise ValueError(f"QAT_AMP=bf16 runs on CUDA or the CPU, not on {device!r}: use off")
+    if amp == "bf16" and kind == "cuda" and not _native_bf16(device):
+        raise ValueError(f"QAT_AMP=bf16: {device} has no native bf16 (before Ampere); use fp16 or off")
+    return amp
+
+
+def _native_bf16(device: str) -> bool:
+    # Ultralytics' bf16 autocast refuses emulated bf16 (`including_emulation=False`), and so do we.
+    with torch.cuda.device(torch.device(device)):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def trainer_overrides(
     settings: Settings, variant: str, data_yaml: Path, run_dir: Path, device: str, epochs: int, seed: int
 ) -> dict:
-    """Ultralytics arguments shared by FP pretraining and QAT (AMP off: fake-quant and fp16 do not mix)."""
+    """Ultralytics arguments shared by FP pretraining and QAT.
+
+    Ultralytics' own `amp` stays off: ResumableTrainer switches the `amp` setting's precision on after setup.
+    """
     return dict(
         model=variant_yaml(variant),  # recorded in args only: the trainer is handed a built module
         data=str(data_yaml), epochs=epochs, imgsz=settings.imgsz, batch=settings.batch,
@@ -185,6 +224,7 @@ class ResumableTrainer(DetectionTrainer):
         model: torch.nn.Module,
         overrides: dict[str, Any],
         run_dir: Path,
+        precision: Precision = "off",
         ema: dict[str, float],
         on_epoch: Callable[[dict[str, Any]], None],
         state_fingerprint: str,
@@ -201,8 +241,13 @@ class ResumableTrainer(DetectionTrainer):
     ):
         if validate_live and validation_model is None:
             raise ValueError("validate_live needs a validation_model: the live weights are validated through a copy")
+        if scale_training is not None and precision == "fp16":
+            raise ValueError("lsq_scales needs amp bf16 or off: fp16's GradScaler unscales the weights' optimizer only")
+        if overrides.get("amp", False) is not False:
+            raise ValueError("pass the precision as `precision`, with Ultralytics' amp off (see trainer_overrides)")
         super().__init__(overrides={**overrides, "save": True, "val": True})
         self.model = model  # setup_model() keeps an nn.Module as it is
+        self.precision = precision
         self.run_dir = Path(run_dir)
         self.ema_schedule = ema
         self.on_epoch = on_epoch
@@ -231,6 +276,30 @@ class ResumableTrainer(DetectionTrainer):
         # batches after its last step.
         self.add_callback("on_train_batch_end", lambda trainer: trainer._divergence.add_loss(trainer.loss))
         self.add_callback("on_train_epoch_end", lambda trainer: trainer._raise_if_diverged())
+
+    def _setup_train(self) -> None:
+        super()._setup_train()
+        self._switch_on_precision()
+
+    def _switch_on_precision(self) -> None:
+        """Turn on what Ultralytics' setup would have for `precision`, minus its online `check_amp`: the loop runs
+        its forward under `autocast(torch.bfloat16 if args.amp == "bf16" else amp)` and its backward through
+        `scaler` (built disabled by the setup, as with amp off)."""
+        if self.precision == "off":
+            return
+        self.amp = True
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            if self.resume_state is not None and "scaler" in self.resume_state:
+                self.scaler.load_state_dict(self.resume_state["scaler"])
+        elif self.device.type == "cuda":
+            self.args.amp = "bf16"  # Ultralytics' bf16 branch: bf16 autocast, no GradScaler
+        elif torch.get_autocast_dtype(self.device.type) != torch.bfloat16:
+            # The loop's autocast(True) takes the device's default dtype, bf16 on the CPU unless changed.
+            raise ValueError(f"bf16 on {self.device}: its autocast dtype is {torch.get_autocast_dtype(self.device.type)}")
+
+    def get_validator(self):
+        return FP32TrainingValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
     def _configure_ema_and_resume(self) -> None:
         self.ema = ModelEMA(self.model, decay=self.ema_schedule["decay"], tau=self.ema_schedule["tau"])
@@ -267,8 +336,6 @@ class ResumableTrainer(DetectionTrainer):
     def build_optimizer(self, model, *args, **kwargs):
         optimizer = super().build_optimizer(model, *args, **kwargs)
         if self.scale_training is not None:
-            if self.amp:
-                raise ValueError("lsq_scales needs AMP off: GradScaler unscales the weights' optimizer only")
             self._lsq_scales = learned_scales(unwrap_model(model))
             self.scale_optimizer = separate_scale_optimizer(optimizer, self._lsq_scales, self.scale_training)
             return optimizer
@@ -373,6 +440,7 @@ class ResumableTrainer(DetectionTrainer):
             "ema_updates": int(self.ema.updates),
             "optimizer": self.optimizer.state_dict(),
             **({"scale_optimizer": self.scale_optimizer.state_dict()} if self.scale_optimizer is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),  # fp16's loss scale
             "best_fitness": None if self.best_fitness is None else float(self.best_fitness),
             "fingerprint": self.state_fingerprint,
             **self.extra_state().get("tensors", {}),
@@ -387,6 +455,26 @@ class ResumableTrainer(DetectionTrainer):
 
     def plot_metrics(self) -> None:
         """Skipped: plots are ours (comparison), and Ultralytics' would need a downloaded font."""
+
+
+class FP32TrainingValidator(DetectionValidator):
+    """Ultralytics' detection validator, in fp32 also when the trainer trains under AMP.
+
+    Ultralytics validates an AMP run in fp16 (fp16 images and autocast, whenever `trainer.amp` is set off the
+    CPU). Every other figure of a run (PTQ epoch 0, the FP reference, QC before/after, the export) comes from the
+    standalone validator in fp32, and a `before`/`after` pair or an epoch-to-epoch curve must differ in weights
+    only, not in precision (`evaluation_settings` records it). Validation is forward-only over the val set, so
+    fp32 there costs a fraction of what AMP saves in training.
+    """
+
+    def __call__(self, trainer=None, model=None, **kwargs):
+        if trainer is None:
+            return super().__call__(trainer, model, **kwargs)
+        amp, trainer.amp = trainer.amp, False  # what the validator reads to choose fp16
+        try:
+            return super().__call__(trainer, model, **kwargs)
+        finally:
+            trainer.amp = amp
 
 
 def load_resume_state(run_dir: Path, fingerprint: str, planned_epochs: int) -> tuple[dict | None, list[dict], str]:

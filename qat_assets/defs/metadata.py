@@ -59,6 +59,8 @@ def checkpoint_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "sha256": result["sha256"],
         "wall_time_s": round(float(result["seconds"]), 1),
         "device": result["device"],
+        # FP and QAT steps: the precision they trained in (none: older sidecars, other stages, no FP epochs here).
+        **({"training_precision": result["training_precision"]} if result.get("training_precision") else {}),
         "settings": MetadataValue.json(result["settings"]),
         "execution": MetadataValue.json(result["execution"]),  # launcher, GPU / Ray job: where the step ran
     }

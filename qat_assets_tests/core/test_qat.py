@@ -254,3 +254,56 @@ def test_a_qat_optimizer_step_makes_at_most_one_host_sync_of_its_own(pretrained,
         ours = count.outside("ultralytics")
         assert [sync.module for sync in ours] == ["qat_assets.core.divergence"], count.by_place()
     assert all(len(count) > len(count.outside("ultralytics")) for count in counts)  # the counter saw Ultralytics'
+
+
+@pytest.mark.parametrize("amp", ["auto", "bf16"])
+def test_amp_trains_the_quantized_convs_under_autocast_validates_in_fp32_and_never_downloads(pretrained, tmp_path, monkeypatch, amp):
+    """On the CPU `auto` is fp32 training; bf16 (PyTorch's CPU autocast) takes the mixed-precision path a GPU run
+    takes: the quantized convs compute in bf16 from the fp32 grid prepared after each optimizer step, the
+    validator sees the trainer with AMP off, and Ultralytics' online AMP check is never called."""
+    import ultralytics.engine.trainer as ultralytics_trainer
+    from ultralytics.engine.validator import BaseValidator
+
+    from qat_assets.core.quantize import StepQuantConv2d, quantized_modules
+
+    def no_download(*_):
+        raise AssertionError("check_amp downloads yolo26n.pt")
+
+    monkeypatch.setattr(ultralytics_trainer, "check_amp", no_download)
+    validated_with_amp: list[bool] = []
+    validate = BaseValidator.__call__
+
+    def recording_validate(self, trainer=None, model=None, **kwargs):
+        if trainer is not None:
+            validated_with_amp.append(bool(trainer.amp))
+        return validate(self, trainer, model, **kwargs)
+
+    monkeypatch.setattr(BaseValidator, "__call__", recording_validate)
+    quantized_under_autocast = []
+    quant_weight = StepQuantConv2d.quant_weight
+
+    def counting_quant_weight(self, *args, **kwargs):
+        quantized_under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return quant_weight(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepQuantConv2d, "quant_weight", counting_quant_weight)
+
+    request = request_for(pretrained, "baseline", tmp_path / "trajectory", tmp_path / "unused")
+    settings = request.settings.model_copy(update={"amp": amp, "device": "cpu", "qat_epochs": 1})
+    request = request.model_copy(update={"settings": settings})
+    model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+    quantize_w4a16(model, quant_options(settings))
+    layers = quantized_modules(model)
+    training_dtypes = []
+    _, conv = next((name, module) for name, module in layers if module.in_channels > 3)
+    conv.register_forward_hook(lambda module, _, out: training_dtypes.append(out.dtype) if module.training else None)
+    history, _, diverged_at, _ = train_trajectory(request, model, ema_schedule(0.0, None, 2, 2), lambda line: None)
+
+    assert diverged_at is None and history[-1]["epoch"] == 1 and history[-1]["map50_95"] is not None
+    assert len(training_dtypes) == 2  # 16 images, batch 8: two training forwards
+    expected = torch.bfloat16 if amp == "bf16" else torch.float32
+    assert set(training_dtypes) == {expected}
+    assert validated_with_amp and not any(validated_with_amp)
+    # Only the first forward quantizes layer by layer (nothing was prepared before the first optimizer step); the
+    # second reuses the flat pass's fp32 grid, prepared outside autocast, also when it runs under autocast.
+    assert quantized_under_autocast.count(True) == (len(layers) if amp == "bf16" else 0)

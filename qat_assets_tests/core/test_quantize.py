@@ -17,6 +17,7 @@ from qat_assets.core.quantize import (
     QuantOptions,
     freeze_quantized_weights,
     integer_weights,
+    quantize_all,
     quantize_w4a16,
     quantized_modules,
 )
@@ -188,3 +189,49 @@ def test_report_json_round_trip(float_and_quantized):
     restored = QuantizationReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert restored == report
     assert restored.to_rows()[0] == {"name": "model.0.conv", "bit_width": 8, "reason": report.layers[0].reason, "out_channels": 16}
+
+
+@pytest.mark.parametrize("options", OPTION_SETS + [QuantOptions(per_channel_scales=False)], ids=["learned", "statistics", "per-tensor"])
+def test_fake_quantization_under_autocast_is_the_fp32_path_bit_for_bit(options):
+    """AMP (the `amp` setting) runs the training forward under autocast; the weights' grid must not move with it.
+
+    Both routes a quantized conv's weights take: the flat pass of the QAT step and the evaluation copy
+    (`quantize_all`), and Brevitas' layer-by-layer `quant_weight` of a forward without a prepared result.
+    """
+    model = build_float_model()
+    quantize_w4a16(model, options)
+    model.train()
+    reference = {name: weights.quantized.value for name, weights in quantize_all(model).items()}
+    layer_by_layer = {name: module.quant_weight().value for name, module in quantized_modules(model)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = {name: weights.quantized.value for name, weights in quantize_all(model).items()}
+        layer_by_layer_under_autocast = {name: module.quant_weight().value for name, module in quantized_modules(model)}
+        # The conv itself does compute in bf16: autocast is on for the layer, only its weights' quantizer is exempt.
+        conv = next(module for _, module in quantized_modules(model) if module.in_channels > 3)
+        assert conv(torch.rand(1, conv.in_channels, 8, 8)).dtype == torch.bfloat16
+    for name, value in reference.items():
+        assert under_autocast[name].dtype == torch.float32
+        assert torch.equal(under_autocast[name], value), name
+        assert torch.equal(layer_by_layer_under_autocast[name], layer_by_layer[name]), name
+        assert torch.equal(layer_by_layer[name], value), name
+
+
+def test_the_quantizer_runs_with_autocast_off_inside_an_autocast_region():
+    """What keeps the equality above when Brevitas or the flat pass gains an op on autocast's bf16 list."""
+    model = build_float_model()
+    quantize_w4a16(model, QuantOptions())
+    model.train()
+    seen: list[bool] = []
+    for _, module in quantized_modules(model):
+        tensor_quant = module.weight_quant.tensor_quant
+        # Called by both routes: Brevitas' quantizer chain and the flat pass's scale restriction.
+        tensor_quant.scaling_impl.stats_scaling_impl.restrict_clamp_scaling.register_forward_hook(
+            lambda *_: seen.append(torch.is_autocast_enabled("cpu"))
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantize_all(model)
+        flat_calls = len(seen)
+        for _, module in quantized_modules(model):
+            module.quant_weight()
+    assert flat_calls > 0 and len(seen) > flat_calls
+    assert not any(seen)

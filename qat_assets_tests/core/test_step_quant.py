@@ -116,15 +116,29 @@ def test_a_prepared_result_is_not_reused_once_the_weights_changed():
     conv(x).sum().backward()
 
 
-def test_a_prepared_result_is_not_reused_after_a_dtype_change_or_inside_autocast():
+def test_a_prepared_result_is_not_reused_after_a_dtype_change():
     model = quantized_model(QuantOptions()).train()
     _, conv = next((n, m) for n, m in quantized_modules(model) if m.in_channels > 3)
     prepared = conv.prepare_quant_weight()
     conv.double()  # swaps the storage without bumping the version counter
     assert conv._take_quant_weight() is not prepared
+
+
+def test_a_result_prepared_outside_autocast_serves_the_forward_under_autocast():
+    """Under AMP the step's flat pass runs after the optimizer step, outside Ultralytics' autocast region, and
+    the next forward inside it: the quantizer never runs under autocast, so the prepared fp32 grid is the one a
+    fresh quantization there would give (test_quantize.py), and re-quantizing layer by layer would only cost time."""
+    model = quantized_model(QuantOptions()).train()
+    _, conv = next((n, m) for n, m in quantized_modules(model) if m.in_channels > 3)
+    x = torch.rand(1, conv.in_channels, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = conv(x)
     prepared = conv.prepare_quant_weight()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert conv._take_quant_weight() is not prepared
+        assert conv._take_quant_weight() is prepared
+        conv.prepare_quant_weight(prepared)
+        reused = conv(x)
+    assert reused.dtype == torch.bfloat16 and torch.equal(reused, fresh)
 
 
 def test_a_model_with_prepared_weights_deep_copies():

@@ -6,8 +6,10 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from qat_assets.core.models import build_detection_model
 from qat_assets.core.quantize import QuantOptions, quantize_w4a16
-from qat_assets.core.settings import SettingsError, load_settings
-from qat_assets.core.trainer import ema_schedule, linear_decay_then_hold, trainer_overrides
+from qat_assets.core import trainer as trainer_module
+from qat_assets.core.evaluate import evaluation_settings, validator_arguments
+from qat_assets.core.settings import PRETRAIN_FIELDS, QAT_FIELDS, SettingsError, load_settings
+from qat_assets.core.trainer import ema_schedule, linear_decay_then_hold, resolve_precision, trainer_overrides
 
 
 def test_decay_zero_makes_the_ema_copy_equal_the_model_after_every_update():
@@ -82,3 +84,101 @@ def test_no_early_stopping_cuts_a_run_that_peaked_long_ago(tmp_path):
     default = EarlyStopping(patience=100)
     default(epoch=0, fitness=0.5)
     assert any(default(epoch=epoch, fitness=0.01) for epoch in range(1, 501))
+
+
+def test_amp_auto_is_off_on_the_cpu_and_bf16_only_on_a_gpu_with_native_bf16(monkeypatch):
+    assert load_settings({"profile": "embedded"}, environ={}).amp == "auto"
+    assert load_settings({"profile": "coco", "pretrain_from_scratch": True}, environ={}).amp == "auto"
+    assert resolve_precision("auto", "cpu") == "off"
+    assert resolve_precision("off", "cuda:0") == "off"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # PyTorch's CPU autocast: how the tests run the GPU path
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: True)  # an Ampere or newer GPU
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("fp16", "cuda:1") == "fp16"
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: False)  # a V100 or T4
+    assert resolve_precision("auto", "cuda:0") == "off"
+    with pytest.raises(ValueError, match="no native bf16"):
+        resolve_precision("bf16", "cuda:0")
+
+
+def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
+    with pytest.raises(ValueError, match="QAT_AMP=fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="QAT_AMP=bf16 runs on CUDA or the CPU"):
+        resolve_precision("bf16", "mps")
+    with pytest.raises(SettingsError, match="QAT_AMP"):
+        load_settings({"profile": "smoke", "amp": "fp32"}, environ={})
+    with pytest.raises(SettingsError, match="amp fp16 needs a CUDA device"):
+        load_settings({"profile": "smoke", "amp": "fp16", "device": "cpu"}, environ={})
+    # fp16's GradScaler would unscale the weights' optimizer only, not LSQ's own scale optimizer.
+    with pytest.raises(SettingsError, match="lsq_scales needs amp"):
+        load_settings({"profile": "smoke", "amp": "fp16", "lsq_scales": True}, environ={})
+    assert load_settings({"profile": "smoke", "amp": "bf16", "lsq_scales": True}, environ={}).amp == "bf16"
+
+
+def test_runs_in_different_amp_settings_are_not_the_same_training_profile():
+    off, bf16 = (load_settings({"profile": "smoke", "amp": amp}, environ={}) for amp in ("off", "bf16"))
+    assert off.training_profile_fingerprint() != bf16.training_profile_fingerprint()
+    # Resuming is decided on the resolved precision (next test), not on the setting.
+    assert "amp" not in QAT_FIELDS and "amp" not in PRETRAIN_FIELDS
+
+
+def test_every_evaluation_records_its_precision_and_hands_ultralytics_only_its_own_arguments():
+    from ultralytics.cfg import get_cfg
+
+    settings = evaluation_settings(64, 8)
+    assert settings["precision"] == "fp32"
+    arguments = validator_arguments(64, 8)
+    assert {**arguments, "precision": "fp32"} == settings
+    assert get_cfg(overrides=arguments).quantize is None  # Ultralytics' fp32 inference
+    with pytest.raises(SyntaxError, match="precision"):
+        get_cfg(overrides=settings)
+
+
+def test_fp16_switches_on_a_grad_scaler_after_setup_and_a_resumed_run_keeps_its_loss_scale(tmp_path):
+    """The fp16 branch, which needs CUDA to train (no GPU here): the switch itself, on a real trainer. A resumed run
+    continues at the loss scale it had reached instead of backing off from 65536 again, skipping steps."""
+    from pathlib import Path
+
+    from qat_assets.core.trainer import ResumableTrainer, trainer_overrides
+    from qat_assets_tests.tiny_yolo_set import write_tiny_yolo_set
+
+    data = Path(write_tiny_yolo_set(tmp_path / "set", 2, 64))
+    overrides = trainer_overrides(load_settings({"profile": "smoke"}, environ={}), "yolo10n", data, tmp_path / "run",
+                                  "cpu", 1, 0)
+    reached = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+
+    def trainer(precision: str, **changes) -> ResumableTrainer:
+        return ResumableTrainer(
+            model=build_detection_model("yolo10n", ["red", "green", "blue"]), overrides={**overrides, **changes},
+            run_dir=tmp_path / "run", precision=precision, ema=ema_schedule(0.0, None, 1, 1), on_epoch=lambda _: None,
+            state_fingerprint="test", resume_state={"scaler": reached},
+        )
+
+    fp16 = trainer("fp16")
+    fp16.amp, fp16.scaler = False, torch.amp.GradScaler("cpu", enabled=False)  # as Ultralytics' setup leaves them
+    fp16._switch_on_precision()
+    assert fp16.amp and fp16.args.amp is False  # Ultralytics' fp16 branch: autocast(True), the device's fp16 on CUDA
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 1024.0
+    # Ultralytics' own amp on would run check_amp (a download) in its setup: refused at construction.
+    with pytest.raises(ValueError, match="Ultralytics' amp off"):
+        trainer("bf16", amp=True)
+
+
+def test_a_trajectory_is_resumed_only_in_the_precision_it_was_trained_in(monkeypatch, tmp_path):
+    """`auto` is one setting and two precisions: a trajectory a GPU trained in bf16 restarts on a CPU (fp32)."""
+    from qat_assets.core.qat import trajectory_fingerprint
+    from qat_assets.core.requests import QATRequest
+
+    def fingerprint(**settings) -> str:
+        return trajectory_fingerprint(QATRequest(
+            variant="yolo10n", method="ema", seed=0, pretrained_checkpoint=tmp_path / "p.pt", pretrained_sha256="0" * 64,
+            dataset_yaml=tmp_path / "d.yaml", dataset_fingerprint="d", train_images=16, out_dir=tmp_path / "o",
+            trajectory_dir=tmp_path / "t", settings=load_settings({"profile": "smoke", **settings}, environ={}),
+        ))
+
+    monkeypatch.setattr(trainer_module, "_native_bf16", lambda device: True)
+    assert fingerprint(device="cpu") == fingerprint(device="cpu", amp="off")  # auto is fp32 on the CPU
+    assert fingerprint(device="cuda:0") != fingerprint(device="cpu")
+    assert fingerprint(device="cuda:0", amp="off") == fingerprint(device="cpu", amp="off")  # the device alone is not
+    assert fingerprint(device="cuda:0") == fingerprint(device="cuda:0", amp="bf16")

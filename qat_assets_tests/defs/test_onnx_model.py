@@ -8,7 +8,7 @@ import torch
 
 from qat_assets.core import layout
 from qat_assets.core.coco import SubsetResult
-from qat_assets.core.evaluate import evaluation_settings
+from qat_assets.core.evaluate import validator_arguments
 from qat_assets.core.onnx_export import conv_weight_precisions, runtime_session
 from qat_assets.core.settings import load_settings
 from qat_assets_tests.dagster_harness import latest_metadata, run_assets, step_failure_messages
@@ -70,7 +70,7 @@ def test_an_ultralytics_trained_yolov10n_starts_the_chain_unchanged(storage, ins
 
     reference = YOLO(str(weights / "yolov10n.pt")).val(
         data=str(subset.dataset_yaml), device="cpu", workers=0, plots=False, verbose=False,
-        project=str(tmp_path / "val"), **evaluation_settings(settings.imgsz, settings.batch),
+        project=str(tmp_path / "val"), **validator_arguments(settings.imgsz, settings.batch),
     )
     assert meta["mAP50-95(B)"] == pytest.approx(reference.box.map, abs=1e-6)
     assert meta["mAP50(B)"] == pytest.approx(reference.box.map50, abs=1e-6)
