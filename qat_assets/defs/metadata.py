@@ -109,6 +109,8 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         # YOLOv10's NMS-free head, the same weights' one-to-one branch (Ultralytics' nms=False), FP and final.
         "fp_one_to_one_map50_95": result["one_to_one"]["fp"]["map50_95"],
         "final_one_to_one_map50_95": (result["one_to_one"]["final"] or {}).get("map50_95"),
+        # EMA - live of the seed's final weights with its paired bootstrap over val images (core/within_seed.py).
+        "within_seed": MetadataValue.json(result.get("within_seed") or {}),
         "mean_epoch_wall_time_s": round(sum(epoch_seconds) / len(epoch_seconds), 1) if epoch_seconds else None,
         "ema": MetadataValue.json(result["ema"]),
         "history": history_table(result["history"]),
