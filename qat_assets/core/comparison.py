@@ -14,6 +14,10 @@ of one gate: settings are not per variant, so yolo10n and yolo10s must agree too
 
 Non-comparable runs stay in the tables, flagged with the reason, and are left out of the averages and
 the gate.
+
+Beside the across-seed statistics, each seed's EMA − baseline carries its within-seed uncertainty: the paired
+bootstrap over val images of the seed's final EMA copy and live weights (core/within_seed.py), recorded in both
+run summaries of the seed. It is val-image sampling only, not training noise; the verdict does not use it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from qat_assets.core.attribution import GridCell, against_baseline, contribution
 from qat_assets.core.evidence import EvidenceVerdict, SeedPair, evidence_verdict, paired_margin
 from qat_assets.core.paired_statistics import PairedDifference, seeds_needed
 from qat_assets.core.settings import VARIANTS
-from qat_assets.core.summary import RunSummary, Stability
+from qat_assets.core.summary import RunSummary, Stability, WithinSeed
 
 RunId = tuple[str, str]  # (variant, partition key), e.g. ("yolo10n", "ema|0")
 # What each run contributes to the table: the QAT run alone, after QC, after BN re-estimation.
@@ -176,6 +180,15 @@ class PairedRow(BaseModel):
         return abs(self.difference) > self.margin
 
 
+class WithinSeedRow(BaseModel):
+    """One seed's EMA − baseline (the paired table's window-median finals) and its within-seed uncertainty, the
+    paired bootstrap over val images of the final EMA and live weights (a single validation each)."""
+
+    seed: int
+    difference: float | None  # ema final − baseline final, as in `PairedRow`
+    within_seed: WithinSeed
+
+
 class VariantComparison(BaseModel):
     variant: str
     fp_map50_95: float | None
@@ -185,6 +198,7 @@ class VariantComparison(BaseModel):
     against_baseline: list[PairedDifference] = []  # per outcome: final - baseline final, over seeds
     contributions: list[PairedDifference] = []  # EMA alone, BN alone, QC alone, QC beyond BN
     grid: list[list[GridCell]] = []  # {baseline, EMA} x {nothing, +BN, +QC}
+    within_seed: list[WithinSeedRow] = []  # seeds with a paired ema row whose summaries record the bootstrap
     evidence: EvidenceVerdict | None = None
 
 
@@ -249,6 +263,7 @@ class Comparison(BaseModel):
             parts.append(_paired_table(variant.contributions))
             parts.append("Against the baseline run of the same seed (final - baseline final):")
             parts.append(_paired_table(variant.against_baseline))
+            parts.append(_within_seed_section(variant))
             parts.append(_seeds_note(variant))
             parts.append("Per seed (margin: 1.96 × √(s_b² + s²) from the two runs' last-window spreads):")
             parts.append(_markdown_table(
@@ -304,12 +319,14 @@ def build_comparison(
             row.onnx_map50_95 = onnx_map.get((row.variant, row.method, row.seed))
         counted = [r for r in rows if r.comparable and r.status != "incomplete"]
         fp = fp_reference.get(variant, {})
+        paired = _paired_rows(counted)
         variants.append(VariantComparison(
             variant=variant,
             fp_map50_95=fp.get("map50_95"),
             fp_map50=fp.get("map50"),
             rows=rows,
-            paired=_paired_rows(counted),
+            paired=paired,
+            within_seed=_within_seed_rows(runs, paired),
             against_baseline=against_baseline(counted),
             contributions=contributions(counted),
             grid=grid(counted),
@@ -363,6 +380,14 @@ def _paired_rows(counted: Sequence[ComparisonRow]) -> list[PairedRow]:
             margin=paired_margin(row, base),
         ))
     return sorted(paired, key=lambda p: (p.seed, label_order(p.method)))
+
+
+def _within_seed_rows(runs: Sequence[RunSummary], paired: Sequence[PairedRow]) -> list[WithinSeedRow]:
+    """Per seed with a paired `ema` row (both runs complete and comparable): the bootstrap its ema summary records.
+    Both summaries of a seed record the same one: it belongs to their shared trajectory."""
+    recorded = {s.seed: s.within_seed for s in runs if s.method == "ema" and s.within_seed is not None}
+    return [WithinSeedRow(seed=p.seed, difference=p.difference, within_seed=recorded[p.seed])
+            for p in paired if p.method == "ema" and p.seed in recorded]
 
 
 def _row(summary: RunSummary, outcome: str, not_comparable_reason: str | None) -> ComparisonRow:
@@ -434,6 +459,35 @@ def _paired_table(contrasts: Sequence[PairedDifference]) -> str:
           "–" if c.ci_low is None else f"{c.ci_low:+.4f} to {c.ci_high:+.4f}", _num(c.p_sign_flip, 3),
           _yes_no(c.real)] for c in contrasts],
     )
+
+
+def _within_seed_section(variant: VariantComparison) -> str:
+    """Each seed's EMA − baseline with its within-seed (val-image) interval, next to the across-seed t-interval."""
+    heading = "**Within-seed uncertainty of EMA − baseline** (val-image sampling only, not training noise):"
+    if not variant.within_seed:
+        return f"{heading} not recorded (no paired seed whose run summaries carry the bootstrap)."
+    across = next((c for c in variant.against_baseline if c.contrast == "ema - baseline"), None)
+    rows = [[str(r.seed), _num(r.difference, 4, signed=True),
+             f"{_num(w.difference, 4, signed=True)} (epoch {w.epoch})",
+             f"{w.ci_low:+.4f} to {w.ci_high:+.4f}", "within seed: val images only", _num(w.std), _num(w.unpaired_std),
+             f"{w.images} × {w.resamples} (seed {w.seed})"]
+            for r in variant.within_seed for w in [r.within_seed]]
+    if across is not None:
+        rows.append([f"across {across.n} seed(s)", _num(across.mean, 4, signed=True), "–",
+                     "–" if across.ci_low is None else f"{across.ci_low:+.4f} to {across.ci_high:+.4f}",
+                     "across seeds: t-interval, training noise included", f"SE {_num(across.standard_error)}", "–", "–"])
+    return "\n\n".join([
+        f"{heading} the seed's final EMA copy and live weights come from one training and are scored on the same "
+        "val images; a paired bootstrap resamples the images together (95 % percentile interval). It says how far "
+        "the choice of val images alone could move the seed's difference, which is measured at the last "
+        "validation (the paired table's finals are window medians). The across-seed row is the paired t-interval "
+        "above, whose spread also holds training noise.",
+        _markdown_table(
+            ["seed", "ema − baseline (final)", "ema − live, last validation", "95 % interval", "interval of",
+             "std (paired)", "std (unpaired)", "images × resamples"],
+            rows,
+        ),
+    ])
 
 
 def _seed_evidence_table(evidence: EvidenceVerdict) -> str:

@@ -14,7 +14,9 @@ EMA+QC runs are both complete and comparable is a pair; in a pair whose baseline
 The paired uncertainty of one seed is 1.96 × √(s_b² + s_e²), where s is each run's `final_spread`, the
 robust spread of its last m validations: a run's own validation-to-validation noise at its end. It is
 unknown (and so nothing is "prevented") when a run has a single trained validation. It does not see the
-sampling noise of the fixed val set itself; a paired bootstrap over val images would (not built yet).
+sampling noise of the fixed val set itself. The paired bootstrap over val images that does
+(core/within_seed.py) covers the final EMA and live weights only, not EMA+QC, so the report shows it beside
+EMA − baseline and this margin stays the verdict's.
 
 The variant's verdict needs a majority of the seeds whose baseline collapsed, and reports k/N with the
 exact one-sided sign-test p-value. "uninformative" when no baseline collapsed (nothing to prevent).

@@ -8,6 +8,10 @@ method's history) and the live weights (the `baseline` method's, which is what E
 Whichever of the two partitions runs first trains it; the other waits on its lock and reuses it. Each
 then writes its own checkpoint: `model` the live weights, `ema` the weights its method evaluates.
 
+At the end, still under the lock, the final EMA copy and live weights are compared by a paired bootstrap over
+val images (core/within_seed.py: the seed's within-seed uncertainty), from the per-image statistics of the
+last epoch's own validations; the second run reads the stored result, so both sidecars carry the same one.
+
 Epoch 0 of the history is the freshly quantized pretrained model (PTQ), evaluated before any training.
 A long run can validate every `qat_val_interval` epochs and then every epoch of its last
 `qat_val_final_epochs` (`validated_qat_epochs`); an epoch without a validation is in the history with
@@ -42,6 +46,7 @@ from .trainer import (
     HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, resolve_precision,
     trainer_overrides, training_batch,
 )
+from .within_seed import keep_final_images, within_seed_uncertainty
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
 DIVERGED_FILE = "diverged.json"  # in the trajectory: the epoch and reason it diverged
@@ -118,6 +123,7 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     with exclusive_lock(request.trajectory_dir / "lock", on_wait=report_wait):
         waited = time.time() - waiting_since
         history, final_state, diverged_at, resume_note = train_trajectory(request, model, ema_of["ema"], log)
+        within_seed = final_within_seed(request, model, history, final_state, diverged_at, log)
 
     history = method_history(history, request.method)
     batch = training_batch(history, settings.batch)
@@ -158,9 +164,39 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
             f"{trained[-1]['epoch']} {final_one_to_one['map50_95']:.4f} (one-to-many head FP "
             f"{pretrained['metrics']['map50_95']:.4f} -> {one_to_many})")
     sidecar["one_to_one"] = {"fp": fp_one_to_one, "final": final_one_to_one if trained else None}
+    sidecar["within_seed"] = within_seed.model_dump() if within_seed is not None else None
     checkpoint = request.out_dir / CHECKPOINT_NAME
     digest = save_checkpoint(checkpoint, {"model": final_state["model"], "ema": evaluated}, sidecar)
     return {"checkpoint": str(checkpoint), "sha256": digest, **sidecar}
+
+
+def final_within_seed(request: QATRequest, model, history: list[dict], final_state: dict, diverged_at: int | None,
+                      log: Callable[[str], None]):
+    """EMA − live of the trajectory's final weights with its val-image interval; None for a diverged trajectory."""
+    label = f"{request.variant} {request.method}|{request.seed}"
+    if diverged_at is not None:
+        log(f"{label}: no within-seed bootstrap: the trajectory diverged in epoch {diverged_at}")
+        return None
+    settings = request.settings
+
+    def evaluate(which: str) -> list:
+        final = copy.deepcopy(model)
+        final.load_state_dict(final_state["ema" if which == "ema" else "model"])
+        images: list = []
+        evaluate_model(freeze_quantized_weights(final), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
+                       device=resolve_device(settings.device), workers=settings.workers,
+                       work_dir=request.trajectory_dir / "eval", per_image=images)
+        return images
+
+    result = within_seed_uncertainty(
+        request.trajectory_dir, trajectory_fingerprint(request), history[-1]["epoch"],
+        resamples=settings.within_seed_resamples, seed=request.seed, evaluate=evaluate, log=lambda line: log(f"{label}: {line}"),
+    )
+    log(f"{label}: within seed {request.seed}, EMA - live mAP50-95 at epoch {result.epoch}: {result.difference:+.4f}, "
+        f"95 % interval over val images {result.ci_low:+.4f} to {result.ci_high:+.4f} (paired bootstrap, "
+        f"{result.images} images x {result.resamples} resamples, seed {result.seed}; std {result.std:.4f}, unpaired "
+        f"{result.unpaired_std:.4f}; statistics: {result.source})")
+    return result
 
 
 def one_to_one_metrics(model, request: QATRequest) -> dict[str, float]:
@@ -236,6 +272,7 @@ def train_trajectory(
             validate_epoch=validated_qat_epochs(epochs, settings.qat_val_interval, settings.qat_val_final_epochs),
             after_optimizer_step=oscillation.update_model,
             scale_training=ScaleTraining(settings.scale_optimizer, settings.scale_lr) if settings.lsq_scales else None,
+            record_per_image=True,  # the last epoch's give the within-seed bootstrap (core/within_seed.py)
             epoch_diagnostics=lambda trainer: diagnostics.measure(unwrap_model(trainer.model), trainer.train_loader.dataset),
             extra_state=lambda: {
                 "epoch_fields": {
@@ -254,6 +291,8 @@ def train_trajectory(
             log(f"{label}: DIVERGED — {exc}; keeping the checkpoints of the {len(trainer.history) - 1} finished epochs")
         history = trainer.history
         final_state = {"model": trainer.model.state_dict(), "ema": trainer.ema.ema.state_dict()}
+        if diverged_at is None and trainer.per_image_epoch == history[-1]["epoch"]:
+            keep_final_images(run_dir, fingerprint, trainer.per_image_epoch, trainer.per_image)
     if diverged_at is not None:  # the last completed epoch, or the PTQ start if none completed
         final_state, _, _ = load_resume_state(run_dir, fingerprint, epochs)
         final_state = final_state or {"model": ptq_start, "ema": ptq_start}

@@ -138,6 +138,29 @@ class BNResult(PostHocResult):
     images: int
 
 
+class WithinSeed(BaseModel):
+    """EMA − live mAP50-95 of one seed's final weights and its within-seed uncertainty (core/within_seed.py).
+
+    Both are scored on the same val images, which a paired bootstrap resamples together: the interval is the
+    val-image sampling noise of this one difference, not training noise (another seed trains other weights).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int  # the final epoch, whose EMA copy and live weights were scored
+    ema_map50_95: float
+    live_map50_95: float
+    difference: float  # ema − live on the val set as it is
+    std: float  # of the difference over resampled val sets
+    ci_low: float  # 2.5 % and 97.5 % percentiles of the resampled differences
+    ci_high: float
+    unpaired_std: float  # √(std_ema² + std_live²) over the same draws: the spread if the images were not shared
+    images: int
+    resamples: int
+    seed: int  # of the bootstrap's generator
+    source: Literal["last epoch's validation", "evaluated again"]
+
+
 FailedRule = Literal["degenerate", "collapsed", "fell_below_ptq"]
 
 
@@ -194,6 +217,8 @@ class RunSummary(BaseModel):
     stability_qat: Stability
     stability_qat_qc: Stability
     stability_qat_bn: Stability | None = None  # None only in summaries written before BN re-estimation existed
+    # The same for both methods of a seed (one trajectory); None for a diverged run and in older summaries.
+    within_seed: WithinSeed | None = None
     code_version: str
     package_versions: dict[str, str]
     created_at: datetime

@@ -20,6 +20,9 @@ What the subclass changes, and why:
   epoch's, and each validated one with the seconds its validation took;
 - `epoch_diagnostics(trainer)` runs after each validation and its result is the epoch record's
   `diagnostics` (core/diagnostics.py: why a run collapses);
+- with `record_per_image`, each validation keeps every val image's matching statistics of the EMA copy and
+  of the live weights (`per_image`, `per_image_epoch`): the last epoch's give the within-seed bootstrap of
+  EMA − live (core/within_seed.py) without validating the final weights again;
 - each finished epoch is reported through `on_epoch` as a plain dict, with the batch it trained at: Ultralytics
   halves the batch when the first epoch of a run runs out of GPU memory, and says so only in its log
   (`training_batch` turns that into the sidecars' record and comparison's verdict);
@@ -51,6 +54,7 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 from .artifacts import atomic_path, on_cpu, write_json_atomic
 from .divergence import DivergenceWatch
 from .evaluate import metrics_from_ultralytics
+from .image_bootstrap import ImageStats, recording_per_image
 from .models import variant_yaml
 from .quantize import LearnedScale, learned_scales, scale_lsq_gradients
 from .settings import Settings
@@ -238,6 +242,7 @@ class ResumableTrainer(DetectionTrainer):
         validate_live: bool = False,
         epoch_diagnostics: Callable[["ResumableTrainer"], dict[str, Any]] | None = None,
         scale_training: ScaleTraining | None = None,
+        record_per_image: bool = False,
     ):
         if validate_live and validation_model is None:
             raise ValueError("validate_live needs a validation_model: the live weights are validated through a copy")
@@ -262,6 +267,10 @@ class ResumableTrainer(DetectionTrainer):
         self.validate_live = validate_live
         self.epoch_diagnostics = epoch_diagnostics
         self.scale_training = scale_training
+        self.record_per_image = record_per_image
+        # The last validation's statistics per val image: "ema" (the validated copy) and, with validate_live, "live".
+        self.per_image: dict[str, list[ImageStats]] = {}
+        self.per_image_epoch: int | None = None
         self.scale_optimizer: torch.optim.Optimizer | None = None
         self._lsq_scales: list[LearnedScale] = []
         self._diagnostics: dict[str, Any] | None = None
@@ -386,13 +395,15 @@ class ResumableTrainer(DetectionTrainer):
             try:
                 if self.validation_model is not None:
                     self.ema.ema = self.validation_model(held)
-                result = super().validate()
+                with self._recording("ema"):
+                    result = super().validate()
                 if self.validate_live:
                     # The validator evaluates `ema.ema`, so the live weights' validation copy stands in for it (a
                     # copy: the validator switches its model to eval mode). Fitness and best_fitness stay the EMA
                     # copy's; the validator's own `metrics` and its on_val_* callbacks (logging integrations) see both.
                     self.ema.ema = self.validation_model(unwrap_model(self.model))
-                    self._live_metrics = metrics_from_ultralytics(self.validator(self))
+                    with self._recording("live"):
+                        self._live_metrics = metrics_from_ultralytics(self.validator(self))
                 if self.epoch_diagnostics is not None:
                     # Once per validated epoch, on the live weights, outside the training step.
                     self._diagnostics = self.epoch_diagnostics(self)
@@ -402,6 +413,18 @@ class ResumableTrainer(DetectionTrainer):
         if self.validate_live and not math.isfinite(self._live_metrics["map50_95"]):
             raise TrainingDiverged(self.epoch + 1, "the live weights' validation mAP50-95")
         return result
+
+    @contextlib.contextmanager
+    def _recording(self, which: str):
+        """Keep the per-image statistics of the validation inside the block as `per_image[which]`."""
+        if not self.record_per_image:
+            yield
+            return
+        if which == "ema":  # the first validation of an epoch: the previous epoch's statistics go
+            self.per_image, self.per_image_epoch = {}, self._validated_epoch
+        with recording_per_image(self.validator) as images:
+            yield
+        self.per_image[which] = images
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         # Ultralytics would reload a pickled last.pt; a diverged QAT run is a result to report instead.

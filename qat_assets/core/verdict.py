@@ -113,6 +113,7 @@ def build_run_summary(
         stability_qat=stability_qat,
         stability_qat_qc=stability_qc,
         stability_qat_bn=stability_bn,
+        within_seed=qat_sidecar.get("within_seed"),  # absent from sidecars written before it existed
         code_version=code_version(),
         package_versions=package_versions(),
         created_at=datetime.now(timezone.utc),

@@ -117,6 +117,8 @@ def qat_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "final_one_to_one_map50_95": (result["one_to_one"]["final"] or {}).get("map50_95"),
         # The batch it trained at; a batch Ultralytics halved after an OOM makes the run not comparable.
         "training_batch": MetadataValue.json(result.get("training_batch") or {}),
+        # EMA - live of the seed's final weights with its paired bootstrap over val images (core/within_seed.py).
+        "within_seed": MetadataValue.json(result.get("within_seed") or {}),
         "mean_epoch_wall_time_s": round(sum(epoch_seconds) / len(epoch_seconds), 1) if epoch_seconds else None,
         "ema": MetadataValue.json(result["ema"]),
         "history": history_table(result["history"]),

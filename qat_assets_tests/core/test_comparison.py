@@ -13,7 +13,7 @@ from qat_assets.core.evaluate import evaluation_settings
 from qat_assets.core.settings import load_settings
 from qat_assets.core.trainer import training_batch
 from qat_assets.core.verdict import build_run_summary
-from qat_assets_tests.core.test_summary import make_summary
+from qat_assets_tests.core.test_summary import make_summary, within_seed
 
 
 def group(**odd):
@@ -169,3 +169,32 @@ def test_a_run_whose_batch_ultralytics_halved_is_not_comparable_with_runs_at_the
     resumed = build_run_summary(recorded_qat_sidecar("ema", 1, [8, 4]), None, partition_key="ema|1", settings=settings,
                                 dataset={"fingerprint": "data-1"})
     assert "trained at batch [4, 8]" in find_non_comparable([*summaries[:3], resumed])[("yolo10n", "ema|1")]
+
+
+def test_each_seeds_ema_minus_baseline_carries_its_within_seed_interval_next_to_the_across_seed_one():
+    recorded = {0: within_seed(0.012, 0.004, 0.020, epoch=3, seed=0), 1: within_seed(-0.003, -0.011, 0.005, seed=1),
+                2: within_seed(0.5, 0.4, 0.6, seed=2)}
+    runs = [make_summary(method=m, seed=s, maps=maps, within_seed=recorded[s])
+            for s, (ema, base) in {0: (0.32, 0.30), 1: (0.29, 0.30)}.items()
+            for m, maps in (("ema", (0.2, 0.31, ema, ema)), ("baseline", (0.2, 0.31, base, base)))]
+    # Seed 2's ema run is incomplete: no paired difference, so no within-seed row either.
+    runs += [make_summary(method="ema", seed=2, maps=(0.2, 0.3), planned_epochs=3, within_seed=recorded[2]),
+             make_summary(method="baseline", seed=2, within_seed=recorded[2])]
+    comparison = build_comparison(runs)
+    [variant] = comparison.variants
+    assert [(r.seed, r.within_seed) for r in variant.within_seed] == [(0, recorded[0]), (1, recorded[1])]
+    assert [r.difference for r in variant.within_seed] == pytest.approx([0.02, -0.01])
+    assert Comparison.from_dict(comparison.to_dict()) == comparison
+
+    markdown = comparison.to_markdown()
+    section = markdown[markdown.index("**Within-seed uncertainty"):]
+    assert "(val-image sampling only, not training noise)" in section
+    assert "| 0 | +0.0200 | +0.0120 (epoch 3) | +0.0040 to +0.0200 | within seed: val images only |" in section
+    assert "| 1 | -0.0100 | -0.0030 (epoch 3) | -0.0110 to +0.0050 | within seed: val images only |" in section
+    across = next(c for c in variant.against_baseline if c.contrast == "ema - baseline")
+    assert (f"| across 2 seed(s) | +0.0050 | – | {across.ci_low:+.4f} to {across.ci_high:+.4f} | across seeds: "
+            "t-interval, training noise included |") in section
+    assert "64 × 1000 (seed 1)" in section
+    # Summaries from before the bootstrap existed: the section says it is not recorded.
+    older = build_comparison([r.model_copy(update={"within_seed": None}) for r in runs])
+    assert older.variants[0].within_seed == [] and "not recorded" in older.to_markdown()

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from qat_assets.core.evaluate import evaluate_model
-from qat_assets.core.image_bootstrap import ImageStats, bootstrap_map, map50_95, paired_bootstrap, record_per_image
+from qat_assets.core.image_bootstrap import (
+    ImageStats,
+    bootstrap_map,
+    image_arrays,
+    images_from_arrays,
+    map50_95,
+    paired_bootstrap,
+    record_per_image,
+    recording_per_image,
+)
 from qat_assets.core.models import build_detection_model
 from qat_assets_tests.tiny_yolo_set import write_tiny_yolo_set
 
@@ -88,3 +97,68 @@ def test_evaluate_model_records_every_val_image(tmp_path):
     assert sorted(i.name for i in images) == [f"{i}.png" for i in range(4)]
     assert sum(len(i.target_cls) for i in images) == 6  # one or two boxes per image, alternating
     assert map50_95(images) == pytest.approx(metrics["map50_95"], abs=1e-12)
+
+
+def random_images(rng, count, names=None):
+    """Images of 3 classes whose predictions are correct with a per-image rate: some images easy, some hard."""
+    images = []
+    for index in range(count):
+        predictions, rate = int(rng.integers(1, 6)), rng.random()
+        images.append(ImageStats(
+            name=names[index] if names else f"{index}.png", tp=rng.random((predictions, 10)) < rate,
+            conf=rng.random(predictions), pred_cls=rng.integers(0, 3, predictions).astype(float),
+            target_cls=rng.integers(0, 3, int(rng.integers(1, 4))).astype(float)))
+    return images
+
+
+def test_pairing_narrows_the_interval_exactly_when_the_two_models_share_their_images_difficulty():
+    rng = np.random.default_rng(3)
+    first = random_images(rng, 48)
+    # The same images scored by a nearly identical model: 5 % of its matches flipped. Per image, its result
+    # follows the first model's, so resampling the images moves both alike and the difference hardly at all.
+    close = [ImageStats(name=i.name, tp=i.tp ^ (rng.random(i.tp.shape) < 0.05), conf=i.conf, pred_cls=i.pred_cls,
+                        target_cls=i.target_cls) for i in first]
+    paired = paired_bootstrap(first, close, resamples=300, seed=5)
+    # Each model's own figures are those of its bootstrap over the same draws (the same generator and seed).
+    assert paired.first_std == pytest.approx(bootstrap_map(first, resamples=300, seed=5).std, abs=1e-12)
+    assert paired.second_std == pytest.approx(bootstrap_map(close, resamples=300, seed=5).std, abs=1e-12)
+    assert (paired.first_estimate, paired.second_estimate) == (map50_95(first), map50_95(close))
+    assert paired.estimate == map50_95(first) - map50_95(close)
+    unpaired = np.hypot(paired.first_std, paired.second_std)
+    assert paired.std < 0.5 * unpaired
+    assert paired.ci_high - paired.ci_low < 0.5 * 2 * 1.96 * unpaired
+    # A model unrelated to the first on the same images (their own difficulty, drawn independently): pairing
+    # cannot cancel what the two do not share, so the paired spread is about the unpaired one.
+    unrelated = random_images(rng, 48, names=[i.name for i in first])
+    paired = paired_bootstrap(first, unrelated, resamples=300, seed=5)
+    assert 0.75 < paired.std / np.hypot(paired.first_std, paired.second_std) < 1.25
+
+
+def test_recording_is_limited_to_its_block_and_the_statistics_survive_flat_arrays():
+    from ultralytics.utils.metrics import DetMetrics
+
+    class Validator:
+        metrics = DetMetrics(names={0: "a", 1: "b", 2: "c"})
+
+    rng = np.random.default_rng(1)
+    images = random_images(rng, 6) + [ImageStats(name="empty.png", tp=np.zeros((0, 10), bool), conf=np.zeros(0),
+                                                 pred_cls=np.zeros(0), target_cls=np.array([1.0]))]
+
+    def score(image):
+        Validator.metrics.update_stats({"tp": image.tp, "conf": image.conf, "pred_cls": image.pred_cls,
+                                        "target_cls": image.target_cls, "target_img": np.unique(image.target_cls),
+                                        "im_name": image.name})
+
+    score(images[0])
+    with recording_per_image(Validator) as inside:
+        for image in images[1:]:
+            score(image)
+    score(images[0])
+    assert [i.name for i in inside] == [i.name for i in images[1:]]
+    assert "update_stats" not in vars(Validator.metrics)  # the validator's own method again
+    again = images_from_arrays(image_arrays(inside, "ema"), "ema")
+    assert [i.name for i in again] == [i.name for i in inside]
+    for before, after in zip(inside, again):
+        for field in ("tp", "conf", "pred_cls", "target_cls"):
+            assert np.array_equal(getattr(before, field), getattr(after, field))
+    assert map50_95(again) == map50_95(inside)

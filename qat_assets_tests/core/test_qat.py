@@ -7,10 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from qat_assets.core import qat
+from qat_assets.core import qat, within_seed
 from qat_assets.core.artifacts import exclusive_lock, load_checkpoint, read_sidecar, save_checkpoint
 from qat_assets.core.evaluate import evaluate_model
 from qat_assets.core.host_syncs import count_host_syncs, optimizer_host_state
@@ -22,6 +23,7 @@ from qat_assets.core.settings import QAT_FIELDS, SettingsError, load_settings
 from qat_assets.core.stability import classify_qat
 from qat_assets.core.summary import EpochRecord
 from qat_assets.core.trainer import ema_schedule
+from qat_assets.core.verdict import build_run_summary
 from qat_assets_tests.execution.test_worker import pretrained  # noqa: F401 (a fixture: a smoke set and a 1-epoch FP yolo10n)
 
 METRICS = ("map50_95", "map50", "precision", "recall")
@@ -55,10 +57,18 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
         validated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return freeze_quantized_weights(model)
 
+    def evaluate_whole_set_only(*args, per_image=None, **kwargs):
+        assert per_image is None, "the second run validated the final weights again for the within-seed bootstrap"
+        return evaluate_model(*args, **kwargs)
+
     monkeypatch.setattr(qat, "freeze_quantized_weights", recording_freeze)
     baseline = run_qat(request_for(pretrained, "baseline", trajectory, tmp_path / "baseline"), log=lines.append)
     monkeypatch.undo()
+    # The second run reads the first one's within-seed result: no validation for it, no bootstrap.
+    monkeypatch.setattr(qat, "evaluate_model", evaluate_whole_set_only)
+    monkeypatch.setattr(within_seed, "paired_bootstrap", lambda *a, **k: pytest.fail("the second run bootstrapped again"))
     ema = run_qat(request_for(pretrained, "ema", trajectory, tmp_path / "ema"), log=lines.append)
+    monkeypatch.undo()
     assert baseline["resume"] == "fresh start" and ema["resume"].startswith("already complete")
     baseline_state, ema_state = (load_checkpoint(Path(r["checkpoint"])) for r in (baseline, ema))
     assert all(torch.equal(baseline_state["model"][k], ema_state["model"][k]) for k in baseline_state["model"])
@@ -86,8 +96,42 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
                                batch=settings.batch, device="cpu", workers=0, work_dir=tmp_path / "again", nms=False)
         assert {m: again[m] for m in METRICS} == {m: result["one_to_one"]["final"][m] for m in METRICS}
     # PTQ, then per epoch the EMA copy and the live weights (the last two are the checkpoints' ema and model),
-    # then the baseline's final weights once more for the NMS-free head
+    # then the baseline's final weights once more for the NMS-free head; none for the within-seed bootstrap
     assert len(validated) == 1 + 2 * 2 + 1
+    # Both sidecars carry the one within-seed result of the trajectory, from the last epoch's own validations:
+    # its mAPs are those the histories recorded for the final EMA copy and live weights.
+    within = ema["within_seed"]
+    assert baseline["within_seed"] == within and within["source"] == "last epoch's validation"
+    assert (within["epoch"], within["images"], within["resamples"], within["seed"]) == (2, 8, 200, 0)
+    assert within["ema_map50_95"] == pytest.approx(ema["history"][-1]["map50_95"], abs=1e-12)
+    assert within["live_map50_95"] == pytest.approx(baseline["history"][-1]["map50_95"], abs=1e-12)
+    assert within["difference"] == within["ema_map50_95"] - within["live_map50_95"]
+    summary = build_run_summary(ema, None, partition_key="ema|0", dataset={"fingerprint": "data"},
+                                settings=request_for(pretrained, "ema", trajectory, tmp_path).settings)
+    assert summary.within_seed.model_dump() == within  # what the comparison reads
+    # The smoke model's mAP is 0 (one FP epoch on 16 images), so the statistics themselves are checked: every
+    # val image scored with its predictions, and the EMA copy's differ from the live weights'.
+    fingerprint = qat.trajectory_fingerprint(request_for(pretrained, "ema", trajectory, tmp_path))
+    kept, _ = within_seed.stored_final_images(trajectory, fingerprint, 2)
+    assert all(len(image.conf) > 0 for images in kept.values() for image in images)
+    assert any(not np.array_equal(e.conf, l.conf) for e, l in zip(kept["ema"], kept["live"]))
+
+    # Without stored statistics (a trajectory trained by older code) a run validates the final weights again and
+    # finds the last epoch's own statistics.
+    for name in (within_seed.IMAGES_FILE, within_seed.RESULT_FILE):
+        (trajectory / name).unlink()
+    again = run_qat(request_for(pretrained, "ema", trajectory, tmp_path / "ema_again"), log=lines.append)["within_seed"]
+    assert again["source"] == "evaluated again" and any("two val passes" in line for line in lines)
+    evaluated, _ = within_seed.stored_final_images(trajectory, fingerprint, 2)
+
+    def same_predictions(first, second) -> bool:
+        """The ten most confident predictions per image agree to 2e-7. Validation fuses Conv+BN, training's does
+        not: here they differ by 1e-8, while the EMA copy's differ from the live weights' by 3e-6."""
+        return all(a.name == b.name and np.allclose(np.sort(a.conf)[-10:], np.sort(b.conf)[-10:], rtol=0, atol=2e-7)
+                   for a, b in zip(first, second))
+
+    assert same_predictions(kept["ema"], evaluated["ema"]) and same_predictions(kept["live"], evaluated["live"])
+    assert not same_predictions(kept["ema"], evaluated["live"])  # the check can tell the two weights apart
     for expected, seen in ((ema_state["ema"], validated[-3]), (ema_state["model"], validated[-2]),
                            (baseline_state["ema"], validated[-1])):
         assert all(torch.equal(expected[k], seen[k]) for k in expected)
@@ -101,6 +145,15 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
     assert all(torch.equal(state["model"][k].cpu(), baseline_state["model"][k]) for k in baseline_state["model"])
     for alone, shared in zip(method_history(history, "ema"), baseline["history"]):
         assert {m: alone[m] for m in METRICS} == {m: shared[m] for m in METRICS}
+    # Known answer: its EMA copy is the live weights, so EMA - live is exactly 0 on every resampled val set.
+    same = within_seed.within_seed_uncertainty(
+        tmp_path / "decay0", qat.trajectory_fingerprint(request), 2, resamples=200, seed=0,
+        evaluate=lambda which: pytest.fail("the decay-0 trajectory kept no per-image statistics"), log=lines.append)
+    assert (same.difference, same.std, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0, 0.0)
+    assert same.ema_map50_95 == same.live_map50_95 == within["live_map50_95"]
+    identical, _ = within_seed.stored_final_images(tmp_path / "decay0", qat.trajectory_fingerprint(request), 2)
+    for e, l in zip(identical["ema"], identical["live"]):  # prediction for prediction, as the weights are equal
+        assert np.array_equal(e.conf, l.conf) and np.array_equal(e.tp, l.tp) and len(e.conf) > 0
 
 
 def test_the_second_method_waits_for_the_trajectory_in_training(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from qat_assets.core.artifacts import ArtifactError
 from qat_assets.core.stability import classify_qat, classify_with_bn, classify_with_qc
-from qat_assets.core.summary import BNResult, EpochRecord, QCResult, RunSummary
+from qat_assets.core.summary import BNResult, EpochRecord, QCResult, RunSummary, WithinSeed
 
 _T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -33,6 +33,7 @@ def make_summary(
     evaluation=None,
     created_minutes=0,
     bn_after=None,
+    within_seed=None,
 ) -> RunSummary:
     """A run summary whose verdicts come from the real classifiers (maps[0] is the PTQ epoch)."""
     records = history(maps)
@@ -56,15 +57,22 @@ def make_summary(
         stability_qat=qat, stability_qat_qc=classify_with_qc(qat, qc), bn=bn,
         stability_qat_bn=classify_with_bn(qat, bn) if bn_after is not None else None,
         code_version="abc123", package_versions={"torch": "2.14.1"},
-        created_at=_T0 + timedelta(minutes=created_minutes),
+        created_at=_T0 + timedelta(minutes=created_minutes), within_seed=within_seed,
     )
 
 
+def within_seed(difference, ci_low, ci_high, epoch=3, seed=0):
+    """A recorded within-seed bootstrap of EMA - live (core/within_seed.py)."""
+    return WithinSeed(epoch=epoch, ema_map50_95=0.30 + difference, live_map50_95=0.30, difference=difference,
+                      std=(ci_high - ci_low) / 3.92, ci_low=ci_low, ci_high=ci_high, unpaired_std=0.02, images=64,
+                      resamples=1000, seed=seed, source="last epoch's validation")
+
+
 def test_summary_round_trips_through_json(tmp_path):
-    summary = make_summary(maps=(0.1, 0.2, 0.25), planned_epochs=3)
+    summary = make_summary(maps=(0.1, 0.2, 0.25), planned_epochs=3, within_seed=within_seed(0.004, -0.002, 0.011))
     path = summary.write(tmp_path / "run" / "run_summary.json")
     again = RunSummary.read(path)
-    assert again == summary
+    assert again == summary and again.within_seed.ci_high == 0.011
     assert again.stability_qat.status == "incomplete"
     assert [p.name for p in path.parent.iterdir()] == ["run_summary.json"]  # no temp file left behind
 
