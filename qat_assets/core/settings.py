@@ -335,6 +335,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         synthetic_train_images=16, synthetic_val_images=8, synthetic_image_size=64,
         imgsz=64, batch=8, workers=0, pretrain_epochs=1, pretrain_lr=0.01,
         qat_epochs=2, qat_lr=1e-4, qc_epochs=16, qc_lr=1e-3, qc_batch=8, within_seed_resamples=200,
+        # one pass over the 16 training images: the default 50 batches would cycle them 25 times (a minute here)
+        bn_reestimation_batches=2,
     ),
     # The whole ladder on a 2-core CPU. The FP recipe (docs/fp_recipe.md) brings yolov10n and yolov10s to
     # their plateau in 50 epochs at 64 px: one AdamW step per batch of 8 (32 steps an epoch), LR decayed over

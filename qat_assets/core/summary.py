@@ -136,6 +136,7 @@ class BNResult(PostHocResult):
 
     batches: int
     images: int
+    data: str | None = None  # where the statistics were measured (None: a summary written before it was recorded)
 
 
 class WithinSeed(BaseModel):
