@@ -55,15 +55,17 @@ def outcome_stability(summary: RunSummary, outcome: str) -> Stability | None:
     return {"qat": summary.stability_qat, "qc": summary.stability_qat_qc, "bn": summary.stability_qat_bn}[outcome]
 
 
-def comparability_key(summary: RunSummary) -> tuple[str, str, str, str]:
+def comparability_key(summary: RunSummary) -> tuple[str, str, str, str, str]:
     """(dataset fingerprint, evaluation settings as canonical JSON, training-profile fingerprint, the batches it
-    trained at as JSON). A summary from before the batch used was recorded counts as its configured batch."""
+    trained at as JSON, the training precision). A summary from before the batch used was recorded counts as
+    its configured batch; one from before the precision was recorded (or before AMP existed) as fp32 ("off")."""
     batch_used = summary.training.get("batch_used") or [summary.training.get("batch")]
     return (
         str(summary.dataset["fingerprint"]),
         json.dumps(summary.evaluation, sort_keys=True, default=str),
         str(summary.training["profile_fingerprint"]),
         json.dumps(batch_used),
+        str(summary.training.get("precision") or "off"),
     )
 
 
@@ -75,6 +77,7 @@ class ComparabilityReference(BaseModel):
     profile_fingerprint: str
     basis: str
     training_batch: list[int | None] = []  # empty in comparisons written before the batch used was compared
+    training_precision: str = "off"  # what `amp` resolved to; comparisons written before it was compared: fp32
 
 
 def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityReference | None:
@@ -94,6 +97,7 @@ def comparability_reference(summaries: Sequence[RunSummary]) -> ComparabilityRef
         evaluation=json.loads(majority(1)),
         profile_fingerprint=majority(2),
         training_batch=json.loads(majority(3)),
+        training_precision=majority(4),
         basis=f"majority of {len(summaries)} runs, ties going to the newest run",
     )
 
@@ -111,7 +115,7 @@ def find_non_comparable(
     fp_dataset_fingerprints = fp_dataset_fingerprints or {}
     problems: dict[RunId, str] = {}
     for summary in summaries:
-        dataset_fp, evaluation, profile_fp, batch_used = comparability_key(summary)
+        dataset_fp, evaluation, profile_fp, batch_used, precision = comparability_key(summary)
         differences = []
         if dataset_fp != reference.dataset_fingerprint:
             differences.append(f"dataset fingerprint {dataset_fp} != {reference.dataset_fingerprint}")
@@ -126,6 +130,8 @@ def find_non_comparable(
             configured = summary.training.get("batch")
             halved = " (Ultralytics halved it after running out of memory)" if json.loads(batch_used) != [configured] else ""
             differences.append(f"trained at batch {json.loads(batch_used)}{halved} != {reference.training_batch}")
+        if precision != reference.training_precision:
+            differences.append(f"trained in precision {precision} != {reference.training_precision}")
         if differences:
             problems[run_id(summary)] = "; ".join(differences) + f" (reference: {reference.basis})"
     return problems

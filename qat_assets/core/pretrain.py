@@ -108,9 +108,11 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     history: list[dict] = []
     ema: dict | None = None
     if epochs:
+        precision = resolve_precision(settings.amp, device)
         fingerprint = hashlib.sha256(
-            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}|"
-            f"{resolve_precision(settings.amp, device)}".encode()
+            f"{request.dataset_fingerprint}|{settings.fingerprint_of(PRETRAIN_FIELDS)}|{source}|{request.variant}"
+            # fp32 adds nothing, so FP states trained before the amp setting existed (all fp32) are still reused
+            f"{'' if precision == 'off' else '|' + precision}".encode()
         ).hexdigest()[:16]
         state, history, note = load_resume_state(run_dir, fingerprint, epochs)
         log(f"{request.variant} pretraining: {note}")

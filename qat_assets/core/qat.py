@@ -65,9 +65,11 @@ def trajectory_fingerprint(request: QATRequest) -> str:
     """What a saved trajectory must match to be resumed or reused: same inputs, settings and seed (any method), and
     the precision `amp` resolves to on this step's device (`auto` is bf16 on a GPU and fp32 on the CPU)."""
     settings = request.settings
+    precision = resolve_precision(settings.amp, resolve_device(settings.device))
     parts = (
-        request.pretrained_sha256, request.dataset_fingerprint, settings.fingerprint_of(QAT_FIELDS),
-        str(request.seed), resolve_precision(settings.amp, resolve_device(settings.device)),
+        request.pretrained_sha256, request.dataset_fingerprint, settings.fingerprint_of(QAT_FIELDS), str(request.seed),
+        # fp32 adds nothing, so trajectories trained before the amp setting existed (all fp32) are still reused
+        *([precision] if precision != "off" else []),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -291,13 +291,15 @@ class Settings(BaseModel):
         return Path(home) / "artifacts"
 
     def training_profile(self) -> dict[str, Any]:
-        """The settings that make two QAT runs comparable (device, paths and seeds excluded)."""
+        """The settings that make two QAT runs comparable (device, paths and seeds excluded). `amp` is not one:
+        what it resolves to on the step's device is (`auto` is bf16 on one GPU, fp32 on another), compared as
+        the run's `training_precision` (core/comparison.py `comparability_key`)."""
         keys = (
             "profile", "imgsz", "batch", "pretrain_epochs", "pretrain_lr", "qat_epochs", "qat_optimizer",
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
-            "lsq_scales", "scale_optimizer", "scale_lr", "amp",
+            "lsq_scales", "scale_optimizer", "scale_lr",
         )
         return {k: getattr(self, k) for k in keys}
 

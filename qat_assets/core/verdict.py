@@ -101,7 +101,9 @@ def build_run_summary(
         training={**qat_sidecar["settings"], "ema": qat_sidecar["ema"], "profile_fingerprint": qat_sidecar["profile_fingerprint"],
                   "resume": qat_sidecar["resume"], "device": qat_sidecar["device"],
                   # the batch it trained at, when Ultralytics halved the configured one after an OOM
-                  "batch_used": qat_sidecar.get("training_batch", {}).get("used", [qat_sidecar["settings"]["batch"]])},
+                  "batch_used": qat_sidecar.get("training_batch", {}).get("used", [qat_sidecar["settings"]["batch"]]),
+                  # the precision `amp` resolved to on its device (sidecars from before AMP trained in fp32)
+                  "precision": qat_sidecar.get("training_precision") or "off"},
         evaluation=qat_sidecar["evaluation"],
         planned_epochs=qat_sidecar["planned_epochs"],
         history=history,

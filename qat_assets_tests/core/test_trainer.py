@@ -116,9 +116,21 @@ def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
     assert load_settings({"profile": "smoke", "amp": "bf16", "lsq_scales": True}, environ={}).amp == "bf16"
 
 
-def test_runs_in_different_amp_settings_are_not_the_same_training_profile():
+def test_runs_are_compared_on_the_precision_amp_resolved_to_not_on_the_setting():
+    """`auto` trains bf16 on one GPU and fp32 on another; `auto` and `off` on a CPU train alike."""
+    from qat_assets.core.comparison import find_non_comparable
+    from qat_assets_tests.core.test_summary import make_summary
+
     off, bf16 = (load_settings({"profile": "smoke", "amp": amp}, environ={}) for amp in ("off", "bf16"))
-    assert off.training_profile_fingerprint() != bf16.training_profile_fingerprint()
+    assert off.training_profile_fingerprint() == bf16.training_profile_fingerprint()
+    runs = [make_summary(seed=seed) for seed in range(3)]
+    runs = [run.model_copy(update={"training": {**run.training, "precision": precision}})
+            for run, precision in zip(runs, ("off", "off", "bf16"))]
+    assert list(find_non_comparable(runs).values()) == [
+        "trained in precision bf16 != off (reference: majority of 3 runs, ties going to the newest run)"]
+    # a summary written before the precision was recorded trained in fp32
+    older = runs[0].model_copy(update={"training": {k: v for k, v in runs[0].training.items() if k != "precision"}})
+    assert find_non_comparable([older, *runs[1:2]]) == {}
     # Resuming is decided on the resolved precision (next test), not on the setting.
     assert "amp" not in QAT_FIELDS and "amp" not in PRETRAIN_FIELDS
 
