@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import layout
 from .settings import METHODS, Settings
+from .validation_cadence import validated_fp_epochs, validated_qat_epochs
 
 # Per training image (forward and backward) relative to an FP training image, and per evaluated image
 # (forward, NMS) likewise: bench_qat.py at 64 px x 8 on one CPU thread, yolov10n / yolov10s:
@@ -135,13 +136,17 @@ def stages(settings: Settings, variants: tuple[str, ...], fp_per_image: dict[str
     for variant in variants:
         fp = fp_per_image[variant]
         evaluate = EVAL_OVER_FP * fp
-        validated_fp = sum(1 for epoch in range(1, fp_epochs + 1)
-                           if epoch % settings.pretrain_val_interval == 0 or epoch >= fp_epochs - settings.plateau_epochs)
+        fp_validated = validated_fp_epochs(fp_epochs, settings.pretrain_val_interval, settings.plateau_epochs)
+        validated_fp = sum(1 for epoch in range(1, fp_epochs + 1) if fp_validated(epoch))
+        qat_validated = validated_qat_epochs(settings.qat_epochs, settings.qat_val_interval, settings.qat_val_final_epochs)
+        # the +BN curve validates a re-estimated EMA copy and live weights beside them (BN's batches not counted)
+        per_validated_epoch = 4 if settings.bn_reestimate_every_eval else 2
+        validated_qat = sum(1 for epoch in range(1, settings.qat_epochs + 1) if qat_validated(epoch))
         fp_stage = Stage(variant, "FP start", 1, train, fp_epochs, fp, val * (validated_fp + 1), evaluate, source)
-        # One QAT training per seed, both methods: per epoch the EMA copy and the live weights are validated;
-        # PTQ before, and the NMS-free head of the FP model and of each method's final weights.
+        # One QAT training per seed, both methods: per validated epoch the EMA copy and the live weights; PTQ
+        # before; and in each method's run the NMS-free head of the FP model and of its final weights (4).
         qat = Stage(variant, "QAT (one per seed)", seeds, train, settings.qat_epochs, QAT_OVER_FP * fp,
-                    val * (2 * settings.qat_epochs + 1 + 3), evaluate, source)
+                    val * (per_validated_epoch * validated_qat + 1 + 4), evaluate, source)
         for stage_name, measured in (("pretrain", fp_epochs), ("qat", settings.qat_epochs)):
             found = measured_epoch_seconds(root, settings, variant, stage_name) if measured else None
             if found is None:

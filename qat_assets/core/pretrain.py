@@ -17,18 +17,11 @@ from .settings import PRETRAIN_FIELDS
 from .trainer import (
     ResumableTrainer, ema_schedule, load_resume_state, resolve_precision, trainer_overrides, training_batch,
 )
+from .validation_cadence import validated_fp_epochs
 
 CHECKPOINT_NAME = "pretrained.pt"
 # One fixed seed for the FP model, so every method and QAT seed starts from the same weights.
 PRETRAIN_SEED = 0
-
-
-def validated_fp_epochs(epochs: int, interval: int, plateau_epochs: int) -> Callable[[int], bool]:
-    """Which FP epochs (1-based) to validate: every `interval`-th, and all from the one before the plateau
-    window to the last. The check reads the window in full; before it, it needs the best, which a sparser
-    history can only understate, so sparse validation never makes a start look more at plateau than it is."""
-    first_dense = epochs - plateau_epochs
-    return lambda epoch: epoch % interval == 0 or epoch >= first_dense
 
 
 def plateau_check(history: list[dict], epochs: int, min_gain: float) -> dict:

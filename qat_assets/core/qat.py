@@ -46,6 +46,7 @@ from .trainer import (
     HISTORY_FILE, ResumableTrainer, ScaleTraining, TrainingDiverged, ema_schedule, load_resume_state, resolve_precision,
     trainer_overrides, training_batch,
 )
+from .validation_cadence import validated_qat_epochs
 from .within_seed import keep_final_images, within_seed_uncertainty
 
 CHECKPOINT_NAME = "qat_checkpoint.pt"
@@ -72,15 +73,6 @@ def trajectory_fingerprint(request: QATRequest) -> str:
         *([precision] if precision != "off" else []),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def validated_qat_epochs(epochs: int, interval: int, final_epochs: int) -> Callable[[int], bool]:
-    """Which QAT epochs (1-based) the trajectory validates: every `interval`-th, and every one of the last
-    `final_epochs` (so always the last). The collapse rule's final is the median of the last validations,
-    which the settings keep inside the final window. Its best is the highest running median over the
-    validations: before the window those are `interval` epochs apart, so a median spans m x interval epochs
-    and a peak between two validations is not seen."""
-    return lambda epoch: epoch % interval == 0 or epoch > epochs - final_epochs
 
 
 def method_history(trajectory_history: list[dict], method: str) -> list[dict]:

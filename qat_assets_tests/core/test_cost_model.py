@@ -16,11 +16,20 @@ def test_each_stage_is_images_times_epochs_times_seconds_per_image():
     evaluate = 0.5 * cost_model.EVAL_OVER_FP
     # FP: 16 images x 1 epoch; its one validated epoch and the final evaluation, 8 images each
     assert fp.seconds == pytest.approx(16 * 1 * 0.5 + 16 * evaluate)
-    # QAT, one per seed (2): 16 x 2 epochs at 1.6x; EMA + live validations per epoch, PTQ, 3 NMS-free evaluations
-    assert (qat.runs, qat.seconds_per_run) == (2, pytest.approx(16 * 2 * 0.8 + 8 * (2 * 2 + 1 + 3) * evaluate))
+    # QAT, one per seed (2): 16 x 2 epochs at 1.6x; EMA + live validations per epoch, PTQ, 4 NMS-free evaluations
+    assert (qat.runs, qat.seconds_per_run) == (2, pytest.approx(16 * 2 * 0.8 + 8 * (2 * 2 + 1 + 4) * evaluate))
     # per partition (4): QC 8 calibration images x 16 epochs; 5 val passes, the held-out check, BN on 16 images
     assert (post.runs, post.seconds_per_run) == (4, pytest.approx(8 * 16 * 0.42 + (5 * 8 + 8 + 16) * evaluate))
     assert fp.arithmetic() == "1 x (16 x 1 x 0.5 s + 16 x 0.165 s)"
+
+
+def test_qat_counts_the_validations_its_cadence_and_the_bn_curve_make():
+    evaluate = 0.5 * cost_model.EVAL_OVER_FP
+    # 10 epochs, every 4th and the last 3 validated: epochs 4, 8, 9, 10; with the +BN curve 4 validations each
+    sparse = load_settings({"profile": "smoke", "qat_epochs": 10, "qat_val_interval": 4, "qat_val_final_epochs": 3,
+                            "bn_reestimate_every_eval": True}, environ={})
+    _, qat, _ = cost_model.stages(sparse, ("yolo10n",), HALF, "given")
+    assert qat.seconds_per_run == pytest.approx(16 * 10 * 0.8 + 8 * (4 * 4 + 1 + 4) * evaluate)
 
 
 def test_the_split_over_slots_is_never_below_the_longest_chain():
