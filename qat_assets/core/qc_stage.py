@@ -107,15 +107,16 @@ def qat_final_evaluation(qat: dict, settings) -> dict | None:
     the same validator settings on the same val split (both stages get the subset's dataset YAML). Measured
     on the 8 QC runs of an embedded ladder: QC's own "before" evaluation equalled it in all the digits the
     history keeps (5, Ultralytics rounds in-training metrics), so re-running it costs a full evaluation for
-    nothing. None when the settings or the run differ (e.g. a QAT run that stopped early), and for a QAT run
-    on a GPU: there Ultralytics validates in training under AMP (fp16), while QC's "after" is evaluated in
-    fp32 like every standalone evaluation, so the delta would mix precision into QC's effect.
+    nothing. None when the settings or the run differ (e.g. a QAT run that stopped early, or one whose batch
+    Ultralytics halved after an OOM: its validations ran at the halved batch), and for a QAT run on a GPU:
+    both evaluations are fp32, but TF32 convolutions round the in-training (unfused) model and the standalone
+    (Conv+BN fused) one differently, unmeasured here, so QC's delta is taken from two evaluations alike.
     """
     history = [h for h in qat.get("history", []) if h.get("epoch", 0) > 0]
     if (not history or qat.get("device") != "cpu"
             or qat.get("evaluation") != evaluation_settings(settings.imgsz, settings.batch)
             or history[-1]["epoch"] != qat.get("planned_epochs") or qat.get("diverged_at_epoch")
-            or history[-1].get("map50_95") is None):  # QAT always validates its last epoch (qat_val_interval)
+            or history[-1].get("map50_95") is None or qat.get("training_batch", {}).get("halved")):  # QAT always validates its last epoch (qat_val_interval)
         return None
     return {key: float(history[-1][key]) for key in ("map50_95", "map50", "precision", "recall")}
 
