@@ -29,7 +29,7 @@ from qat_assets.core import cost_model
 from qat_assets.core.settings import METHODS, VALIDATION_VARIANTS, VARIANTS, load_settings
 from qat_assets.definitions import defs
 from qat_assets.defs.variant.partitions import partition_key
-from qat_assets.execution.gpu_slots import parse_gpu_ids, visible_gpus
+from qat_assets.execution.gpu_slots import listed_or_visible_gpus
 from qat_assets.execution.heavy_step_slots import default_heavy_step_slots
 from qat_assets.execution.warm_server import running_warm_server
 
@@ -438,7 +438,7 @@ def plan_slots(settings, gpus: int | None) -> tuple[int, str]:
     """How many heavy steps the plan assumes at once, and why."""
     if gpus:
         return gpus, "--gpus"
-    listed = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus()
+    listed = listed_or_visible_gpus()
     if listed:
         return len(listed), f"GPUs {','.join(listed)} (QAT_GPU_IDS, else the visible ones)"
     if settings.profile == "coco":
@@ -563,7 +563,7 @@ def steps_may_use_cuda(settings) -> bool:
     An empty device picks the first GPU if any (counted through NVML: no CUDA context)."""
     if settings.device:
         return settings.device.startswith("cuda")
-    return bool(parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus())
+    return bool(listed_or_visible_gpus())
 
 
 def print_outcome(root: Path) -> None:

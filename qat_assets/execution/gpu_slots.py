@@ -53,6 +53,11 @@ def visible_gpus(environ: dict[str, str] | None = None, count: Callable[[], int]
     return gpus
 
 
+def listed_or_visible_gpus() -> list[str]:
+    """The GPUs heavy steps may use on this machine: QAT_GPU_IDS when set, else every visible one."""
+    return parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus()
+
+
 def gpus_to_share(
     configured: str, device: str, environ: dict[str, str] | None = None, count: Callable[[], int] | None = None
 ) -> tuple[list[str], str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from qat_assets.execution.gpu_slots import parse_gpu_ids, visible_gpus
+from qat_assets.execution.gpu_slots import listed_or_visible_gpus
 
 
 def available_cores() -> int:
@@ -27,7 +27,7 @@ def default_heavy_step_slots() -> int:
     May import torch to count GPUs (only where an NVIDIA device node exists): call it where torch may be
     loaded (qat-ladder does, once, when it writes a new dagster.yaml), not while the code location loads.
     """
-    gpu_ids = parse_gpu_ids(os.environ.get("QAT_GPU_IDS", "")) or visible_gpus()
+    gpu_ids = listed_or_visible_gpus()
     if gpu_ids:
         return len(gpu_ids)
     return 2 if available_cores() >= 2 else 1
