@@ -74,6 +74,17 @@ def test_a_failing_stage_fails_the_check_and_stops_the_stages_after_it(gpu_check
     assert (work / "yolo10n" / "qat_checkpoint").is_dir()  # kept with --keep
 
 
+def test_a_rejected_qc_goes_through_the_qc_stage_and_the_export(gpu_check, tmp_path, monkeypatch, capsys):
+    # The stages after QC get the uncorrected model and a report without a fold (QC rejected in the embedded
+    # ladder; the stage then read fold keys only a kept QC had, and every such partition failed).
+    monkeypatch.setattr(qc, "qc_rejection", lambda before, after: f"QC rejected: loss rose from {before:.4f} to {after:.4f}")
+    assert gpu_check.main(["--device", "cpu", "--work", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    rows = stage_rows(out)
+    assert [rows[stage][1].strip() for stage in STAGES] == ["ok"] * len(STAGES)
+    assert "QC rejected: loss rose from" in out
+
+
 def test_host_syncs_of_ours_above_one_per_step_are_a_failure_that_names_where(gpu_check):
     def count(*modules):
         return gpu_check.SyncCount(HostSyncCount([HostSync("scalar read", module, 7) for module in modules]))

@@ -515,12 +515,14 @@ def run_qc(
         "rejected": qc_rejection(check_before, check_after),
     }
     corrections = learned_corrections(trainee)
+    fixed_gamma = [name for name, module in corrected_layers(trainee) if not isinstance(module.gamma, nn.Parameter)]
     if check["rejected"]:
         if log is not None:
             log(f"{check['rejected']} ({check['check_set']} images); keeping the uncorrected model")
-        # Nothing was folded, so the returned model is exactly the uncorrected one (difference 0).
-        return quantized_model, {**training, **check, "layers": len(corrections),
-                                 "fold_max_relative_difference": 0.0, "corrections": correction_stats(corrections)}
+        # Nothing was folded, so the returned model is exactly the uncorrected one (difference 0, not computed).
+        return quantized_model, {**training, **check, "layers": len(corrections), "fixed_gamma_layers": fixed_gamma,
+                                 "fold_max_relative_difference": 0.0, "fold_check_precision": None,
+                                 "corrections": correction_stats(corrections)}
     fold_corrections(quantized_model.to(config.device), corrections)
     images = _to_device(next(iter(loader)), torch.device(config.device))["img"]
     difference = fold_equivalence(trainee, quantized_model, images)
@@ -533,8 +535,7 @@ def run_qc(
         **training,
         **check,
         "layers": len(corrections),
-        "fixed_gamma_layers": [name for name, module in corrected_layers(trainee)
-                               if not isinstance(module.gamma, nn.Parameter)],
+        "fixed_gamma_layers": fixed_gamma,
         "fold_max_relative_difference": difference,
         "fold_check_precision": FOLD_CHECK_PRECISION,
         "corrections": correction_stats(corrections),
