@@ -118,10 +118,15 @@ def classify_corrected(
     collapse_ratio: float = DEFAULT_COLLAPSE_RATIO,
     degenerate_map: float = DEFAULT_DEGENERATE_MAP,
 ) -> Stability:
-    """A post-hoc fix of the final weights (`what`: QC, BN re-estimation): its mAP50-95 replaces the final value.
+    """A post-hoc fix of the final weights (`what`: QC, BN re-estimation): the QAT run's final moved by the fix.
 
-    The fix is applied to the last weights and measured once, so the final is that one measurement, the
-    model one would deploy; it is reported at the QAT run's final epoch. Best and PTQ stay the QAT run's, so
+    The fix is applied to the last weights and measured once, before and after, on the same val images: its
+    delta is that paired difference. The final is the QAT run's final (the window median) plus that delta,
+    so every final of the comparison is a window median and "+QC − baseline" is "the run − baseline" plus
+    QC's own effect (a rejected QC, delta 0, leaves the run's final exactly). Taking the single measurement
+    after the fix as the final instead mixed one validation with a median of m: a QC that changed nothing
+    read up to +0.007 against its baseline in the embedded ladder. The deployed model's own figure stays in
+    the result (`map50_95_after`). Best and PTQ stay the QAT run's, so
     `final_over_best` may exceed 1 when the fix lifts the final model above the training peak. The QAT
     run's `final_spread` stays as this run's validation noise. Incomplete when the QAT run is incomplete, or
     the fix failed, is missing or produced a non-finite metric.
@@ -135,10 +140,10 @@ def classify_corrected(
         return Stability(status="incomplete", reason=f"{what} result is missing ({what} has not run)", **kept)
     if not math.isfinite(result.map50_95_after):
         return Stability(status="incomplete", reason=f"{what} produced a non-finite mAP50-95", **kept)
-    final = result.map50_95_after
-    numbers = {**kept, "final": final, "final_from_epoch": qat.final_epoch, "collapse_ratio": collapse_ratio,
+    final = qat.final + result.delta if qat.final is not None else result.map50_95_after
+    numbers = {**kept, "final": final, "collapse_ratio": collapse_ratio,
                "final_over_best": final / qat.best if qat.best else None}
-    label = "QC'd final" if what == "QC" else f"final after {what}"
+    label = f"final + {what}'s delta"
     return _verdict(numbers, label, degenerate_map)
 
 

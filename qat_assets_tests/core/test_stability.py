@@ -150,18 +150,20 @@ def test_crashed_run_is_incomplete_with_the_error():
     assert verdict.status == "incomplete" and verdict.reason == "crashed: CUDA out of memory"
 
 
-def test_qc_replaces_the_final_value():
+def test_qc_moves_the_windowed_final_by_its_own_paired_delta():
     collapsed = classify_qat(history([0.1, 0.30, 0.31, 0.12, 0.11]), planned_epochs=4)
-    assert collapsed.failed_rules == ["collapsed"] and collapsed.best == 0.30
-    rescued = classify_with_qc(collapsed, qc(0.11, 0.20))
+    assert collapsed.failed_rules == ["collapsed"] and collapsed.best == 0.30 and collapsed.final == 0.12
+    rescued = classify_with_qc(collapsed, qc(0.11, 0.20))  # measured on the last weights: +0.09
     assert rescued.status == "completed-success" and rescued.failed_rules == []
-    assert (rescued.best, rescued.final, rescued.final_epoch, rescued.ptq) == (0.30, 0.20, 4, 0.1)
+    assert (rescued.best, rescued.final, rescued.final_epoch, rescued.ptq) == (0.30, pytest.approx(0.21), 4, 0.1)
     assert rescued.final_spread == collapsed.final_spread
-    assert rescued.reason.startswith("stable: QC'd final mAP50-95 0.2000 (epoch 4)")
+    assert rescued.reason.startswith("stable: final + QC's delta mAP50-95 0.2100 (median of epochs 2-4)")
+    # A QC that changed nothing (rejected: delta 0) leaves the run's final exactly, whatever the last epoch read.
+    assert classify_with_qc(collapsed, qc(0.11, 0.11)).final == collapsed.final
     stable = classify_qat(history([0.1, 0.30, 0.28]), planned_epochs=2)
     assert classify_with_qc(stable, qc(0.28, 0.10)).failed_rules == ["collapsed"]
     lifted = classify_with_qc(stable, qc(0.28, 0.33))
-    assert lifted.final_over_best == pytest.approx(0.33 / 0.29)
+    assert lifted.final_over_best == pytest.approx((0.29 + 0.05) / 0.29)
     below_ptq = classify_with_qc(classify_qat(history([0.5, 0.30, 0.28]), planned_epochs=2), qc(0.28, 0.2))
     assert below_ptq.failed_rules == ["fell_below_ptq"]
 
