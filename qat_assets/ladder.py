@@ -205,6 +205,9 @@ def submit_pretrained_runs(run_ids: dict[str, str]) -> None:
     ))
 
 
+DAEMON_PID_FILE = "qat-ladder-daemon.pid"  # the dagster-daemon a ladder started for this instance
+
+
 @contextmanager
 def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
     """A `dagster-daemon` for this instance while the ladder runs: its run queue launches the queued FP runs
@@ -213,7 +216,12 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
     Yields a function that says why the queue stopped (None while it runs), so waiting never hangs.
     """
     daemon_cli = str(Path(sys.executable).parent / "dagster-daemon")
-    if subprocess.run([daemon_cli, "liveness-check"], capture_output=True).returncode == 0:
+    pid_file = home / DAEMON_PID_FILE
+    # liveness-check trusts a heartbeat for minutes after its daemon stopped: a ladder run again soon after
+    # another found "Daemon live", started none, and waited forever for its runs to launch. A daemon a ladder
+    # started and stopped is known by its pid file; any other heartbeating daemon (`dagster dev`) is used.
+    if (subprocess.run([daemon_cli, "liveness-check"], capture_output=True).returncode == 0
+            and not stopped_ladder_daemon(pid_file)):
         yield lambda: None
         return
     log_path = home / "qat-ladder-daemon.log"
@@ -222,6 +230,7 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
         # through stop_ladder_runs) only through the ladder's own cleanup, in order.
         daemon = subprocess.Popen([daemon_cli, "run", "-m", "qat_assets"], stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
+        pid_file.write_text(str(daemon.pid))
         try:
             yield lambda: None if daemon.poll() is None else f"dagster-daemon exited ({daemon.returncode}); see {log_path}"
         finally:
@@ -231,6 +240,22 @@ def run_queue(home: Path) -> Iterator[Callable[[], str | None]]:
             except subprocess.TimeoutExpired:  # never leave a daemon behind
                 daemon.kill()
                 daemon.wait()
+
+
+def stopped_ladder_daemon(pid_file: Path) -> bool:
+    """Whether the daemon a ladder started for this instance (its pid in `pid_file`) is gone: then any heartbeat
+    of it that liveness-check still accepts is stale."""
+    try:
+        pid = int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def run_variants(

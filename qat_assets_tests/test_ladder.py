@@ -279,3 +279,16 @@ def test_plan_prints_the_steps_and_their_cost_and_runs_nothing(tmp_path, monkeyp
     assert "yolo10n + yolo10s on 1 slot(s): 11.4 min of work, wall time at least 11.4 min" in output
     assert "yolo10n + yolo10s on 2 slot(s): 11.4 min of work, wall time at least 5.7 min" in output
     assert not home.exists()  # no instance, no dagster.yaml
+
+
+def test_a_stopped_ladder_daemon_is_known_by_its_pid_file_so_its_stale_heartbeat_is_not_trusted(tmp_path):
+    """A ladder run again within minutes of another found liveness-check's "Daemon live" (the stopped daemon's
+    heartbeat), started no daemon and waited forever: the pid file tells a stopped ladder daemon apart."""
+    pid_file = tmp_path / ladder.DAEMON_PID_FILE
+    assert not ladder.stopped_ladder_daemon(pid_file)  # no ladder daemon: another daemon's heartbeat is trusted
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pid_file.write_text(str(gone.pid))
+    assert ladder.stopped_ladder_daemon(pid_file)
+    pid_file.write_text(str(os.getpid()))  # still running: its heartbeat is real
+    assert not ladder.stopped_ladder_daemon(pid_file)
