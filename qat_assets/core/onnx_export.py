@@ -210,13 +210,17 @@ def int4_storage(graph_model: onnx.ModelProto) -> onnx.ModelProto:
 
 def storage_floor_bytes(graph_model: onnx.ModelProto) -> int:
     """Bytes the conv parameters need at their precision: codes at their bit width (float weights at 32 bit), and
-    one float32 scale per quantized output channel and one float32 bias per channel. A file cannot be smaller
-    than this without compressing; what it holds above it is graph structure, names and metadata."""
+    one float32 scale per quantized output channel and one float32 bias per channel, and the four float32
+    parameters per channel of every BatchNormalization left in the graph (a conv with one per-tensor scale
+    keeps its BN: core/bn_fold.py). A file cannot be smaller than this without compressing; what it holds
+    above it is graph structure, names and metadata."""
     shapes = {init.name: int(np.prod(init.dims)) for init in graph_model.graph.initializer}
     producer = {output: node for node in graph_model.graph.node for output in node.output}
     precision = {row["conv"]: row["bits"] for row in conv_weight_precisions(graph_model)}
     total_bits = 0
     for node in graph_model.graph.node:
+        if node.op_type == "BatchNormalization":
+            total_bits += 32 * sum(shapes.get(name, 0) for name in node.input[1:5])
         if node.op_type != "Conv":
             continue
         weight, dequantize = node.input[1], producer.get(node.input[1])

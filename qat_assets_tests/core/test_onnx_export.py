@@ -133,6 +133,15 @@ def test_storage_floor_counts_codes_at_their_bit_width():
     assert onnx_export.storage_floor_bytes(packed) == onnx_export.storage_floor_bytes(model)
     (init,) = [i for i in packed.graph.initializer if i.data_type == TensorProto.INT4]
     assert len(init.raw_data) == 8 * 4 * 9 // 2
+    # A BN the export could not fold (a per-tensor-scale conv keeps it) holds 4 float32 per channel as well.
+    bn_params = [numpy_helper.from_array(np.ones(8, np.float32), name) for name in ("g", "b", "m", "v")]
+    with_bn = helper.make_graph(
+        [*nodes, helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [codes, scale, zero, bias, low, high, *bn_params],
+    )
+    model_bn = helper.make_model(with_bn, opset_imports=[helper.make_opsetid("", 17)])
+    assert onnx_export.storage_floor_bytes(model_bn) == onnx_export.storage_floor_bytes(model) + 4 * 8 * 4
 
 
 def test_missed_goals_are_sentences_that_name_the_first_diverging_layer():
