@@ -148,9 +148,8 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     }
     evaluated = final_state["ema"] if request.method == "ema" else final_state["model"]
     if trained:
-        final_model = copy.deepcopy(model)
-        final_model.load_state_dict(evaluated)
-        final_one_to_one = {"epoch": trained[-1]["epoch"], **one_to_one_metrics(freeze_quantized_weights(final_model), request)}
+        final_one_to_one = {"epoch": trained[-1]["epoch"],
+                            **one_to_one_metrics(freeze_quantized_weights(with_weights(model, evaluated)), request)}
         # A diverged run's last completed epoch may not have been validated: the one-to-many figure is then its
         # last validated epoch's.
         one_to_many = (f"epoch {validated[-1]['epoch']} {validated[-1]['map50_95']:.4f}" if validated else "not validated")
@@ -174,8 +173,7 @@ def final_within_seed(request: QATRequest, model, history: list[dict], final_sta
     settings = request.settings
 
     def evaluate(which: str) -> list:
-        final = copy.deepcopy(model)
-        final.load_state_dict(final_state["ema" if which == "ema" else "model"])
+        final = with_weights(model, final_state["ema" if which == "ema" else "model"])
         images: list = []
         evaluate_model(freeze_quantized_weights(final), request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch,
                        device=resolve_device(settings.device), workers=settings.workers,
@@ -191,6 +189,13 @@ def final_within_seed(request: QATRequest, model, history: list[dict], final_sta
         f"{result.images} images x {result.resamples} resamples, seed {result.seed}; std {result.std:.4f}, unpaired "
         f"{result.unpaired_std:.4f}; statistics: {result.source})")
     return result
+
+
+def with_weights(model, state: dict):
+    """A copy of the quantized `model` holding `state` (the trajectory trains `model` in place)."""
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(state)
+    return copied
 
 
 def one_to_one_metrics(model, request: QATRequest) -> dict[str, float]:
