@@ -255,7 +255,7 @@ def train_trajectory(
             overrides={
                 **trainer_overrides(settings, request.variant, request.dataset_yaml, run_dir, device, epochs, request.seed),
                 "optimizer": settings.qat_optimizer, "lr0": settings.qat_lr, "lrf": settings.qat_lrf,
-                "warmup_epochs": settings.qat_warmup_epochs,
+                "warmup_epochs": settings.qat_warmup_epochs, "weight_decay": settings.qat_weight_decay,
                 # One optimizer step per batch, so even short runs give the EMA enough updates to average.
                 "nbs": settings.batch,
             },

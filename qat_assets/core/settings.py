@@ -86,7 +86,10 @@ class Settings(BaseModel):
     qat_val_final_epochs: int = Field(
         10, gt=0, description="QAT validates every epoch of its last this many (the last epoch always)",
     )
-    qat_optimizer: str = "Adam"
+    qat_optimizer: str = Field("Adam", description="an Ultralytics optimizer name: Adam couples weight decay into its adaptive step (L2), AdamW decouples it")
+    qat_weight_decay: float = Field(
+        5e-4, ge=0, le=1, description="QAT weight decay on conv and linear weights (not BN, not biases); Ultralytics' default 5e-4",
+    )
     qat_lr: float = Field(gt=0)
     weight_bit_width: int = Field(4, ge=2, le=8)
     keep_first_last_8bit: bool = True
@@ -299,7 +302,7 @@ class Settings(BaseModel):
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
-            "lsq_scales", "scale_optimizer", "scale_lr",
+            "lsq_scales", "scale_optimizer", "scale_lr", "qat_weight_decay",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -326,6 +329,7 @@ QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
     "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr",
+    "qat_weight_decay",
 )
 # `amp` is in neither list: what it resolves to on the step's device (`auto` is bf16 on a GPU, fp32 on the CPU)
 # is part of the FP and QAT fingerprints instead (core/pretrain.py, core/qat.py `trajectory_fingerprint`).

@@ -360,3 +360,25 @@ def test_amp_trains_the_quantized_convs_under_autocast_validates_in_fp32_and_nev
     # Only the first forward quantizes layer by layer (nothing was prepared before the first optimizer step); the
     # second reuses the flat pass's fp32 grid, prepared outside autocast, also when it runs under autocast.
     assert quantized_under_autocast.count(True) == (len(layers) if amp == "bf16" else 0)
+
+
+def test_qat_weight_decay_reaches_the_weight_group_only_and_shrinks_the_weights(pretrained, tmp_path):
+    """`qat_weight_decay` is the decay of Ultralytics' weight group (conv weights), never of BN or biases; a
+    large decoupled decay (AdamW: w <- w (1 - lr wd) each step, beside Adam's update) shrinks the conv weights
+    against the same run without it."""
+    norms = {}
+    for decay in (0.0, 1.0):
+        request = request_for(pretrained, "baseline", tmp_path / f"wd{decay}", tmp_path / "unused")
+        settings = request.settings.model_copy(update={"qat_optimizer": "AdamW", "qat_lr": 1e-2, "qat_weight_decay": decay})
+        request = request.model_copy(update={"settings": settings})
+        model, _ = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
+        quantize_w4a16(model, quant_options(settings))
+        _, state, diverged_at, _ = train_trajectory(request, model, ema_schedule(0.0, None, 4, 2), lambda line: None)
+        assert diverged_at is None
+        saved = torch.load(request.trajectory_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        decays = {group["param_group"]: group["weight_decay"] for group in saved["optimizer"]["param_groups"]}
+        assert decays == {"weight": decay, "bn": 0.0, "bias": 0.0}
+        norms[decay] = sum(float(v.float().norm()) for k, v in state["model"].items() if k.endswith("conv.weight"))
+    # 4 steps at lr 1e-2 x wd 1 (Ultralytics' largest): each weight keeps (1 - 0.01)^4 = 0.96 of itself, beside
+    # Adam's own update, which is about the same in both runs.
+    assert norms[1.0] < 0.98 * norms[0.0]
