@@ -130,10 +130,22 @@ def main() -> None:
         "final": final, "final_over_best": final / best["map50_95"] if best and best["map50_95"] > 0 else None,
         "diverged_at": result["diverged_at_epoch"], "history": [None if h["map50_95"] is None else round(h["map50_95"], 4) for h in result["history"]],
         "oscillating": [round(h.get("oscillating_fraction", 0.0), 4) for h in trained],
-        # The live weights' model-level collapse diagnostics (core/diagnostics.py) at the peak and at the end.
+        # The live weights' model-level collapse diagnostics (core/diagnostics.py) at the peak and at the end,
+        # and per epoch: the curves a mechanism's signature is read from.
         "diagnostics": {"peak": model_diagnostics(best), "end": model_diagnostics(trained[-1] if trained else None)},
+        "diagnostics_curve": [model_diagnostics(h) for h in trained],
+        # mAP50-95 of the method's weights with BN re-estimated (bn_reestimate_every_eval), None where not measured:
+        # mechanism 2's control, measured beside the same trajectory.
+        "bn_reestimated": [bn_reestimated_map(h) for h in trained],
         "minutes": (time.time() - started) / 60,
+        "cpu_minutes": (time.process_time() - cpu_started) / 60,
     })
+
+
+def bn_reestimated_map(record: dict) -> float | None:
+    """An epoch record's mAP50-95 after BN re-estimation, or None (not measured that epoch)."""
+    measured = record.get("bn_reestimated")
+    return round(measured["map50_95"], 4) if measured else None
 
 
 def model_diagnostics(record: dict | None) -> dict | None:
@@ -146,8 +158,9 @@ def print_table(work: Path) -> None:
     """The QAT rows of WORK/results.jsonl as the markdown table of docs/collapse_search.md, with the model-level
     collapse diagnostics at the peak → at the end (rows from before the diagnostics show "-")."""
     print("| variant | settings | seed | FP | PTQ | best (epoch) | final | final/best | collapsed | min "
-          "| zero codes | dead channels | max/RMS median | BN mean abs log var ratio | oscillating | mean osc. freq. |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---|---|---|")
+          "| +BN at peak → end | zero codes | dead channels | max/RMS median | RMS(w) median | channel-norm spread "
+          "| BN mean abs log var ratio | oscillating | mean osc. freq. |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|---|---|---|---|---|---|")
     for line in (work / "results.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["stage"] != "qat":
@@ -157,13 +170,25 @@ def print_table(work: Path) -> None:
         print(
             f"| {row['variant']} | {' '.join(row['overrides'])} | {row['seed']} | {row['fp_map50_95']:.3f} | "
             f"{row['ptq']:.3f} | {row['best']:.3f} ({row['best_epoch']}) | {row['final']:.3f} | "
-            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} | {diagnostics_cells(row)} |"
+            f"{ratio:.2f} | {'yes' if collapsed else 'no'} | {row['minutes']:.1f} | {bn_reestimated_cell(row)} | "
+            f"{diagnostics_cells(row)} |"
         )
 
 
+def bn_reestimated_cell(row: dict) -> str:
+    """The +BN mAP50-95 at the peak epoch → at the last epoch it was measured, or "-"."""
+    curve = row.get("bn_reestimated") or []
+    measured = [value for value in curve if value is not None]
+    if not measured:
+        return "-"
+    peak = curve[row["best_epoch"] - 1] if row["best_epoch"] and row["best_epoch"] <= len(curve) else None
+    return f"{'-' if peak is None else format(peak, '.3f')} → {measured[-1]:.3f}"
+
+
 DIAGNOSTIC_CELLS = (  # model-level field, format
-    ("zero_code_fraction", ".3f"), ("dead_channels", "d"), ("max_over_rms", ".1f"), ("bn_log_var_mismatch", ".3f"),
-    ("oscillating_fraction", ".4f"), ("oscillation_frequency", ".4f"),
+    ("zero_code_fraction", ".3f"), ("dead_channels", "d"), ("max_over_rms", ".1f"), ("weight_rms", ".4f"),
+    ("channel_norm_spread", ".2f"), ("bn_log_var_mismatch", ".3f"), ("oscillating_fraction", ".4f"),
+    ("oscillation_frequency", ".4f"),
 )
 
 

@@ -40,7 +40,10 @@ from .trainer import preserved_random_state
 @torch.no_grad()
 def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights] | None = None) -> list[dict[str, Any]]:
     """Per quantized conv: bit width, weight count, output channels, fraction of codes at 0, output channels
-    whose codes are all 0, max|w| / RMS(w) of the latent weights and the mean step size.
+    whose codes are all 0, max|w| / RMS(w) of the latent weights, the mean step size, RMS(w), and the
+    channel-norm spread: the 90th over the 10th percentile of the output channels' RMS (inf once a tenth of
+    the channels are exactly 0). Decay that shrinks the channels a small gradient leaves alone (coupled L2
+    under Adam) lowers RMS(w) and widens the spread before those channels round to all-zero codes.
 
     `quantized`: the layers' weights as `quantize_all(model)` gives them, when the caller has them already."""
     quantized_layers = quantize_all(model) if quantized is None else quantized
@@ -50,17 +53,20 @@ def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights
         zero = codes == 0
         weight = module.weight.detach().float()
         rms = weight.square().mean().sqrt()
+        channel_rms = weight.flatten(1).square().mean(1).sqrt()
+        low, high = torch.quantile(channel_rms, torch.tensor([0.1, 0.9], device=channel_rms.device))
         names.append(name)
         sizes.append((bit_width, weight.numel(), weight.shape[0]))
         per_layer.append(torch.stack([
             zero.float().mean(), zero.flatten(1).all(1).sum().float(), weight.abs().max() / rms,
-            quantized.scale.float().mean(),
+            quantized.scale.float().mean(), rms, high / low,
         ]))
     values = torch.stack(per_layer).tolist() if per_layer else []  # one host sync for all layers
     return [
         {"name": name, "bit_width": bits, "weights": count, "out_channels": channels, "zero_code_fraction": zero,
-         "dead_channels": int(dead), "max_over_rms": ratio, "scale": scale}
-        for name, (bits, count, channels), (zero, dead, ratio, scale) in zip(names, sizes, values)
+         "dead_channels": int(dead), "max_over_rms": ratio, "scale": scale, "weight_rms": weight_rms,
+         "channel_norm_spread": spread}
+        for name, (bits, count, channels), (zero, dead, ratio, scale, weight_rms, spread) in zip(names, sizes, values)
     ]
 
 
@@ -147,6 +153,8 @@ def model_summary(layers: list[dict[str, Any]], bn: list[dict[str, Any]], oscill
             dead_channels=sum(layer["dead_channels"] for layer in body),
             out_channels=sum(layer["out_channels"] for layer in body),
             max_over_rms=float(np.median([layer["max_over_rms"] for layer in body])),
+            weight_rms=float(np.median([layer["weight_rms"] for layer in body])),
+            channel_norm_spread=float(np.median([layer["channel_norm_spread"] for layer in body])),
             worst_max_over_rms=worst_ratio["max_over_rms"], worst_max_over_rms_layer=worst_ratio["name"],
         )
     if bn:

@@ -44,6 +44,22 @@ def test_zero_codes_dead_channels_and_max_over_rms_match_their_definitions(learn
     assert row["dead_channels"] == 1
     assert row["max_over_rms"] == pytest.approx(7.0 / math.sqrt(float(WEIGHTS.square().mean())), rel=1e-6)
     assert (row["bit_width"], row["weights"], row["out_channels"]) == (4, 12, 3)
+    assert row["weight_rms"] == pytest.approx(math.sqrt(float(WEIGHTS.square().mean())), rel=1e-6)
+    channel_rms = sorted(math.sqrt(float(c.square().mean())) for c in WEIGHTS)
+    # torch.quantile interpolates linearly: of 3 sorted values, the 10th percentile is 0.2 of the way from
+    # the first to the second, the 90th 0.8 of the way from the second to the third.
+    low = channel_rms[0] + 0.2 * (channel_rms[1] - channel_rms[0])
+    high = channel_rms[1] + 0.8 * (channel_rms[2] - channel_rms[1])
+    assert row["channel_norm_spread"] == pytest.approx(high / low, rel=1e-5)
+
+
+def test_decay_of_the_small_channels_widens_the_channel_norm_spread_and_lowers_the_rms():
+    before = weight_code_statistics(nn.Sequential(quantized_conv(WEIGHTS, learned_scales=False)))[0]
+    shrunk = WEIGHTS.clone()
+    shrunk[0] *= 0.1  # the channel a small gradient leaves to the decay
+    after = weight_code_statistics(nn.Sequential(quantized_conv(shrunk, learned_scales=False)))[0]
+    assert after["channel_norm_spread"] > 1.2 * before["channel_norm_spread"]
+    assert after["weight_rms"] < before["weight_rms"]
 
 
 def test_a_healthy_layer_has_no_dead_channel():
@@ -95,11 +111,11 @@ def test_matching_statistics_give_no_mismatch():
 def test_the_model_summary_weights_the_body_layers_and_names_the_worst():
     layers = [
         {"name": "a", "bit_width": 4, "weights": 100, "out_channels": 4, "zero_code_fraction": 0.1,
-         "dead_channels": 0, "max_over_rms": 3.0, "scale": 1.0},
+         "dead_channels": 0, "max_over_rms": 3.0, "scale": 1.0, "weight_rms": 0.1, "channel_norm_spread": 2.0},
         {"name": "b", "bit_width": 4, "weights": 300, "out_channels": 8, "zero_code_fraction": 0.5,
-         "dead_channels": 2, "max_over_rms": 9.0, "scale": 1.0},
+         "dead_channels": 2, "max_over_rms": 9.0, "scale": 1.0, "weight_rms": 0.3, "channel_norm_spread": 4.0},
         {"name": "first", "bit_width": 8, "weights": 50, "out_channels": 2, "zero_code_fraction": 0.0,
-         "dead_channels": 0, "max_over_rms": 20.0, "scale": 1.0},
+         "dead_channels": 0, "max_over_rms": 20.0, "scale": 1.0, "weight_rms": 9.0, "channel_norm_spread": 99.0},
     ]
     bn = [{"name": "bn1", "log_var_mismatch": 0.2}, {"name": "bn2", "log_var_mismatch": 0.6}]
     summary = model_summary(layers, bn, {"a": (0.0, 0.01), "b": (0.2, 0.05)})
@@ -107,6 +123,7 @@ def test_the_model_summary_weights_the_body_layers_and_names_the_worst():
     assert summary["zero_code_fraction"] == pytest.approx((0.1 * 100 + 0.5 * 300) / 400)
     assert (summary["worst_zero_code_layer"], summary["dead_channels"], summary["out_channels"]) == ("b", 2, 12)
     assert (summary["worst_max_over_rms_layer"], summary["max_over_rms"]) == ("b", 6.0)
+    assert (summary["weight_rms"], summary["channel_norm_spread"]) == (pytest.approx(0.2), pytest.approx(3.0))
     assert summary["bn_log_var_mismatch"] == pytest.approx(0.4) and summary["worst_bn_layer"] == "bn2"
     assert summary["oscillating_fraction"] == pytest.approx(0.15)
     assert summary["oscillation_frequency"] == pytest.approx((0.01 * 100 + 0.05 * 300) / 400)
