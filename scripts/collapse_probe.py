@@ -15,6 +15,7 @@ final/best, minutes), which is what docs/collapse_search.md tabulates. WORK defa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -110,9 +111,9 @@ def main() -> None:
         return
     fp = work / "fp" / args.fp
     sidecar = read_sidecar(fp / "pretrained.pt")
-    tag = "-".join(args.set).replace("=", "") or "default"
-    out = work / "qat" / args.fp / f"{args.method}-{args.seed}-{tag}"[:180]
-    trajectory = work / "qat" / args.fp / f"trajectory-{args.seed}-{tag}"[:180]  # shared by both methods
+    tag = run_tag(args.set)
+    out = work / "qat" / args.fp / f"{args.method}-{args.seed}-{tag}"
+    trajectory = work / "qat" / args.fp / f"trajectory-{args.seed}-{tag}"  # shared by both methods
     result = run_qat(QATRequest(
         variant=sidecar["variant"], method=args.method, seed=args.seed, pretrained_checkpoint=fp / "pretrained.pt",
         pretrained_sha256=sidecar["sha256"], dataset_yaml=subset.dataset_yaml,
@@ -140,6 +141,16 @@ def main() -> None:
         "minutes": (time.time() - started) / 60,
         "cpu_minutes": (time.process_time() - cpu_started) / 60,
     })
+
+
+def run_tag(overrides: list[str]) -> str:
+    """A folder name for a set of overrides. A long one is cut and ends in a hash of the whole: two probes whose
+    overrides differ only past the cut (as `qat_optimizer=Adam` and `=AdamW` at the end of a long list) must
+    not share a trajectory folder."""
+    tag = "-".join(overrides).replace("=", "") or "default"
+    if len(tag) <= 150:
+        return tag
+    return f"{tag[:130]}-{hashlib.sha256(tag.encode()).hexdigest()[:12]}"
 
 
 def bn_reestimated_map(record: dict) -> float | None:
