@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import onnxruntime
 import torch
+from ultralytics.data.utils import check_det_dataset
 
 from . import onnx_export
 from .artifacts import load_checkpoint, read_sidecar, sha256_file, write_json_atomic
+from .export_evaluation import evaluation_scope, val_image_files, val_subset_yaml
 from .evaluate import evaluate_model, evaluation_settings, resolve_device
 from .models import build_detection_model, load_float_model
 from .qat import quant_options
@@ -137,19 +140,24 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
         f"worst channel {head['max_rel']:.3e} relative (channel {head['worst_channel']} of {head['worst_layer']})")
 
     # The mAP passes run on the step's device (at COCO, 5,000 images at 640 px per pass): PyTorch where the model
-    # trained, the file through onnxruntime's CUDA provider when onnxruntime-gpu is installed (Ultralytics'
-    # AutoBackend falls back to the CPU provider otherwise). The exact check is the per-channel parity above.
-    common = dict(imgsz=settings.imgsz, batch=settings.batch, device=resolve_device(settings.device),
-                  workers=settings.workers, work_dir=out / "eval")
-    torch_metrics = evaluate_model(freeze_quantized_weights(model), request.dataset_yaml, **common)
-    onnx_metrics = onnx_export.evaluate_onnx(w4_path, request.dataset_yaml, **common)
+    # trained, the files through onnxruntime's CUDA provider when onnxruntime-gpu is installed, else on a val
+    # subset (core/export_evaluation.py). The exact check is the per-channel parity above.
+    device = resolve_device(settings.device)
+    scope = evaluation_scope(device, onnxruntime.get_available_providers(),
+                             len(val_image_files(check_det_dataset(str(request.dataset_yaml), autodownload=False))),
+                             settings.onnx_cpu_val_images)
+    eval_yaml = val_subset_yaml(request.dataset_yaml, scope.images, out / "eval") if scope.is_subset else request.dataset_yaml
+    log(f"{label}: mAP of the files on {scope.images} val images with {scope.provider}: {scope.reason}")
+    common = dict(imgsz=settings.imgsz, batch=settings.batch, device=device, workers=settings.workers, work_dir=out / "eval")
+    torch_metrics = evaluate_model(freeze_quantized_weights(model), eval_yaml, **common)
+    onnx_metrics = onnx_export.evaluate_onnx(w4_path, eval_yaml, **common)
     map_delta = {key: onnx_metrics[key] - torch_metrics[key] for key in ("map50_95", "map50")}
     log(f"{label}: mAP50-95 onnxruntime {onnx_metrics['map50_95']:.4f} vs PyTorch {torch_metrics['map50_95']:.4f}; "
         f"mAP50 {onnx_metrics['map50']:.4f} vs {torch_metrics['map50']:.4f}")
     failures = goal_failures(head, map_delta, divergence)
     int4 = export_int4(graph, out / INT4_NAME, images) if settings.onnx_int4 else None
     if int4 is not None:
-        int4["onnx_metrics"] = onnx_export.evaluate_onnx(Path(int4["path"]), request.dataset_yaml, **common)
+        int4["onnx_metrics"] = onnx_export.evaluate_onnx(Path(int4["path"]), eval_yaml, **common)
         int4["map50_95_delta"] = int4["onnx_metrics"]["map50_95"] - torch_metrics["map50_95"]
         log(f"{label}: INT4 file mAP50-95 onnxruntime {int4['onnx_metrics']['map50_95']:.4f}")
         if abs(int4["map50_95_delta"]) > MAP_GOAL_ABS:
@@ -162,7 +170,7 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
                             f"({int4['floor_bytes'] / 1e6:.2f} MB; goal <= {INT4_SIZE_GOAL_OVER_FLOOR}x)")
 
     log(f"{label}: exporting the end-to-end W4 file (one-to-one head, top-k output) and measuring its head")
-    e2e = export_end2end(model, out / E2E_NAME, images, int4=settings.onnx_int4, dataset_yaml=request.dataset_yaml,
+    e2e = export_end2end(model, out / E2E_NAME, images, int4=settings.onnx_int4, dataset_yaml=eval_yaml,
                          shape=shape, common=common)
     log(f"{label}: one-to-one head mAP50-95 onnxruntime {e2e['onnx_metrics']['map50_95']:.4f} vs PyTorch "
         f"{e2e['torch_metrics']['map50_95']:.4f}; output {e2e['output_shape']}")
@@ -179,7 +187,7 @@ def run_export_stage(request: ExportRequest, log: Callable[[str], None]) -> dict
         "runtime": onnx_export.runtime_info(onnx_export.runtime_session(w4_path)),
         "parity_images": len(images), "parity": head, "layer_parity": layers,
         "first_divergence": divergence, "onnx_metrics": onnx_metrics, "torch_metrics": torch_metrics,
-        "map_delta": map_delta, "goals": {"parity_max_rel_per_channel": PARITY_GOAL_REL, "divergence_rel": DIVERGENCE_REL,
+        "map_delta": map_delta, "evaluation_scope": scope.as_record(), "goals": {"parity_max_rel_per_channel": PARITY_GOAL_REL, "divergence_rel": DIVERGENCE_REL,
                                         "map_abs": MAP_GOAL_ABS, "int4_size_over_floor": INT4_SIZE_GOAL_OVER_FLOOR},
         "failures": failures, "evaluation": evaluation_settings(settings.imgsz, settings.batch),
         "settings": settings.model_dump(mode="json"), "seconds": time.time() - started,

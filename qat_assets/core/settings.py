@@ -138,6 +138,10 @@ class Settings(BaseModel):
     onnx_opset: int = Field(17, ge=13, le=21, description="ONNX opset (per-channel DequantizeLinear needs >= 13)")
     onnx_int4: bool = Field(True, description="also write the W4 file with packed INT4 weights (opset 21 DequantizeLinear)")
     onnx_parity_images: int = Field(8, gt=0, description="val images in the onnxruntime vs PyTorch parity batch")
+    onnx_cpu_val_images: int = Field(
+        500, gt=0, description="on a GPU step whose onnxruntime has no CUDA provider, the export measures the ONNX "
+        "files' mAP (and PyTorch's beside them) on the first this many val images instead of all of them",
+    )
 
     # Gate
     seeds: tuple[int, ...] = (0, 1)

@@ -202,6 +202,8 @@ def onnx_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "torch_map50_95": torch_map["map50_95"],
         "torch_map50": torch_map["map50"],
         "map50_95_delta": result["map_delta"]["map50_95"],
+        "onnx_eval_provider": result["evaluation_scope"]["provider"],
+        "onnx_eval_images": result["evaluation_scope"]["images"],
         "map50_delta": result["map_delta"]["map50"],
         "first_divergence": MetadataValue.json(result["first_divergence"] or {}),
         "layer_parity": table(

@@ -30,6 +30,8 @@ def test_onnx_model_materializes_with_a_4bit_qcdq_file_and_parity_figures(storag
     assert meta["e2e_output_shape"][2] == 6 and meta["e2e_parity_max_rel"] <= 1e-5
     assert abs(meta["e2e_onnx_map50_95"] - meta["e2e_torch_map50_95"]) <= 0.002
     assert meta["int4_floor_bytes"] < meta["int4_bytes"] <= 1.15 * meta["int4_floor_bytes"]
+    # A CPU step measures every mAP figure on the whole val set (the smoke profile's 8 images).
+    assert (meta["onnx_eval_provider"], meta["onnx_eval_images"]) == ("CPUExecutionProvider", 8)
 
     w4 = meta["w4_onnx"]
     runtime_session(w4)  # loads in onnxruntime
