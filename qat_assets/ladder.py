@@ -471,6 +471,19 @@ def plan_slots(settings, gpus: int | None) -> tuple[int, str]:
     return default_heavy_step_slots(), "this machine's default pool limit (CPU only)"
 
 
+def planned_precision(settings) -> str:
+    """The training precision the steps will run at, as resolved on this machine's device (measured epochs
+    must match it). fp16 or bf16 asked for a device this machine lacks are taken as asked: the steps' machine
+    has it, or they fail at once there."""
+    from qat_assets.core.evaluate import resolve_device
+    from qat_assets.core.trainer import resolve_precision
+
+    try:
+        return resolve_precision(settings.amp, resolve_device(settings.device))
+    except ValueError:
+        return settings.amp
+
+
 def print_plan(settings, fp_per_image: dict[str, float], source: str, slots: int, why_slots: str) -> None:
     """The steps `qat-ladder` would run and what they cost (core/cost_model.py), without running anything."""
     home = os.environ.get("DAGSTER_HOME") or str(Path(".dagster_home").absolute())
@@ -492,8 +505,10 @@ def print_plan(settings, fp_per_image: dict[str, float], source: str, slots: int
     print("  decision_job: comparison, gate")
     print("  then, only after a passing gate (sensor): the same for yolo10m")
 
-    planned = cost_model.stages(settings, VALIDATION_VARIANTS, fp_per_image, source, root)
-    after_gate = cost_model.stages(settings, ("yolo10m",), fp_per_image, source, root)
+    precision = planned_precision(settings)
+    print(f"  training precision: {precision} (QAT_AMP={settings.amp}); only epochs measured at it are used")
+    planned = cost_model.stages(settings, VALIDATION_VARIANTS, fp_per_image, source, root, precision=precision)
+    after_gate = cost_model.stages(settings, ("yolo10m",), fp_per_image, source, root, precision=precision)
     print(f"\ncost per stage: images x epochs x seconds per image (FP training figures: {source}; QAT "
           f"{cost_model.QAT_OVER_FP}x, QC {cost_model.QC_OVER_FP}x and evaluation {cost_model.EVAL_OVER_FP}x an FP "
           "training image, bench_qat.py's ratios; dataset conversion not counted)")

@@ -87,9 +87,18 @@ def fp_seconds_per_image(settings: Settings, override: dict[str, float]) -> tupl
     return {**table, **override}, f"given for {', '.join(sorted(override))} (--seconds-per-image); others: {source}"
 
 
-def measured_epoch_seconds(root: Path | None, settings: Settings, variant: str, stage: str) -> tuple[float, str] | None:
+# What an epoch's wall time depends on besides the model: a sidecar whose recorded value differs says nothing
+# about this plan's epochs (the cadence and the +BN curve change how much validation an epoch holds).
+EPOCH_COST_FIELDS = ("profile", "imgsz", "batch", "qat_val_interval", "pretrain_val_interval", "bn_reestimate_every_eval")
+
+
+def measured_epoch_seconds(
+    root: Path | None, settings: Settings, variant: str, stage: str, precision: str | None = None
+) -> tuple[float, str] | None:
     """Median wall seconds of one epoch (training and its validations) in this storage's sidecars of `stage`
-    (`qat` or `pretrain`) for `variant`, from runs made under the current training profile; None without any."""
+    (`qat` or `pretrain`) for `variant`, from runs made at this plan's EPOCH_COST_FIELDS and, when given, its
+    training `precision` (bf16 epochs say nothing about fp32 ones; a sidecar without one trained in fp32);
+    None without any."""
     if root is None:
         return None
     if stage == "qat":
@@ -103,8 +112,10 @@ def measured_epoch_seconds(root: Path | None, settings: Settings, variant: str, 
         except (OSError, ValueError):
             continue
         recorded = sidecar.get("settings") or {}
-        if recorded.get("profile") != settings.profile or recorded.get("imgsz") != settings.imgsz \
-                or recorded.get("batch") != settings.batch:
+        if any(recorded.get(field, getattr(settings, field)) != getattr(settings, field) for field in EPOCH_COST_FIELDS[1:]) \
+                or recorded.get("profile") != settings.profile:
+            continue
+        if precision is not None and (sidecar.get("training_precision") or "off") != precision:
             continue
         epochs = [h["seconds"] for h in sidecar.get("history", []) if h.get("epoch", 0) > 0 and h.get("seconds")]
         if epochs:
@@ -125,9 +136,10 @@ def planned_images(settings: Settings) -> tuple[int, int]:
 
 
 def stages(settings: Settings, variants: tuple[str, ...], fp_per_image: dict[str, float], source: str,
-           root: Path | None = None, fp_epochs: int | None = None) -> list[Stage]:
+           root: Path | None = None, fp_epochs: int | None = None, precision: str | None = None) -> list[Stage]:
     """Every heavy stage of `variants` at `settings`; `fp_epochs` None trains the FP start here unless a
-    checkpoint folder is set (then 0: the release checkpoint is used as it is)."""
+    checkpoint folder is set (then 0: the release checkpoint is used as it is). `precision`: the training
+    precision the steps will run at, which measured epochs must match."""
     seeds, partitions = len(settings.seeds), len(settings.seeds) * len(METHODS)
     train, val = planned_images(settings)
     if fp_epochs is None:
@@ -148,7 +160,7 @@ def stages(settings: Settings, variants: tuple[str, ...], fp_per_image: dict[str
         qat = Stage(variant, "QAT (one per seed)", seeds, train, settings.qat_epochs, QAT_OVER_FP * fp,
                     val * (per_validated_epoch * validated_qat + 1 + 4), evaluate, source)
         for stage_name, measured in (("pretrain", fp_epochs), ("qat", settings.qat_epochs)):
-            found = measured_epoch_seconds(root, settings, variant, stage_name) if measured else None
+            found = measured_epoch_seconds(root, settings, variant, stage_name, precision) if measured else None
             if found is None:
                 continue
             epoch_seconds, where = found

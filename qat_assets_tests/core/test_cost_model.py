@@ -67,3 +67,24 @@ def test_measured_epochs_in_this_storages_sidecars_replace_the_table(tmp_path):
     # the median epoch (4 s) per training image; its validations are inside it
     assert qat.train_seconds_per_image == pytest.approx(4.0 / 16)
     assert qat.seconds_per_run == pytest.approx(16 * 2 * 0.25 + 8 * 4 * 0.5 * cost_model.EVAL_OVER_FP)
+
+
+def test_measured_epochs_count_only_at_the_plans_precision_and_cadence(tmp_path):
+    def write(name: str, seconds: float, precision: str | None, **settings) -> None:
+        path = tmp_path / "yolo10n" / "qat_checkpoint" / f"{name}-0" / "qat_checkpoint.json"
+        path.parent.mkdir(parents=True)
+        sidecar = {"settings": {"profile": "smoke", "imgsz": 64, "batch": 8, **settings},
+                   "history": [{"epoch": 1, "seconds": seconds}]}
+        if precision is not None:
+            sidecar["training_precision"] = precision
+        path.write_text(json.dumps(sidecar))
+
+    write("fp32", 4.0, "off")
+    write("old", 6.0, None)  # written before the precision was recorded: fp32
+    write("bf16", 1.0, "bf16")
+    write("sparse", 0.5, "off", qat_val_interval=5)  # fewer validations per epoch: says nothing about every epoch
+    _, qat, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path, precision="off")
+    assert qat.source.startswith("measured: median of 2 epochs in 2 sidecar(s)")
+    assert qat.train_seconds_per_image == pytest.approx(5.0 / 16)
+    _, qat, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path, precision="bf16")
+    assert qat.train_seconds_per_image == pytest.approx(1.0 / 16)
