@@ -307,6 +307,9 @@ class Settings(BaseModel):
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
             "lsq_scales", "scale_optimizer", "scale_lr", "qat_weight_decay",
+            # Not the weights, but what is measured of them: a sparser cadence can miss the peak a collapse ratio
+            # divides by, so runs at different cadences are not compared.
+            "qat_val_interval", "qat_val_final_epochs",
         )
         return {k: getattr(self, k) for k in keys}
 

@@ -116,6 +116,16 @@ def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
     assert load_settings({"profile": "smoke", "amp": "bf16", "lsq_scales": True}, environ={}).amp == "bf16"
 
 
+def test_runs_validated_at_different_cadences_are_not_compared():
+    """The same weights, but a sparser cadence can miss the peak the collapse ratio divides by."""
+    every, sparse, window = (load_settings({"profile": "smoke", **extra}, environ={}) for extra in (
+        {}, {"qat_val_interval": 5, "qat_val_final_epochs": 10, "qat_epochs": 20},
+        {"qat_val_final_epochs": 11, "qat_epochs": 20}))
+    every20 = load_settings({"profile": "smoke", "qat_epochs": 20}, environ={})
+    assert len({s.training_profile_fingerprint() for s in (every20, sparse, window)}) == 3
+    assert every.training_profile_fingerprint() != every20.training_profile_fingerprint()  # epochs, as before
+
+
 def test_runs_are_compared_on_the_precision_amp_resolved_to_not_on_the_setting():
     """`auto` trains bf16 on one GPU and fp32 on another; `auto` and `off` on a CPU train alike."""
     from qat_assets.core.comparison import find_non_comparable
