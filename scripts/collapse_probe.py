@@ -41,14 +41,16 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def dataset(work: Path, settings) -> SubsetResult:
-    subset_dir = work / f"subset{settings.synthetic_image_size}"
+    # The easy set keeps its folder names from before the hard variant existed.
+    hard = "" if settings.synthetic_difficulty == "easy" else f"_{settings.synthetic_difficulty}"
+    subset_dir = work / f"subset{settings.synthetic_image_size}{hard}"
     if (subset_dir / "subset.json").is_file():
         return SubsetResult.read(subset_dir)
-    coco = work / f"synthetic{settings.synthetic_image_size}"
+    coco = work / f"synthetic{settings.synthetic_image_size}{hard}"
     if not coco.is_dir():
         write_synthetic_coco(
             coco, train_images=settings.synthetic_train_images, val_images=settings.synthetic_val_images,
-            image_size=settings.synthetic_image_size, seed=settings.subset_seed,
+            image_size=settings.synthetic_image_size, seed=settings.subset_seed, difficulty=settings.synthetic_difficulty,
         )
     return convert_coco_subset(
         coco, subset_dir, train_images=settings.train_images, val_images=settings.val_images,

@@ -42,6 +42,10 @@ class Settings(BaseModel):
     synthetic_train_images: int = Field(gt=0, description="embedded default: images generated for train2017")
     synthetic_val_images: int = Field(gt=0, description="embedded default: images generated for val2017")
     synthetic_image_size: int = Field(gt=31, description="embedded default: side of generated images (px)")
+    synthetic_difficulty: Literal["easy", "hard"] = Field(
+        "easy", description="embedded default: easy (3 shapes, big objects) or hard (24 shape x hue classes, "
+        "small crowded objects, clutter; core/synthetic.py), for the collapse search",
+    )
 
     # Model and floating-point starting point
     checkpoint_dir: Path | None = Field(None, description="folder holding yolov10{n,s,m}.pt to start from")

@@ -27,7 +27,7 @@ def _materialize_coco_subset(context: AssetExecutionContext, settings) -> Materi
         coco_root, source = layout.synthetic_coco_dir(root), "synthetic"
         summary = write_synthetic_coco(
             coco_root, train_images=settings.synthetic_train_images, val_images=settings.synthetic_val_images,
-            image_size=settings.synthetic_image_size, seed=settings.subset_seed,
+            image_size=settings.synthetic_image_size, seed=settings.subset_seed, difficulty=settings.synthetic_difficulty,
         )
         context.log.info(f"QAT_COCO_ROOT unset: wrote the embedded synthetic COCO tree {coco_root} ({summary})")
     subset = convert_coco_subset(

@@ -72,3 +72,42 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 32 px"):
         write_synthetic_coco(tmp_path / "coco", train_images=2, val_images=2, image_size=16, seed=0)
     assert not (tmp_path / "coco").exists()
+
+
+def test_the_easy_set_is_unchanged_by_the_hard_variant():
+    """The embedded default's boxes and classes (its random stream) are what they were before the hard variant:
+    a sha256 of the annotations written by the code before it (JPEG bytes depend on the Pillow build)."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_coco(Path(tmp) / "coco", train_images=12, val_images=4, image_size=64, seed=0)
+        annotations = sorted((Path(tmp) / "coco" / "annotations").glob("*.json"))
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in annotations)).hexdigest()
+    assert digest == "e8699caff8f2bc634eaa9defd538d944db99d562cfedf7b39787a815fb831808"
+
+
+def test_the_hard_set_has_24_shape_and_hue_classes_small_crowded_objects_and_converts(tmp_path):
+    summary = write_synthetic_coco(tmp_path / "coco", train_images=30, val_images=10, image_size=64, seed=0,
+                                   difficulty="hard")
+    assert summary["difficulty"] == "hard" and len(summary["categories"]) == 24
+    coco = json.loads((tmp_path / "coco" / "annotations" / "instances_train2017.json").read_text())
+    ids = [c["id"] for c in coco["categories"]]
+    assert ids != sorted(ids) and all(i % 2 == 0 for i in ids)  # gapped and out of order, as in COCO
+    sides = [max(a["bbox"][2], a["bbox"][3]) / 64 for a in coco["annotations"]]
+    assert max(sides) <= 0.3 + 1 / 64 and min(sides) >= 0.1 - 1 / 64
+    per_image = {}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+        per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+    assert max(per_image.values()) > 5  # crowded: the easy set has at most 5
+    subset = convert_coco_subset(tmp_path / "coco", tmp_path / "subset", train_images=30, val_images=10, seed=0,
+                                 skip_bad_items=False, source="synthetic")
+    assert len(subset.class_names) == 24 and "red rectangle" in subset.class_names
+
+
+def test_an_unknown_difficulty_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="'medium' is not one of easy, hard"):
+        write_synthetic_coco(tmp_path / "coco", train_images=2, val_images=2, image_size=64, seed=0, difficulty="medium")
