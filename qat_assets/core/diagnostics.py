@@ -36,13 +36,15 @@ from .flat_weight_quant import StepWeights
 from .quantize import freeze_quantized_weights, quantize_all, quantized_modules
 from .trainer import preserved_random_state
 
+SPREAD_CAP_INVERSE = 1e-6  # the channel-norm spread's cap is 1e6
+
 
 @torch.no_grad()
 def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights] | None = None) -> list[dict[str, Any]]:
     """Per quantized conv: bit width, weight count, output channels, fraction of codes at 0, output channels
     whose codes are all 0, max|w| / RMS(w) of the latent weights, the mean step size, RMS(w), and the
-    channel-norm spread: the 90th over the 10th percentile of the output channels' RMS (inf once a tenth of
-    the channels are exactly 0). Decay that shrinks the channels a small gradient leaves alone (coupled L2
+    channel-norm spread: the 90th over the 10th percentile of the output channels' RMS, at most 1e6 (reached
+    once a tenth of the channels are exactly 0). Decay that shrinks the channels a small gradient leaves alone (coupled L2
     under Adam) lowers RMS(w) and widens the spread before those channels round to all-zero codes.
 
     `quantized`: the layers' weights as `quantize_all(model)` gives them, when the caller has them already."""
@@ -55,11 +57,13 @@ def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights
         rms = weight.square().mean().sqrt()
         channel_rms = weight.flatten(1).square().mean(1).sqrt()
         low, high = torch.quantile(channel_rms, torch.tensor([0.1, 0.9], device=channel_rms.device))
+        # Capped (JSON has no inf): decay drives whole channels to exactly 0 (p10 = 0), or nearly all (p90 = 0).
+        spread = torch.where(high > 0, high / low.clamp_min(high * SPREAD_CAP_INVERSE), high.new_tensor(1 / SPREAD_CAP_INVERSE))
         names.append(name)
         sizes.append((bit_width, weight.numel(), weight.shape[0]))
         per_layer.append(torch.stack([
             zero.float().mean(), zero.flatten(1).all(1).sum().float(), weight.abs().max() / rms,
-            quantized.scale.float().mean(), rms, high / low,
+            quantized.scale.float().mean(), rms, spread,
         ]))
     values = torch.stack(per_layer).tolist() if per_layer else []  # one host sync for all layers
     return [

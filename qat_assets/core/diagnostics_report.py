@@ -14,13 +14,14 @@ MODEL_COLUMNS = (
     ("epoch", "int"), ("zero_code_fraction", "float"), ("worst_zero_code_fraction", "float"),
     ("worst_zero_code_layer", "string"), ("dead_channels", "int"), ("out_channels", "int"),
     ("max_over_rms", "float"), ("worst_max_over_rms", "float"), ("worst_max_over_rms_layer", "string"),
-    ("bn_log_var_mismatch", "float"), ("worst_bn_log_var_mismatch", "float"), ("worst_bn_layer", "string"),
+    ("weight_rms", "float"), ("channel_norm_spread", "float"), ("bn_log_var_mismatch", "float"), ("worst_bn_log_var_mismatch", "float"), ("worst_bn_layer", "string"),
     ("oscillating_fraction", "float"), ("oscillation_frequency", "float"), ("seconds", "float"),
 )
 LAYER_COLUMNS = (
     ("name", "string"), ("bit_width", "int"), ("weights", "int"), ("out_channels", "int"),
     ("zero_code_fraction", "float"), ("dead_channels", "int"), ("max_over_rms", "float"), ("scale", "float"),
-    ("oscillating_fraction", "float"), ("oscillation_frequency", "float"),
+    ("weight_rms", "float"), ("channel_norm_spread", "float"), ("oscillating_fraction", "float"),
+    ("oscillation_frequency", "float"),
 )
 
 
@@ -56,6 +57,7 @@ def diagnostics_markdown(summaries: Sequence[RunSummary]) -> list[str]:
                 f"| {_pct(d.get('zero_code_fraction'))} ({d.get('worst_zero_code_layer', '-')} "
                 f"{_pct(d.get('worst_zero_code_fraction'))}) | {d.get('dead_channels', '-')}/{d.get('out_channels', '-')} "
                 f"| {_num(d.get('max_over_rms'), 1)} ({_num(d.get('worst_max_over_rms'), 1)}) "
+                f"| {_num(d.get('weight_rms'), 4)} | {_num(d.get('channel_norm_spread'), 2)} "
                 f"| {_num(d.get('bn_log_var_mismatch'), 3)} ({d.get('worst_bn_layer', '-')} "
                 f"{_num(d.get('worst_bn_log_var_mismatch'), 3)}) | {_pct(d.get('oscillating_fraction'))} "
                 f"| {_num(d.get('oscillation_frequency'), 4)} |"
@@ -66,11 +68,13 @@ def diagnostics_markdown(summaries: Sequence[RunSummary]) -> list[str]:
         "Measured on each seed's live weights after every validation (core/diagnostics.py); averages over the "
         "layers at the lowest bit width, weighted by weight count. Signatures: zero codes and max/RMS rising "
         "(the step outgrows the bulk of the weights), the BN mismatch rising while the training loss is flat "
-        "(running statistics no longer match the weights), the oscillating fraction rising.",
+        "(running statistics no longer match the weights), the oscillating fraction rising, RMS(w) falling and "
+        "the channel-norm spread widening (weight decay shrinking the channels a small gradient leaves alone).",
         "",
         "| variant | seed | mAP of | epoch | mAP50-95 | zero codes (worst layer) | dead channels "
-        "| max/RMS median (worst) | BN mean \\|log var ratio\\| (worst layer) | oscillating | mean osc. frequency |",
-        "|---|---:|---|---|---:|---|---:|---:|---|---:|---:|",
+        "| max/RMS median (worst) | RMS(w) median | channel-norm spread median "
+        "| BN mean \\|log var ratio\\| (worst layer) | oscillating | mean osc. frequency |",
+        "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
         *rows,
     ]
 

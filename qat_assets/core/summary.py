@@ -34,6 +34,8 @@ class LayerDiagnostics(BaseModel):
     dead_channels: int  # output channels whose codes are all 0
     max_over_rms: float  # max|w| / RMS(w) of the latent weights
     scale: float  # mean step size
+    weight_rms: float | None = None  # RMS(w) of the latent weights; None: recorded before it was measured
+    channel_norm_spread: float | None = None  # 90th / 10th percentile of the output channels' RMS
     oscillating_fraction: float | None = None  # None: not tracked (above the tracker's bit width)
     oscillation_frequency: float | None = None
 

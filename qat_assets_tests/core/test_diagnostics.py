@@ -62,6 +62,15 @@ def test_decay_of_the_small_channels_widens_the_channel_norm_spread_and_lowers_t
     assert after["weight_rms"] < before["weight_rms"]
 
 
+def test_channels_decayed_to_exactly_zero_give_the_capped_spread_not_inf():
+    weights = torch.ones(20, 1, 2, 2)
+    weights[:5] = 0.0  # a quarter of the channels: the 10th percentile is 0
+    [row] = weight_code_statistics(nn.Sequential(quantized_conv(weights, learned_scales=False)))
+    assert row["channel_norm_spread"] == pytest.approx(1e6)
+    [dead] = weight_code_statistics(nn.Sequential(quantized_conv(torch.zeros(20, 1, 2, 2), learned_scales=False)))
+    assert dead["channel_norm_spread"] == pytest.approx(1e6) and dead["dead_channels"] == 20
+
+
 def test_a_healthy_layer_has_no_dead_channel():
     model = nn.Sequential(quantized_conv(WEIGHTS[1:], learned_scales=True))
     [row] = weight_code_statistics(model)
