@@ -279,10 +279,10 @@ def test_plan_prints_the_steps_and_their_cost_and_runs_nothing(tmp_path, monkeyp
                  "decision_job: comparison, gate"):
         assert step in output
     assert "training precision: off (QAT_AMP=auto)" in output  # resolved on this CPU-only machine
-    assert "yolo10n FP start: 1 x (16 x 1 x 0.5 s + 16 x 0.165 s) = 0.2 min" in output
-    # 2 variants x (10.64 + 2 x 37.48 + 4 x 64.32) s = 685.76 s; on 2 slots half of it (above the 111 s chain)
-    assert "yolo10n + yolo10s on 1 slot(s): 11.4 min of work, wall time at least 11.4 min" in output
-    assert "yolo10n + yolo10s on 2 slot(s): 11.4 min of work, wall time at least 5.7 min" in output
+    assert "yolo10n FP start: 1 x (16 x 1 x 0.5 s + 24 x 0.165 s) = 0.2 min" in output
+    # 2 variants x (11.96 + 2 x 34.84 + 4 x 64.32) s = 677.84 s; on 2 slots half of it (above the 111 s chain)
+    assert "yolo10n + yolo10s on 1 slot(s): 11.3 min of work, wall time at least 11.3 min" in output
+    assert "yolo10n + yolo10s on 2 slot(s): 11.3 min of work, wall time at least 5.6 min" in output
     assert not home.exists()  # no instance, no dagster.yaml
 
 

@@ -154,11 +154,12 @@ def stages(settings: Settings, variants: tuple[str, ...], fp_per_image: dict[str
         # the +BN curve validates a re-estimated EMA copy and live weights beside them (BN's batches not counted)
         per_validated_epoch = 4 if settings.bn_reestimate_every_eval else 2
         validated_qat = sum(1 for epoch in range(1, settings.qat_epochs + 1) if qat_validated(epoch))
-        fp_stage = Stage(variant, "FP start", 1, train, fp_epochs, fp, val * (validated_fp + 1), evaluate, source)
+        # The FP start: its validated epochs, then its reference and its NMS-free head (2).
+        fp_stage = Stage(variant, "FP start", 1, train, fp_epochs, fp, val * (validated_fp + 2), evaluate, source)
         # One QAT training per seed, both methods: per validated epoch the EMA copy and the live weights; PTQ
-        # before; and in each method's run the NMS-free head of the FP model and of its final weights (4).
+        # before; and in each method's run the NMS-free head of its final weights (2).
         qat = Stage(variant, "QAT (one per seed)", seeds, train, settings.qat_epochs, QAT_OVER_FP * fp,
-                    val * (per_validated_epoch * validated_qat + 1 + 4), evaluate, source)
+                    val * (per_validated_epoch * validated_qat + 1 + 2), evaluate, source)
         for stage_name, measured in (("pretrain", fp_epochs), ("qat", settings.qat_epochs)):
             found = measured_epoch_seconds(root, settings, variant, stage_name, precision) if measured else None
             if found is None:

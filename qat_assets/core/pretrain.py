@@ -143,7 +143,14 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
         model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=device,
         workers=settings.workers, work_dir=request.out_dir / "eval",
     )
-    log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}")
+    # YOLOv10's NMS-free (one-to-one) head alone (Ultralytics' `nms=False`): every QAT run of this FP start
+    # compares its final weights' head with it, so it is measured once, here.
+    one_to_one = evaluate_model(
+        model, request.dataset_yaml, imgsz=settings.imgsz, batch=settings.batch, device=device,
+        workers=settings.workers, work_dir=request.out_dir / "eval_one_to_one", nms=False,
+    )
+    log(f"{request.variant} FP reference on val: mAP50-95 {metrics['map50_95']:.4f}, mAP50 {metrics['map50']:.4f}; "
+        f"NMS-free (one-to-one) head mAP50-95 {one_to_one['map50_95']:.4f}")
     batch = training_batch(history, settings.batch)
     if batch["halved"]:
         log(f"{request.variant}: Ultralytics halved the FP batch after running out of memory: trained at "
@@ -152,7 +159,8 @@ def run_pretrain(request: PretrainRequest, log: Callable[[str], None]) -> dict:
     log(f"{request.variant} FP plateau check: {plateau['reason']}")
     sidecar = {
         "variant": request.variant, "names": request.names, "source": source, "head": head,
-        "epochs_trained": epochs, "metrics": metrics, "evaluation": evaluation, "training_batch": batch,
+        "epochs_trained": epochs, "metrics": metrics, "one_to_one_metrics": one_to_one, "evaluation": evaluation,
+        "training_batch": batch,
         "dataset_fingerprint": request.dataset_fingerprint, "history": history, "plateau": plateau, "ema": ema,
         "seconds": time.time() - started, "device": device, "settings": settings.model_dump(mode="json"),
         "training_precision": resolve_precision(settings.amp, device) if epochs else None,

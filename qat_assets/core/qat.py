@@ -95,8 +95,9 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     label = f"{request.variant} {request.method}|{request.seed}"
     model, pretrained = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
     # YOLOv10's NMS-free (one-to-one) head, which QAT trains beside the one-to-many head every metric uses:
-    # measured on the float model and on the final weights, so a user sees whether W4 hurts it more.
-    fp_one_to_one = one_to_one_metrics(model, request)
+    # the FP stage's figure and the final weights', so a user sees whether W4 hurts it more. An FP checkpoint
+    # written before the FP stage measured it is measured here.
+    fp_one_to_one = pretrained.get("one_to_one_metrics") or one_to_one_metrics(model, request)
     report = quantize_w4a16(model, quant_options(settings))
     log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, "
         f"{'per-output-channel' if settings.per_channel_scales else 'per-tensor'} scales)")

@@ -14,13 +14,14 @@ HALF = {"yolo10n": 0.5, "yolo10s": 0.5}
 def test_each_stage_is_images_times_epochs_times_seconds_per_image():
     fp, qat, post = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given")
     evaluate = 0.5 * cost_model.EVAL_OVER_FP
-    # FP: 16 images x 1 epoch; its one validated epoch and the final evaluation, 8 images each
-    assert fp.seconds == pytest.approx(16 * 1 * 0.5 + 16 * evaluate)
-    # QAT, one per seed (2): 16 x 2 epochs at 1.6x; EMA + live validations per epoch, PTQ, 4 NMS-free evaluations
-    assert (qat.runs, qat.seconds_per_run) == (2, pytest.approx(16 * 2 * 0.8 + 8 * (2 * 2 + 1 + 4) * evaluate))
+    # FP: 16 images x 1 epoch; its one validated epoch, the final evaluation and its NMS-free head, 8 images each
+    assert fp.seconds == pytest.approx(16 * 1 * 0.5 + 24 * evaluate)
+    # QAT, one per seed (2): 16 x 2 epochs at 1.6x; EMA + live validations per epoch, PTQ, each method's final
+    # NMS-free head (2)
+    assert (qat.runs, qat.seconds_per_run) == (2, pytest.approx(16 * 2 * 0.8 + 8 * (2 * 2 + 1 + 2) * evaluate))
     # per partition (4): QC 8 calibration images x 16 epochs; 5 val passes, the held-out check, BN on 16 images
     assert (post.runs, post.seconds_per_run) == (4, pytest.approx(8 * 16 * 0.42 + (5 * 8 + 8 + 16) * evaluate))
-    assert fp.arithmetic() == "1 x (16 x 1 x 0.5 s + 16 x 0.165 s)"
+    assert fp.arithmetic() == "1 x (16 x 1 x 0.5 s + 24 x 0.165 s)"
 
 
 def test_qat_counts_the_validations_its_cadence_and_the_bn_curve_make():
@@ -29,7 +30,7 @@ def test_qat_counts_the_validations_its_cadence_and_the_bn_curve_make():
     sparse = load_settings({"profile": "smoke", "qat_epochs": 10, "qat_val_interval": 4, "qat_val_final_epochs": 3,
                             "bn_reestimate_every_eval": True}, environ={})
     _, qat, _ = cost_model.stages(sparse, ("yolo10n",), HALF, "given")
-    assert qat.seconds_per_run == pytest.approx(16 * 10 * 0.8 + 8 * (4 * 4 + 1 + 4) * evaluate)
+    assert qat.seconds_per_run == pytest.approx(16 * 10 * 0.8 + 8 * (4 * 4 + 1 + 2) * evaluate)
 
 
 def test_the_split_over_slots_is_never_below_the_longest_chain():
@@ -46,7 +47,8 @@ def test_a_release_checkpoint_costs_no_fp_training_and_the_coco_figures_are_labe
     per_image, source = cost_model.fp_seconds_per_image(coco, {})
     assert source.startswith("ESTIMATE") and per_image["yolo10n"] == 0.0036
     fp, qat, _ = cost_model.stages(coco, ("yolo10n",), per_image, source)
-    assert fp.epochs == 0 and fp.seconds == pytest.approx(5000 * 0.33 * 0.0036)
+    # no training: the reference evaluation and its NMS-free head, 5,000 val images each
+    assert fp.epochs == 0 and fp.seconds == pytest.approx(2 * 5000 * 0.33 * 0.0036)
     assert qat.train_images == 118287 and qat.epochs == 100
     assert cost_model.fp_seconds_per_image(coco, {"*": 0.002}) == (
         {"yolo10n": 0.002, "yolo10s": 0.002, "yolo10m": 0.002}, "given (--seconds-per-image)")

@@ -83,9 +83,16 @@ def test_both_methods_share_one_training_and_the_baseline_is_the_decay_0_run(pre
         diagnostics = EpochRecord(**record).diagnostics
         assert diagnostics.model["layers"] == sum(1 for row in diagnostics.layers if row.bit_width == 4) > 0
         assert len(diagnostics.bn) > 0 and all(row.log_var_mismatch >= 0 for row in diagnostics.bn)
-    # The NMS-free head of the weights each method evaluates: the FP model's before quantization, the final
-    # checkpoint's `ema` entry after (re-evaluated here from the saved weights with nms=False).
-    assert baseline["one_to_one"]["fp"] == ema["one_to_one"]["fp"]
+    # The NMS-free head of the weights each method evaluates: the FP model's before quantization, measured once
+    # by the FP stage (no QAT run validates it: see `validated` below), the final checkpoint's `ema` entry after
+    # (re-evaluated here from the saved weights with nms=False).
+    fp_sidecar = read_sidecar(pretrained[2]["checkpoint"])
+    assert baseline["one_to_one"]["fp"] == ema["one_to_one"]["fp"] == fp_sidecar["one_to_one_metrics"]
+    fp_model, _ = load_float_model(pretrained[2]["checkpoint"])
+    smoke = request_for(pretrained, "baseline", trajectory, tmp_path).settings
+    fp_again = evaluate_model(fp_model, pretrained[1].dataset_yaml, imgsz=smoke.imgsz, batch=smoke.batch, device="cpu",
+                              workers=0, work_dir=tmp_path / "fp_again", nms=False)
+    assert {m: fp_again[m] for m in METRICS} == {m: fp_sidecar["one_to_one_metrics"][m] for m in METRICS}
     for result, state in ((baseline, baseline_state), (ema, ema_state)):
         assert result["one_to_one"]["final"]["epoch"] == 2
         settings = request_for(pretrained, result["method"], trajectory, tmp_path).settings
