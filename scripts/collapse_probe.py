@@ -8,7 +8,8 @@
               qat_optimizer=SGD qat_lr=0.01 qat_lrf=1 qat_epochs=40
 
 Each run appends one JSON line to WORK/results.jsonl (settings, best/final mAP50-95, best epoch,
-final/best, minutes), which is what docs/collapse_search.md tabulates. WORK defaults to
+final/best, minutes, per-epoch diagnostics and +BN curves), which is what docs/collapse_search.md tabulates:
+`table` (peak and end per probe) and `curves` (the trend, at evenly spaced epochs). WORK defaults to
 /tmp/collapse_probe; the synthetic set is written there once.
 """
 
@@ -66,7 +67,7 @@ def record(work: Path, row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("fp", "qat", "table", "fp-table"))
+    parser.add_argument("stage", choices=("fp", "qat", "table", "curves", "fp-table"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/collapse_probe"))
     parser.add_argument("--name", help="fp: name of the FP run folder")
     parser.add_argument("--variant", default="yolo10n")
@@ -75,10 +76,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); the ladder's workers use 1")
     parser.add_argument("--method", default="baseline", choices=("baseline", "ema"))
     parser.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
+    parser.add_argument("--points", type=int, default=10, help="curves: epochs shown per probe, evenly spaced")
     args = parser.parse_args()
 
     if args.stage == "table":
         print_table(args.work)
+        return
+    if args.stage == "curves":
+        print_curves(args.work, args.points)
         return
     if args.stage == "fp-table":
         print_fp_table(args.work)
@@ -215,6 +220,26 @@ def diagnostics_cells(row: dict) -> str:
         return f"{format(peak[key], spec)} → {format(end[key], spec)}"
 
     return " | ".join(cell(key, spec) for key, spec in DIAGNOSTIC_CELLS)
+
+
+def print_curves(work: Path, points: int) -> None:
+    """Per QAT probe, the live weights' mAP, its +BN twin and the model-level diagnostics at `points` evenly
+    spaced epochs (the last included): the trend a mechanism's signature is read from."""
+    for line in (work / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        curve = row.get("diagnostics_curve") if row["stage"] == "qat" else None
+        if not curve:
+            continue
+        print(f"\n{row['variant']} seed {row['seed']}: {' '.join(row['overrides'])}")
+        print("| epoch | mAP50-95 | +BN | zero codes | dead channels | max/RMS | RMS(w) | channel-norm spread "
+              "| BN mismatch | oscillating |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        epochs = sorted({round(i * len(curve) / points) for i in range(1, points + 1)} | {1})
+        for epoch in epochs:
+            d, value, bn = curve[epoch - 1] or {}, row["history"][epoch], (row.get("bn_reestimated") or [None] * epoch)[epoch - 1]
+            cells = [f"{value:.3f}" if value is not None else "-", f"{bn:.3f}" if bn is not None else "-"]
+            cells += [format(d[key], spec) if key in d else "-" for key, spec in DIAGNOSTIC_CELLS[:-1]]
+            print(f"| {epoch} | {' | '.join(cells)} |")
 
 
 def print_fp_table(work: Path) -> None:
