@@ -10,6 +10,7 @@ runs either way. On a CPU step every figure is measured on the CPU already: the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class EvaluationScope:
 
 def is_gpu_device(device: str) -> bool:
     """A device string Ultralytics places on a CUDA GPU ("cuda", "cuda:1", "0", "0,1")."""
+    device = device.strip().lower()
     return device not in ("", "cpu") and not device.startswith("mps")
 
 
@@ -63,7 +65,9 @@ def val_image_files(data: dict) -> list[Path]:
         if source.is_dir():
             files += [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
         else:  # a list file: one image path per line, relative to the list's folder
-            files += [(source.parent / line.strip()).resolve() for line in source.read_text().splitlines() if line.strip()]
+            files += [Path(os.path.abspath(source.parent / line.strip())) for line in source.read_text().splitlines() if line.strip()]
+    # Absolute but never resolved: the subset's images may be symlinks into the COCO tree (core/coco.py
+    # link_file), and Ultralytics finds each label by replacing /images/ with /labels/ in the image's own path.
     return sorted(files)  # Ultralytics sorts the image files it loads
 
 
@@ -76,7 +80,7 @@ def val_subset_yaml(data_yaml: Path, count: int, out_dir: Path) -> Path:
     files = val_image_files(data)[:count]
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = out_dir / f"val_first_{count}.txt"
-    listing.write_text("".join(f"{path.resolve()}\n" for path in files))
+    listing.write_text("".join(f"{os.path.abspath(path)}\n" for path in files))
     config = yaml.safe_load(Path(data_yaml).read_text())
     config.update(path=str(Path(data["path"]).resolve()), val=str(listing))
     subset = out_dir / f"dataset_val_first_{count}.yaml"

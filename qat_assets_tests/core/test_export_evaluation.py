@@ -47,7 +47,7 @@ def test_the_subset_is_the_first_images_in_the_order_ultralytics_loads_them(pret
     full = check_det_dataset(str(subset.dataset_yaml), autodownload=False)
     cfg = get_cfg(overrides=dict(task="detect", imgsz=64, cache=False))
     loaded = build_yolo_dataset(cfg, full["val"], 8, full, mode="val", rect=False, stride=32)
-    assert val_image_files(full) == [Path(f).resolve() for f in loaded.im_files]
+    assert val_image_files(full) == [Path(f) for f in loaded.im_files]
 
     yaml_path = val_subset_yaml(subset.dataset_yaml, 3, tmp_path)
     part = check_det_dataset(str(yaml_path), autodownload=False)
@@ -55,6 +55,35 @@ def test_the_subset_is_the_first_images_in_the_order_ultralytics_loads_them(pret
     first = build_yolo_dataset(cfg, part["val"], 8, part, mode="val", rect=False, stride=32)
     assert first.im_files == loaded.im_files[:3]
     assert all(torch.equal(torch.as_tensor(a["cls"]), torch.as_tensor(b["cls"])) for a, b in zip(first.labels, loaded.labels[:3]))
+
+
+def test_a_subset_of_symlinked_images_keeps_their_labels(pretrained, tmp_path):
+    """COCO on another filesystem is linked into the subset with symlinks (core/coco.py `link_file`): the list
+    must keep the subset's paths, or Ultralytics would look for labels beside COCO's own images and find none."""
+    import shutil
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    _, subset, _ = pretrained
+    copy = tmp_path / "subset"
+    shutil.copytree(subset.dataset_yaml.parent, copy)
+    elsewhere = tmp_path / "coco_val2017"
+    elsewhere.mkdir()
+    for image in sorted((copy / "images" / "val").iterdir()):
+        target = elsewhere / image.name
+        shutil.move(image, target)
+        image.symlink_to(target)
+    yaml_path = copy / subset.dataset_yaml.name
+    yaml_path.write_text(subset.dataset_yaml.read_text().replace(str(subset.dataset_yaml.parent), str(copy)))
+    cfg = get_cfg(overrides=dict(task="detect", imgsz=64, cache=False))
+    full = check_det_dataset(str(yaml_path), autodownload=False)
+    loaded = build_yolo_dataset(cfg, full["val"], 8, full, mode="val", rect=False, stride=32)
+    part = check_det_dataset(str(val_subset_yaml(yaml_path, 4, tmp_path / "eval")), autodownload=False)
+    first = build_yolo_dataset(cfg, part["val"], 8, part, mode="val", rect=False, stride=32)
+    assert first.im_files == loaded.im_files[:4] and all(Path(f).is_symlink() for f in first.im_files)
+    assert sum(len(label["cls"]) for label in first.labels) == sum(len(label["cls"]) for label in loaded.labels[:4]) > 0
 
 
 def test_the_export_stage_measures_both_sides_of_each_map_delta_on_the_scope(pretrained, tmp_path, monkeypatch):
