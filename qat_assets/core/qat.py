@@ -71,6 +71,8 @@ def trajectory_fingerprint(request: QATRequest) -> str:
         request.pretrained_sha256, request.dataset_fingerprint, settings.fingerprint_of(QAT_FIELDS), str(request.seed),
         # fp32 adds nothing, so trajectories trained before the amp setting existed (all fp32) are still reused
         *([precision] if precision != "off" else []),
+        # likewise the settings added later, at the values runs had before them
+        *([json.dumps(added, sort_keys=True)] if (added := settings.added_training_fields()) else []),
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -23,6 +23,9 @@ VALIDATION_VARIANTS = ("yolo10n", "yolo10s")
 METHODS = ("baseline", "ema")
 
 
+ULTRALYTICS_WEIGHT_DECAY = 5e-4  # what every QAT run applied before `qat_weight_decay` existed
+
+
 class SettingsError(ValueError):
     """A setting (environment, run config) has a value that cannot be used; the message names it."""
 
@@ -92,7 +95,7 @@ class Settings(BaseModel):
     )
     qat_optimizer: str = Field("Adam", description="an Ultralytics optimizer name: Adam couples weight decay into its adaptive step (L2), AdamW decouples it")
     qat_weight_decay: float = Field(
-        5e-4, ge=0, le=1, description="QAT weight decay on conv and linear weights (not BN, not biases); Ultralytics' default 5e-4",
+        ULTRALYTICS_WEIGHT_DECAY, ge=0, le=1, description="QAT weight decay on conv and linear weights (not BN, not biases); Ultralytics' default 5e-4",
     )
     qat_lr: float = Field(gt=0)
     weight_bit_width: int = Field(4, ge=2, le=8)
@@ -310,15 +313,27 @@ class Settings(BaseModel):
             "qat_lr", "weight_bit_width", "keep_first_last_8bit", "learned_scales", "ema_decay", "ema_tau",
             "qc_epochs", "qc_lr", "qc_batch", "qc_optimizer", "calibration_images", "bn_reestimation_batches",
             "pretrain_lrf", "pretrain_optimizer", "per_channel_scales", "qat_lrf", "qat_warmup_epochs",
-            "lsq_scales", "scale_optimizer", "scale_lr", "qat_weight_decay",
-            # Not the weights, but what is measured of them: a sparser cadence can miss the peak a collapse ratio
-            # divides by, so runs at different cadences are not compared.
-            "qat_val_interval", "qat_val_final_epochs",
+            "lsq_scales", "scale_optimizer", "scale_lr",
         )
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, **self.added_training_fields()}
+
+    def added_training_fields(self) -> dict[str, Any]:
+        """Training settings added after runs were recorded, present only where they differ from what those runs
+        did, so the fingerprints of earlier trajectories and summaries stay valid (as fp32 adds nothing for
+        `amp`): the weight decay (Ultralytics applied 5e-4 before it was a setting), and the QAT validation
+        cadence, which is not the weights but what is measured of them (a sparser one can miss the peak a
+        collapse ratio divides by). The cadence is normalized: with every epoch validated, the final window
+        changes nothing."""
+        fields: dict[str, Any] = {}
+        if self.qat_weight_decay != ULTRALYTICS_WEIGHT_DECAY:
+            fields["qat_weight_decay"] = self.qat_weight_decay
+        if self.qat_val_interval != 1:
+            fields["qat_validation_cadence"] = [self.qat_val_interval, min(self.qat_val_final_epochs, self.qat_epochs)]
+        return fields
 
     def training_profile_fingerprint(self) -> str:
-        return self.fingerprint_of(tuple(self.training_profile()))
+        blob = json.dumps(self.training_profile(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def fingerprint_of(self, fields: tuple[str, ...]) -> str:
         """Short hash of the named settings: what a stage's saved state must match to be resumed."""
@@ -340,8 +355,8 @@ QAT_FIELDS = (
     "imgsz", "batch", "qat_epochs", "qat_optimizer", "qat_lr", "weight_bit_width", "keep_first_last_8bit",
     "learned_scales", "ema_decay", "ema_tau", "oscillation_momentum", "oscillation_threshold",
     "per_channel_scales", "qat_lrf", "qat_warmup_epochs", "lsq_scales", "scale_optimizer", "scale_lr",
-    "qat_weight_decay",
 )
+# Beside these, a trajectory's fingerprint holds `Settings.added_training_fields()` (core/qat.py).
 # `amp` is in neither list: what it resolves to on the step's device (`auto` is bf16 on a GPU, fp32 on the CPU)
 # is part of the FP and QAT fingerprints instead (core/pretrain.py, core/qat.py `trajectory_fingerprint`).
 

@@ -386,6 +386,10 @@ def test_qat_weight_decay_reaches_the_weight_group_only_and_shrinks_the_weights(
         decays = {group["param_group"]: group["weight_decay"] for group in saved["optimizer"]["param_groups"]}
         assert decays == {"weight": decay, "bn": 0.0, "bias": 0.0}
         norms[decay] = sum(float(v.float().norm()) for k, v in state["model"].items() if k.endswith("conv.weight"))
+    # A trajectory trained at another decay is never resumed as this one.
+    fingerprints = {decay: qat.trajectory_fingerprint(request_for(pretrained, "baseline", tmp_path / "x", tmp_path / "y").model_copy(
+        update={"settings": request.settings.model_copy(update={"qat_weight_decay": decay})})) for decay in (5e-4, 1.0)}
+    assert fingerprints[5e-4] != fingerprints[1.0]
     # 4 steps at lr 1e-2 x wd 1 (Ultralytics' largest): each weight keeps (1 - 0.01)^4 = 0.96 of itself, beside
     # Adam's own update, which is about the same in both runs.
     assert norms[1.0] < 0.98 * norms[0.0]

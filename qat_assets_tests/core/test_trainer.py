@@ -117,13 +117,27 @@ def test_amp_that_cannot_run_on_the_device_is_refused_by_name():
 
 
 def test_runs_validated_at_different_cadences_are_not_compared():
-    """The same weights, but a sparser cadence can miss the peak the collapse ratio divides by."""
-    every, sparse, window = (load_settings({"profile": "smoke", **extra}, environ={}) for extra in (
-        {}, {"qat_val_interval": 5, "qat_val_final_epochs": 10, "qat_epochs": 20},
-        {"qat_val_final_epochs": 11, "qat_epochs": 20}))
-    every20 = load_settings({"profile": "smoke", "qat_epochs": 20}, environ={})
-    assert len({s.training_profile_fingerprint() for s in (every20, sparse, window)}) == 3
-    assert every.training_profile_fingerprint() != every20.training_profile_fingerprint()  # epochs, as before
+    """The same weights, but a sparser cadence can miss the peak the collapse ratio divides by. With every epoch
+    validated the final window changes nothing, so it does not split runs."""
+    every, window, sparse = (load_settings({"profile": "smoke", "qat_epochs": 20, **extra}, environ={}) for extra in (
+        {}, {"qat_val_final_epochs": 11}, {"qat_val_interval": 5, "qat_val_final_epochs": 10}))
+    assert every.training_profile_fingerprint() == window.training_profile_fingerprint()
+    assert sparse.training_profile_fingerprint() != every.training_profile_fingerprint()
+    assert sparse.training_profile()["qat_validation_cadence"] == [5, 10]
+
+
+def test_settings_added_later_leave_the_fingerprints_of_earlier_runs_alone():
+    """At the values every run had before they existed (Ultralytics' 5e-4 decay, every epoch validated), the
+    fingerprints are those recorded before: trajectories resume, summaries stay comparable. Pinned values from
+    the code before either setting (commit e6d21fe)."""
+    from qat_assets.core.settings import QAT_FIELDS
+
+    smoke, embedded = (load_settings({"profile": profile}, environ={}) for profile in ("smoke", "embedded"))
+    assert (smoke.training_profile_fingerprint(), smoke.fingerprint_of(QAT_FIELDS)) == ("29d5291fd5ecd3e7", "553762c9c2b375e7")
+    assert (embedded.training_profile_fingerprint(), embedded.fingerprint_of(QAT_FIELDS)) == ("ab924ff84cfe75c5", "82805bc158b6fb01")
+    decayed = load_settings({"profile": "smoke", "qat_weight_decay": 0.01}, environ={})
+    assert decayed.added_training_fields() == {"qat_weight_decay": 0.01}
+    assert decayed.training_profile_fingerprint() != smoke.training_profile_fingerprint()
 
 
 def test_runs_are_compared_on_the_precision_amp_resolved_to_not_on_the_setting():
