@@ -98,8 +98,11 @@ def run_qat(request: QATRequest, log: Callable[[str], None]) -> dict:
     model, pretrained = load_float_model(request.pretrained_checkpoint, request.pretrained_sha256)
     # YOLOv10's NMS-free (one-to-one) head, which QAT trains beside the one-to-many head every metric uses:
     # the FP stage's figure and the final weights', so a user sees whether W4 hurts it more. An FP checkpoint
-    # written before the FP stage measured it is measured here.
-    fp_one_to_one = pretrained.get("one_to_one_metrics") or one_to_one_metrics(model, request)
+    # written before the FP stage measured it, or measured on other val images or settings, is measured here.
+    recorded = pretrained.get("one_to_one_metrics")
+    same_val = (pretrained.get("dataset_fingerprint") == request.dataset_fingerprint
+                and pretrained.get("evaluation") == evaluation_settings(settings.imgsz, settings.batch))
+    fp_one_to_one = recorded if recorded and same_val else one_to_one_metrics(model, request)
     report = quantize_w4a16(model, quant_options(settings))
     log(f"{label}: quantized {report.counts()} (W{settings.weight_bit_width}A16, "
         f"{'per-output-channel' if settings.per_channel_scales else 'per-tensor'} scales)")
