@@ -480,7 +480,7 @@ def planned_precision(settings) -> str:
 
     try:
         return resolve_precision(settings.amp, resolve_device(settings.device))
-    except ValueError:
+    except (ValueError, RuntimeError, AssertionError):  # also torch's, for a CUDA device this host has not
         return settings.amp
 
 

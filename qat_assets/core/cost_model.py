@@ -87,18 +87,22 @@ def fp_seconds_per_image(settings: Settings, override: dict[str, float]) -> tupl
     return {**table, **override}, f"given for {', '.join(sorted(override))} (--seconds-per-image); others: {source}"
 
 
-# What an epoch's wall time depends on besides the model: a sidecar whose recorded value differs says nothing
-# about this plan's epochs (the cadence and the +BN curve change how much validation an epoch holds).
-EPOCH_COST_FIELDS = ("profile", "imgsz", "batch", "qat_val_interval", "pretrain_val_interval", "bn_reestimate_every_eval")
+# What a stage's epoch wall time depends on besides the model: a sidecar whose recorded value differs says
+# nothing about this plan's epochs (the cadence and the +BN curve change how much validation an epoch holds).
+EPOCH_COST_FIELDS = {
+    "pretrain": ("profile", "imgsz", "batch", "pretrain_val_interval"),
+    "qat": ("profile", "imgsz", "batch", "qat_val_interval", "qat_val_final_epochs", "bn_reestimate_every_eval"),
+}
 
 
 def measured_epoch_seconds(
     root: Path | None, settings: Settings, variant: str, stage: str, precision: str | None = None
 ) -> tuple[float, str] | None:
-    """Median wall seconds of one epoch (training and its validations) in this storage's sidecars of `stage`
+    """Mean wall seconds of one epoch (training and its validations) in this storage's sidecars of `stage`
     (`qat` or `pretrain`) for `variant`, from runs made at this plan's EPOCH_COST_FIELDS and, when given, its
     training `precision` (bf16 epochs say nothing about fp32 ones; a sidecar without one trained in fp32);
-    None without any."""
+    None without any. The mean, not the median: under a sparse cadence most epochs hold no validation, and
+    the median epoch would leave the validations out."""
     if root is None:
         return None
     if stage == "qat":
@@ -112,7 +116,7 @@ def measured_epoch_seconds(
         except (OSError, ValueError):
             continue
         recorded = sidecar.get("settings") or {}
-        if any(recorded.get(field, getattr(settings, field)) != getattr(settings, field) for field in EPOCH_COST_FIELDS[1:]) \
+        if any(recorded.get(field, getattr(settings, field)) != getattr(settings, field) for field in EPOCH_COST_FIELDS[stage][1:]) \
                 or recorded.get("profile") != settings.profile:
             continue
         if precision is not None and (sidecar.get("training_precision") or "off") != precision:
@@ -123,7 +127,7 @@ def measured_epoch_seconds(
             used.append(path)
     if not seconds:
         return None
-    return statistics.median(seconds), f"measured: median of {len(seconds)} epochs in {len(used)} sidecar(s) under {root}"
+    return statistics.fmean(seconds), f"measured: mean of {len(seconds)} epochs in {len(used)} sidecar(s) under {root}"
 
 
 def planned_images(settings: Settings) -> tuple[int, int]:
@@ -165,11 +169,12 @@ def stages(settings: Settings, variants: tuple[str, ...], fp_per_image: dict[str
             if found is None:
                 continue
             epoch_seconds, where = found
-            # The measured epoch holds its validations: per training image, they are already in.
+            # The measured epoch holds its validations: per training image, they are already in. Left: the FP
+            # reference and its NMS-free head; PTQ and each method's final NMS-free head.
             if stage_name == "pretrain":
-                fp_stage = Stage(variant, fp_stage.name, 1, train, fp_epochs, epoch_seconds / train, val, evaluate, where)
+                fp_stage = Stage(variant, fp_stage.name, 1, train, fp_epochs, epoch_seconds / train, val * 2, evaluate, where)
             else:
-                qat = Stage(variant, qat.name, seeds, train, settings.qat_epochs, epoch_seconds / train, val * 4,
+                qat = Stage(variant, qat.name, seeds, train, settings.qat_epochs, epoch_seconds / train, val * 3,
                             evaluate, where)
         # QC on the calibration set, before/after evaluations and the held-out check; BN re-estimation's
         # batches and its evaluation; the export's PyTorch and ONNX evaluations.

@@ -65,10 +65,10 @@ def test_measured_epochs_in_this_storages_sidecars_replace_the_table(tmp_path):
     write("ema", [4.0, 4.0])
     write("other", [100.0], profile="embedded")  # another profile's run says nothing about this one
     _, qat, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path)
-    assert qat.source.startswith("measured: median of 4 epochs in 2 sidecar(s)")
-    # the median epoch (4 s) per training image; its validations are inside it
+    assert qat.source.startswith("measured: mean of 4 epochs in 2 sidecar(s)")
+    # the mean epoch (4 s) per training image; its validations are inside it; then PTQ and 2 NMS-free heads
     assert qat.train_seconds_per_image == pytest.approx(4.0 / 16)
-    assert qat.seconds_per_run == pytest.approx(16 * 2 * 0.25 + 8 * 4 * 0.5 * cost_model.EVAL_OVER_FP)
+    assert qat.seconds_per_run == pytest.approx(16 * 2 * 0.25 + 8 * 3 * 0.5 * cost_model.EVAL_OVER_FP)
 
 
 def test_measured_epochs_count_only_at_the_plans_precision_and_cadence(tmp_path):
@@ -85,8 +85,15 @@ def test_measured_epochs_count_only_at_the_plans_precision_and_cadence(tmp_path)
     write("old", 6.0, None)  # written before the precision was recorded: fp32
     write("bf16", 1.0, "bf16")
     write("sparse", 0.5, "off", qat_val_interval=5)  # fewer validations per epoch: says nothing about every epoch
+    fp_sidecar = tmp_path / "yolo10n" / "pretrained_checkpoint" / "pretrained.json"  # layout.pretrained_dir
+    fp_sidecar.parent.mkdir(parents=True)
+    fp_sidecar.write_text(json.dumps({"settings": {"profile": "smoke", "imgsz": 64, "batch": 8, "qat_val_interval": 5},
+                                      "history": [{"epoch": 1, "seconds": 8.0}], "training_precision": "off"}))
     _, qat, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path, precision="off")
-    assert qat.source.startswith("measured: median of 2 epochs in 2 sidecar(s)")
+    assert qat.source.startswith("measured: mean of 2 epochs in 2 sidecar(s)")
     assert qat.train_seconds_per_image == pytest.approx(5.0 / 16)
     _, qat, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path, precision="bf16")
     assert qat.train_seconds_per_image == pytest.approx(1.0 / 16)
+    # The FP epoch counts whatever the QAT cadence of the run that wrote it: only the FP stage's fields matter.
+    fp, _, _ = cost_model.stages(SMOKE, ("yolo10n",), HALF, "given", root=tmp_path, precision="off")
+    assert fp.source.startswith("measured: mean of 1 epochs") and fp.train_seconds_per_image == pytest.approx(8.0 / 16)
