@@ -234,7 +234,7 @@ def print_curves(work: Path, points: int) -> None:
         print("| epoch | mAP50-95 | +BN | zero codes | dead channels | max/RMS | RMS(w) | channel-norm spread "
               "| BN mismatch | oscillating |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        epochs = sorted({round(i * len(curve) / points) for i in range(1, points + 1)} | {1})
+        epochs = sorted({max(1, round(i * len(curve) / points)) for i in range(1, points + 1)} | {1})
         for epoch in epochs:
             d, value, bn = curve[epoch - 1] or {}, row["history"][epoch], (row.get("bn_reestimated") or [None] * epoch)[epoch - 1]
             cells = [f"{value:.3f}" if value is not None else "-", f"{bn:.3f}" if bn is not None else "-"]

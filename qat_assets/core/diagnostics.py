@@ -54,7 +54,7 @@ def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights
         quantized, codes, bit_width = quantized_layers[name]
         zero = codes == 0
         weight = module.weight.detach().float()
-        rms = weight.square().mean().sqrt()
+        rms = weight.square().mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero layer: ratio 0
         channel_rms = weight.flatten(1).square().mean(1).sqrt()
         low, high = torch.quantile(channel_rms, torch.tensor([0.1, 0.9], device=channel_rms.device))
         # Capped (JSON has no inf): decay drives whole channels to exactly 0 (p10 = 0), or nearly all (p90 = 0).

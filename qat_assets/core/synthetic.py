@@ -135,7 +135,9 @@ def _draw_image(rng: np.random.Generator, size: int, spec: Difficulty, *, empty:
         x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
         x, y = float(round(x)), float(round(y))
         box = (x, y, float(w), float(h))
-        if any(_iou(box, other) > spec.max_overlap_iou for _, other in boxes):
+        # IoU alone lets a big later object cover a small earlier one whole: also keep at least half of each
+        # smaller box uncovered by any single other, so every labelled object stays visible.
+        if any(_iou(box, other) > spec.max_overlap_iou or _covered(box, other) > 0.5 for _, other in boxes):
             continue
         category = spec.categories[int(rng.integers(len(spec.categories)))]
         colour = spec.colour_of(category, rng)
@@ -185,6 +187,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple, colour: tuple,
     else:
         apex = x + float(rng.uniform(0.2, 0.8)) * (w - 1)
         draw.polygon([(x, y1), (x1, y1), (apex, y)], fill=colour, outline=outline)
+
+
+def _covered(a: tuple, b: tuple) -> float:
+    """The share of the smaller of two boxes that the other covers."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / min(a[2] * a[3], b[2] * b[3])
 
 
 def _iou(a: tuple, b: tuple) -> float:

@@ -69,6 +69,7 @@ def test_channels_decayed_to_exactly_zero_give_the_capped_spread_not_inf():
     assert row["channel_norm_spread"] == pytest.approx(1e6)
     [dead] = weight_code_statistics(nn.Sequential(quantized_conv(torch.zeros(20, 1, 2, 2), learned_scales=False)))
     assert dead["channel_norm_spread"] == pytest.approx(1e6) and dead["dead_channels"] == 20
+    assert dead["max_over_rms"] == 0.0  # not 0/0: JSON and Dagster tables hold no NaN
 
 
 def test_a_healthy_layer_has_no_dead_channel():
