@@ -9,7 +9,7 @@ by shape only (colour is random), so yolov10n trained from scratch learns it in 
 
 `difficulty="hard"` (issue 25: a task that keeps the network capacity-bound) has 24 classes, each a shape in a
 hue band (6 shapes x 4 bands, so colour matters too), objects of 10-30 % of the side, up to 10 per image,
-overlapping up to IoU 0.5 (a later object occludes an earlier one, whose box stays its full extent), unlabelled
+overlapping up to IoU 0.5 (a later object occludes at most half of an earlier one, whose box stays its full extent), unlabelled
 clutter (desaturated shapes of every kind) and a stronger background texture.
 """
 
