@@ -44,8 +44,9 @@ def weight_code_statistics(model: nn.Module, quantized: Mapping[str, StepWeights
     """Per quantized conv: bit width, weight count, output channels, fraction of codes at 0, output channels
     whose codes are all 0, max|w| / RMS(w) of the latent weights, the mean step size, RMS(w), and the
     channel-norm spread: the 90th over the 10th percentile of the output channels' RMS, at most 1e6 (reached
-    once the interpolated 10th percentile is exactly 0: a tenth of the channels or a few more). Decay that shrinks the channels a small gradient leaves alone (coupled L2
-    under Adam) lowers RMS(w) and widens the spread before those channels round to all-zero codes.
+    once the interpolated 10th percentile is exactly 0: a tenth of the channels or a few more). Decay that
+    shrinks the channels a small gradient leaves alone (coupled L2 under Adam) lowers RMS(w) and widens the
+    spread before those channels round to all-zero codes.
 
     `quantized`: the layers' weights as `quantize_all(model)` gives them, when the caller has them already."""
     quantized_layers = quantize_all(model) if quantized is None else quantized
