@@ -189,15 +189,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple, colour: tuple,
         draw.polygon([(x, y1), (x1, y1), (apex, y)], fill=colour, outline=outline)
 
 
-def _covered(a: tuple, b: tuple) -> float:
-    """The share of the smaller of two boxes that the other covers."""
+def _intersection(a: tuple, b: tuple) -> float:
     ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / min(a[2] * a[3], b[2] * b[3])
+    return ix * iy
+
+
+def _covered(a: tuple, b: tuple) -> float:
+    """The share of the smaller of two boxes that the other covers."""
+    return _intersection(a, b) / min(a[2] * a[3], b[2] * b[3])
 
 
 def _iou(a: tuple, b: tuple) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    inter = _intersection(a, b)
     return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
